@@ -1,0 +1,34 @@
+"""Model architectures (CIFAR ResNets, CIFAR VGG-16-BN, torchvision passthrough) and safe loading.
+
+``build_model(arch, num_classes)`` makes a fresh network by name; ``load_model(path)`` reads a
+checkpoint with ``weights_only=True`` and returns a ``LoadedModel`` in eval mode.
+"""
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, BasicBlock, CifarResNet, ShortcutA, cifar_resnet
+from .loading import (
+    LoadedModel,
+    ModelLoadError,
+    available_archs,
+    build_model,
+    infer_arch,
+    load_model,
+    register_arch,
+)
+from .vgg import VGG, VGG16_CFG, vgg16_bn_cifar
+
+__all__ = [
+    "BasicBlock",
+    "CIFAR_RESNET_DEPTHS",
+    "CifarResNet",
+    "LoadedModel",
+    "ModelLoadError",
+    "ShortcutA",
+    "VGG",
+    "VGG16_CFG",
+    "available_archs",
+    "build_model",
+    "cifar_resnet",
+    "infer_arch",
+    "load_model",
+    "register_arch",
+    "vgg16_bn_cifar",
+]

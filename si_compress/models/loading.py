@@ -1,0 +1,414 @@
+"""Architecture registry and safe checkpoint loading.
+
+``build_model(arch, num_classes)`` builds a fresh network by name: the CIFAR ResNets
+(``resnet20`` ... ``resnet110``), ``vgg16_bn`` (CIFAR VGG-16-BN), or any torchvision classifier as
+``torchvision:<name>`` (random weights). ``load_model(path)`` reads a checkpoint with
+``torch.load(..., weights_only=True)`` (no code from the file runs), finds the state dict, strips a
+DataParallel ``module.`` prefix, infers the architecture when it can and loads strictly.
+"""
+from __future__ import annotations
+
+import numbers
+import pickle
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet
+from .vgg import VGG16_CFG, vgg16_bn_cifar
+
+__all__ = [
+    "ModelLoadError",
+    "LoadedModel",
+    "available_archs",
+    "build_model",
+    "register_arch",
+    "infer_arch",
+    "load_model",
+]
+
+TORCHVISION_PREFIX = "torchvision:"
+# Entries of a checkpoint dict that may hold the state dict, in order of preference.
+_STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict")
+_MAX_LISTED = 4  # keys named per category in mismatch messages
+
+
+class ModelLoadError(ValueError):
+    """A checkpoint could not be read or does not fit the requested architecture (one-line message)."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A model ready for inference (eval mode, on CPU) and where it came from.
+
+    ``key_style``: ``"plain"`` (keys as in the model), ``"dataparallel"`` (a ``module.`` prefix was
+    stripped) or ``"pickled-module"`` (a full nn.Module loaded with ``trust_model=True``).
+    ``container``: where the weights sat in the file: ``"state_dict"``, ``"model"``,
+    ``"model_state_dict"`` (a dict entry), ``"top-level"`` (the file is the state dict itself) or
+    ``"module"`` (a pickled nn.Module).
+    """
+
+    model: nn.Module
+    arch: str
+    num_classes: int
+    path: Path
+    key_style: str
+    container: str
+
+
+# --------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Callable[[int], nn.Module]] = {}
+
+
+def register_arch(name: str, builder: Callable[[int], nn.Module], *, overwrite: bool = False) -> None:
+    """Register ``builder(num_classes) -> nn.Module`` under the lower-case ``name``."""
+    if not isinstance(name, str) or not name or name.lower().startswith(TORCHVISION_PREFIX):
+        raise ValueError(f"arch name must be a non-empty string not starting with {TORCHVISION_PREFIX!r}; got {name!r}")
+    key = name.lower()
+    if key in _REGISTRY and not overwrite:
+        raise ValueError(f"arch {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(builder):
+        raise TypeError(f"builder for {name!r} must be callable(num_classes) -> nn.Module; got {builder!r}")
+    _REGISTRY[key] = builder
+
+
+def _resnet_builder(depth: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        return cifar_resnet(depth, num_classes)
+
+    build.__name__ = f"resnet{depth}"
+    return build
+
+
+for _depth in CIFAR_RESNET_DEPTHS:
+    register_arch(f"resnet{_depth}", _resnet_builder(_depth))
+register_arch("vgg16_bn", lambda num_classes: vgg16_bn_cifar(num_classes))
+
+
+def _torchvision_classifiers() -> list[str]:
+    import torchvision  # lazy: torchvision import costs about a second
+
+    return sorted(torchvision.models.list_models(module=torchvision.models))
+
+
+def available_archs(*, include_torchvision: bool = False) -> list[str]:
+    """Sorted registered arch names; with ``include_torchvision`` also every ``torchvision:<name>``
+    classifier (any of them can always be passed to ``build_model``)."""
+    names = sorted(_REGISTRY)
+    if include_torchvision:
+        names += [TORCHVISION_PREFIX + n for n in _torchvision_classifiers()]
+    return names
+
+
+def _check_num_classes(num_classes) -> int:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer; got {num_classes!r}")
+    return int(num_classes)
+
+
+def build_model(arch: str, num_classes: int = 10) -> nn.Module:
+    """A freshly initialised (train-mode) network for ``arch`` with ``num_classes`` outputs."""
+    num_classes = _check_num_classes(num_classes)
+    if not isinstance(arch, str):
+        raise TypeError(f"arch must be a string such as 'resnet20'; got {arch!r}")
+    key = arch.strip().lower()
+    if key.startswith(TORCHVISION_PREFIX):
+        name = arch.strip()[len(TORCHVISION_PREFIX):]
+        known = _torchvision_classifiers()
+        if name not in known:
+            close = [n for n in known if name.lower() in n][:5]
+            hint = f"; close matches: {', '.join(close)}" if close else ""
+            raise ValueError(f"unknown torchvision classifier {name!r}{hint} (see available_archs(include_torchvision=True))")
+        import torchvision
+
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    if key not in _REGISTRY:
+        raise ValueError(
+            f"unknown arch {arch!r}; choose one of {', '.join(available_archs())} or 'torchvision:<name>'"
+        )
+    return _REGISTRY[key](num_classes)
+
+
+# --------------------------------------------------------------------------- inference
+
+_BLOCK_KEY = re.compile(r"^layer([1-3])\.(\d+)\.conv1\.weight$")
+
+
+def _cifar_resnet_config(state_dict: Mapping[str, torch.Tensor]) -> dict | None:
+    """CifarResNet constructor kwargs read from tensor shapes, or None if not a CIFAR ResNet."""
+    for key in ("conv1.weight", "linear.weight"):
+        if key not in state_dict or not isinstance(state_dict[key], torch.Tensor):
+            return None
+    blocks: dict[int, set[int]] = {1: set(), 2: set(), 3: set()}
+    for key in state_dict:
+        m = _BLOCK_KEY.match(key)
+        if m:
+            blocks[int(m.group(1))].add(int(m.group(2)))
+        elif key.startswith("layer4."):
+            return None  # a torchvision/ImageNet-style ResNet, not the 3-stage CIFAR one
+    counts = []
+    for stage in (1, 2, 3):
+        idx = blocks[stage]
+        if not idx or idx != set(range(len(idx))):
+            return None
+        counts.append(len(idx))
+    try:
+        width = []
+        block_widths = []
+        for stage, n in zip((1, 2, 3), counts):
+            width.append(int(state_dict[f"layer{stage}.0.conv2.weight"].shape[0]))
+            block_widths.append([int(state_dict[f"layer{stage}.{b}.conv1.weight"].shape[0]) for b in range(n)])
+        conv1 = state_dict["conv1.weight"]
+        linear = state_dict["linear.weight"]
+        if conv1.ndim != 4 or linear.ndim != 2:
+            return None
+        return {
+            "num_blocks": counts,
+            "num_classes": int(linear.shape[0]),
+            "width": width,
+            "block_widths": block_widths,
+            "in_channels": int(conv1.shape[1]),
+        }
+    except (KeyError, AttributeError, IndexError):
+        return None
+
+
+def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
+    """(arch, num_classes) for a state dict with plain keys, or None if it is not recognised.
+
+    CIFAR ResNets are recognised by counting ``layerS.B`` blocks (depth = 6n + 2) and the classes
+    from ``linear.weight``; the CIFAR VGG-16-BN by its ``features``/``classifier`` shapes.
+    """
+    cfg = _cifar_resnet_config(state_dict)
+    if cfg is not None:
+        n = cfg["num_blocks"]
+        if n[0] == n[1] == n[2]:
+            return f"resnet{6 * n[0] + 2}", cfg["num_classes"]
+        return "cifar_resnet", cfg["num_classes"]
+    head = state_dict.get("classifier.weight")
+    if isinstance(head, torch.Tensor) and head.ndim == 2 and any(k.startswith("features.") for k in state_dict):
+        convs = [v for k, v in state_dict.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4]
+        if [int(v.shape[0]) for v in convs] == [c for c in VGG16_CFG if c != "M"]:
+            return "vgg16_bn", int(head.shape[0])
+    return None
+
+
+def _build_inferred(arch: str, state_dict: Mapping[str, torch.Tensor], num_classes: int) -> nn.Module:
+    """Build the inferred arch; CIFAR ResNets take their widths from the checkpoint, so pruned
+    (narrower) ones rebuild too."""
+    cfg = _cifar_resnet_config(state_dict)
+    if cfg is not None:
+        cfg["num_classes"] = num_classes
+        return CifarResNet(**cfg)
+    return build_model(arch, num_classes)
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text and text[0] else type(exc).__name__
+
+
+def _read_checkpoint(path: Path, *, trust_model: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if m is None:
+            raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+        if not trust_model:
+            raise ModelLoadError(
+                f"{path} is a pickled Python object (it references {m.group(1)}), not just weights; loading it "
+                "would execute code from the file. Pass --trust-model (trust_model=True) only if you trust "
+                "its source, or re-save it with torch.save(model.state_dict(), path)"
+            ) from None
+    except Exception as exc:  # zip/EOF/key errors from truncated, empty or non-torch files
+        raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
+    # Only reached for trusted files that need full unpickling.
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise ModelLoadError(f"{path} could not be unpickled even with --trust-model ({_first_line(exc)})") from None
+
+
+def _extract(obj, path: Path) -> tuple[object, str]:
+    """(state dict or nn.Module, container name)."""
+    if isinstance(obj, nn.Module):
+        return obj, "module"
+    if not isinstance(obj, Mapping):
+        raise ModelLoadError(f"{path} holds a {type(obj).__name__}, not a state dict or a dict with a 'state_dict' entry")
+    for entry in _STATE_DICT_ENTRIES:
+        inner = obj.get(entry)
+        if isinstance(inner, nn.Module):
+            return inner, "module"
+        if isinstance(inner, Mapping) and inner:
+            return inner, entry
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj, "top-level"
+    keys = ", ".join(repr(k) for k in list(obj)[:8]) or "none"
+    raise ModelLoadError(
+        f"{path} has no state dict: top-level keys are {keys}; expected tensors or a "
+        f"{' / '.join(repr(e) for e in _STATE_DICT_ENTRIES)} entry"
+    )
+
+
+def _clean_state_dict(sd: Mapping, path: Path) -> tuple[dict[str, torch.Tensor], str]:
+    bad = [k for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise ModelLoadError(f"{path}: state dict entries must map names to tensors; bad entries: {bad[:_MAX_LISTED]}")
+    keys = list(sd)
+    if keys and all(k.startswith("module.") for k in keys):
+        return {k[len("module."):]: v for k, v in sd.items()}, "dataparallel"
+    return dict(sd), "plain"
+
+
+def _head_key(model: nn.Module) -> str | None:
+    """Name of the last Linear layer's weight (the classifier), or None."""
+    name = None
+    for n, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            name = f"{n}.weight"
+    return name
+
+
+def _fmt_keys(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_MAX_LISTED])
+    return shown + (f" (+{len(keys) - _MAX_LISTED} more)" if len(keys) > _MAX_LISTED else "")
+
+
+def _mismatch_message(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: str) -> str | None:
+    expected = model.state_dict()
+    # Checkpoints from PyTorch < 0.4.1 lack BatchNorm's num_batches_tracked; BatchNorm fills it in.
+    missing = [k for k in expected if k not in sd and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in sd if k not in expected]
+    shapes = [
+        f"{k} checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and tuple(sd[k].shape) != tuple(v.shape)
+    ]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = []
+    if missing:
+        parts.append(f"missing keys {_fmt_keys(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_fmt_keys(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches {_fmt_keys(shapes)}")
+    msg = f"checkpoint does not match arch {arch}: " + "; ".join(parts)
+    guess = infer_arch(sd)
+    if guess is not None and guess[0] not in (arch.lower(), "cifar_resnet"):
+        msg += f"; did you mean --arch {guess[0]}?"
+    elif guess is not None:
+        # Same block layout but other widths (or uneven stages): a pruned CIFAR ResNet.
+        msg += "; it looks like a pruned CIFAR ResNet: omit --arch to rebuild it from the checkpoint's shapes"
+    return msg
+
+
+def load_model(
+    path,
+    *,
+    arch: str | None = None,
+    num_classes: int | None = None,
+    trust_model: bool = False,
+) -> LoadedModel:
+    """Load a checkpoint into a CPU model in eval mode.
+
+    Accepts a plain state dict, a dict with the state dict under 'state_dict' / 'model' /
+    'model_state_dict', and (only with ``trust_model=True``) a fully pickled nn.Module. Without
+    ``arch`` the architecture and class count are inferred from the state dict (CIFAR ResNets and
+    VGG-16-BN). Raises ModelLoadError with a one-line message on any problem.
+    """
+    if num_classes is not None:
+        num_classes = _check_num_classes(num_classes)
+    if arch is not None and not isinstance(arch, str):
+        raise TypeError(f"arch must be a string such as 'resnet20'; got {arch!r}")
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if path.is_dir():
+        raise ModelLoadError(f"{path} is a directory; pass the checkpoint file itself (e.g. model.pth)")
+
+    obj = _read_checkpoint(path, trust_model=trust_model)
+    found, container = _extract(obj, path)
+
+    if isinstance(found, nn.Module):
+        if arch is None:
+            return _loaded_module(found, path, num_classes)
+        sd, key_style = _clean_state_dict(found.state_dict(), path)
+    else:
+        sd, key_style = _clean_state_dict(found, path)
+
+    inferred = infer_arch(sd)
+    if arch is None:
+        if inferred is None:
+            raise ModelLoadError(
+                f"cannot infer the architecture of {path} from its keys (first: {_fmt_keys(list(sd))}); "
+                f"pass --arch (one of {', '.join(available_archs())} or torchvision:<name>)"
+            )
+        arch_name, ckpt_classes = inferred
+    else:
+        arch_name = arch.strip()
+        try:
+            probe = build_model(arch_name, num_classes or 10)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
+        head = _head_key(probe)
+        ckpt_classes = int(sd[head].shape[0]) if head in sd and sd[head].ndim >= 1 else None
+
+    if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
+        raise ModelLoadError(
+            f"{path} has a {ckpt_classes}-class head but num_classes={num_classes} was requested; "
+            f"drop --num-classes or pass a checkpoint trained for {num_classes} classes"
+        )
+    n_cls = num_classes or ckpt_classes or 10
+
+    if arch is None:
+        model = _build_inferred(arch_name, sd, n_cls)
+    elif n_cls == (num_classes or 10):
+        model = probe
+    else:
+        model = build_model(arch_name, n_cls)
+
+    problem = _mismatch_message(model, sd, arch_name)
+    if problem is not None:
+        raise ModelLoadError(problem)
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as exc:  # anything the pre-check did not foresee
+        raise ModelLoadError(f"checkpoint does not match arch {arch_name}: {_first_line(exc)}") from None
+    model.eval()
+    if container == "module":
+        key_style = "pickled-module"
+    if not arch_name.lower().startswith(TORCHVISION_PREFIX):
+        arch_name = arch_name.lower()  # registry names are case-insensitive; report the canonical one
+    return LoadedModel(model=model, arch=arch_name, num_classes=n_cls, path=path, key_style=key_style,
+                       container=container)
+
+
+def _loaded_module(model: nn.Module, path: Path, num_classes: int | None) -> LoadedModel:
+    """A trusted, fully pickled module used as is."""
+    model = model.cpu().eval()
+    sd = model.state_dict()
+    inferred = infer_arch(sd)
+    if inferred is not None:
+        arch, n_cls = inferred
+    else:
+        arch = type(model).__name__
+        head = _head_key(model)
+        n_cls = int(sd[head].shape[0]) if head is not None else None
+    if num_classes is not None and n_cls is not None and num_classes != n_cls:
+        raise ModelLoadError(
+            f"{path} has a {n_cls}-class head but num_classes={num_classes} was requested; drop --num-classes"
+        )
+    n_cls = n_cls if n_cls is not None else num_classes
+    if n_cls is None:
+        raise ModelLoadError(f"cannot tell how many classes the pickled {type(model).__name__} in {path} has; pass --num-classes")
+    return LoadedModel(model=model, arch=arch, num_classes=n_cls, path=path, key_style="pickled-module", container="module")

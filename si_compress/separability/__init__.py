@@ -1,0 +1,40 @@
+"""Torch-free Separation-Index core (numpy; numba and faiss are imported lazily).
+
+Semantics shared by every function and backend:
+- distance: Euclidean, evaluated in float64 (float32 input is converted exactly);
+- a sample is never its own neighbour; it is excluded by index, so duplicate rows (e.g.
+  all-zero post-ReLU vectors) are each other's neighbours at distance 0;
+- ties go to the lowest sample index (lowest class, for centres), deterministically;
+- labels may be any comparable values (ints, strings), shape (n,) or (n, 1); never mutated.
+Backends: "numba" (BLAS screen + Numba kernels, exact re-ranking), "faiss" (faiss.knn screen,
+same exact re-ranking), "numpy" (brute force, the oracle), "auto" (fastest available, or the
+SI_COMPRESS_BACKEND environment variable). No backend builds an n x n matrix.
+"""
+from ._knn import BACKENDS, available_backends, resolve_backend
+from .csi import (
+    center_separation_index,
+    center_separation_index_per_class,
+    center_separation_index_per_sample,
+    class_centers,
+    nearest_center,
+)
+from .selection import SelectionResult, forward_select
+from .si import (
+    ClassScores,
+    SIProfile,
+    cross_separation_index,
+    cross_separation_index_per_sample,
+    nearest_neighbors,
+    separation_index,
+    separation_index_per_class,
+    separation_index_per_sample,
+    separation_profile,
+)
+
+__all__ = [
+    "BACKENDS", "available_backends", "resolve_backend",
+    "separation_index", "separation_index_per_sample", "separation_index_per_class", "separation_profile",
+    "cross_separation_index", "cross_separation_index_per_sample", "nearest_neighbors",
+    "center_separation_index", "center_separation_index_per_sample", "center_separation_index_per_class",
+    "class_centers", "nearest_center", "forward_select", "SelectionResult", "ClassScores", "SIProfile",
+]

@@ -1,0 +1,222 @@
+"""Exact k-nearest-neighbour search behind one ``backend`` keyword.
+
+Semantics (shared by every backend, see ``knn``): Euclidean distance in float64; in a self
+search each sample is excluded by index only; ties are broken by the lowest sample index.
+
+The fast backends ("numba", "faiss") never build an n x n matrix:
+- identical rows are grouped first (post-ReLU features are full of all-zero rows), so ties at
+  distance 0 are resolved by index exactly and the search runs over unique rows only;
+- a float32 screen keeps the k' = k + slack closest unique rows per query ("numba": BLAS Gram
+  blocks + a Numba top-k merge, using the symmetry of a self search to do half the GEMM work;
+  "faiss": ``faiss.knn``);
+- the candidates are re-ranked in float64 and a rounding-error bound certifies that no
+  unscreened row could be as close; the few rows it cannot certify are searched again with a
+  float64 screen and the same exact re-ranking.
+Memory: O(n * k' + block^2) beyond the input (block = 2048 rows).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._numpy import knn_numpy
+
+BACKENDS = ("auto", "numba", "faiss", "numpy")
+_ENV = "SI_COMPRESS_BACKEND"
+_SLACK = 8
+_BLOCK = 2048
+_U32 = 2.0 ** -24
+_U64 = 2.0 ** -53
+
+
+def available_backends() -> tuple[str, ...]:
+    """Concrete backends importable here, fastest first."""
+    out = []
+    for name, mod in (("numba", "numba"), ("faiss", "faiss")):
+        try:
+            __import__(mod)
+            out.append(name)
+        except ImportError:
+            pass
+    out.append("numpy")
+    return tuple(out)
+
+
+def resolve_backend(backend: str) -> str:
+    """Map "auto" (or the SI_COMPRESS_BACKEND environment variable) to a concrete backend."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
+    if backend == "auto":
+        backend = os.environ.get(_ENV, "auto") or "auto"
+        if backend not in BACKENDS:
+            raise ValueError(f"environment variable {_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
+        if backend == "auto":
+            return available_backends()[0]
+    if backend not in available_backends():
+        raise ValueError(
+            f"backend {backend!r} is not installed here (available: {', '.join(available_backends())}); "
+            f"pip install {'faiss-cpu' if backend == 'faiss' else backend}, or use backend='auto'"
+        )
+    return backend
+
+
+def _gamma(d: int, u: float) -> float:
+    nu = (d + 16) * u
+    return np.inf if nu >= 0.5 else 3.0 * nu / (1.0 - nu)
+
+
+@dataclass(frozen=True)
+class _Groups:
+    rep: np.ndarray       # (m,) lowest sample index of each unique row (= its tie-break key)
+    inverse: np.ndarray   # (n,) unique row of each sample
+    offsets: np.ndarray   # (m + 1,) CSR offsets into members
+    members: np.ndarray   # (n,) sample indices grouped by unique row, ascending within a group
+
+
+def _group_rows(X: np.ndarray) -> _Groups:
+    from . import _numba as nb
+
+    n = X.shape[0]
+    h = nb.row_hashes(X)
+    order = np.lexsort((np.arange(n), h))
+    gid, m = nb.group_equal_rows(X, order, h)
+    # renumber groups by their lowest member so unique rows keep sample order
+    members = np.argsort(gid, kind="stable")
+    counts = np.bincount(gid, minlength=m)
+    offsets = np.zeros(m + 1, np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    rep = members[offsets[:-1]]
+    perm = np.argsort(rep, kind="stable")
+    new_id = np.empty(m, np.int64)
+    new_id[perm] = np.arange(m)
+    inverse = new_id[gid]
+    members = np.argsort(inverse, kind="stable")
+    counts = counts[perm]
+    np.cumsum(counts, out=offsets[1:])
+    return _Groups(rep=rep[perm], inverse=inverse, offsets=offsets, members=members)
+
+
+def _sqnorms(A: np.ndarray) -> np.ndarray:
+    out = np.empty(A.shape[0], np.float64)
+    for s in range(0, A.shape[0], _BLOCK):
+        blk = A[s:s + _BLOCK].astype(np.float64)
+        out[s:s + _BLOCK] = np.einsum("ij,ij->i", blk, blk)
+    return out
+
+
+def _screen_numba(Q32, U32, qn32, un32, kp, symmetric):
+    from . import _numba as nb
+
+    nq, m = Q32.shape[0], U32.shape[0]
+    topd = np.full((nq, kp), np.inf, np.float32)
+    topi = np.full((nq, kp), -1, np.int64)
+    for i0 in range(0, nq, _BLOCK):
+        i1 = min(i0 + _BLOCK, nq)
+        for j0 in range(i0 if symmetric else 0, m, _BLOCK):
+            j1 = min(j0 + _BLOCK, m)
+            G = Q32[i0:i1] @ U32[j0:j1].T
+            nb.topk_update(G, qn32[i0:i1], un32[j0:j1], j0, topd[i0:i1], topi[i0:i1])
+            if symmetric and j0 != i0:
+                # the transposed block serves rows j0:j1: half the GEMM work of a plain search
+                nb.topk_update_cols(G, qn32[i0:i1], un32[j0:j1], i0, topd[j0:j1], topi[j0:j1])
+    return topi, topd
+
+
+def _screen_faiss(Q32, U32, kp):
+    import faiss
+
+    D, I = faiss.knn(Q32, U32, kp)
+    return I.astype(np.int64, copy=False), D
+
+
+def _fallback64(Q, U, qn, un, first, self_ids, need, rows):
+    """Float64 screen + exact re-ranking for the rows the float32 certificate could not clear."""
+    from . import _numba as nb
+
+    d = Q.shape[1]
+    c64 = _gamma(d, _U64)
+    out_i = np.empty((rows.size, need), np.int64)
+    out_d = np.empty((rows.size, need), np.float64)
+    step = max(1, (32 * 2**20) // (8 * max(1, U.shape[0])))
+    for s in range(0, rows.size, step):
+        r = rows[s:s + step]
+        Qb = Q[r].astype(np.float64)
+        D = np.empty((r.size, U.shape[0]), np.float64)
+        for j0 in range(0, U.shape[0], _BLOCK):
+            Ub = U[j0:j0 + _BLOCK].astype(np.float64, copy=False)
+            D[:, j0:j0 + _BLOCK] = qn[r, None] + un[None, j0:j0 + _BLOCK] - 2.0 * (Qb @ Ub.T)
+        sid = self_ids[r]
+        valid = sid >= 0
+        D[np.nonzero(valid)[0], sid[valid]] = np.inf
+        kth = np.partition(D, need - 1, axis=1)[:, need - 1]
+        tol = c64 * (qn[r] + un.max())
+        mask = D <= (kth + 2.0 * tol)[:, None]
+        counts = mask.sum(axis=1)
+        offs = np.zeros(r.size + 1, np.int64)
+        np.cumsum(counts, out=offs[1:])
+        cols = np.nonzero(mask)[1].astype(np.int64)
+        oi = np.empty((r.size, need), np.int64)
+        od = np.empty((r.size, need), np.float64)
+        nb.exact_rows(Qb, U, offs, cols, first, sid, need, oi, od)
+        out_i[s:s + step] = oi
+        out_d[s:s + step] = od
+    return out_i, out_d
+
+
+def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: str = "auto") -> np.ndarray:
+    """Exact k nearest neighbours: indices (n_query, k) into ``ref``, nearest first.
+
+    ref (n, d) and query (n_q, d) are validated float32/float64 arrays. ``query=None`` is a self
+    search: each sample's own index is excluded (its duplicates are not), so 1 <= k <= n - 1.
+    Distances are Euclidean, evaluated in float64; ties go to the lowest index.
+    """
+    backend = resolve_backend(backend)
+    if backend == "numpy":
+        return knn_numpy(ref.astype(np.float64, copy=False),
+                         None if query is None else query.astype(np.float64, copy=False), k)
+    from . import _numba as nb
+
+    self_search = query is None
+    groups = _group_rows(ref)
+    m = groups.rep.size
+    U = ref if m == ref.shape[0] else ref[groups.rep]
+    Q = U if self_search else query
+    nq_rows = Q.shape[0]
+    need = min(k, m - 1) if self_search else min(k, m)
+    un = _sqnorms(U)
+    qn = un if self_search else _sqnorms(Q)
+    self_ids = np.arange(m, dtype=np.int64) if self_search else np.full(nq_rows, -1, np.int64)
+
+    nbr = np.empty((nq_rows, need), np.int64)
+    nbr_d = np.empty((nq_rows, need), np.float64)
+    if need > 0:
+        kp = min(m, need + (1 if self_search else 0) + _SLACK)
+        c32 = _gamma(ref.shape[1], _U32)
+        if np.isfinite(c32):
+            U32 = U if U.dtype == np.float32 else U.astype(np.float32)
+            Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
+            if backend == "faiss":
+                cand, cd = _screen_faiss(Q32, U32, kp)
+            else:
+                cand, cd = _screen_numba(Q32, U32, qn.astype(np.float32), un.astype(np.float32), kp, self_search)
+            worst = cd[:, kp - 1].astype(np.float64)
+            ok = np.empty(nq_rows, np.bool_)
+            nb.refine(Q, U, qn, cand, worst, groups.rep, self_ids, need, kp == m, c32, nbr, nbr_d, ok)
+            bad = np.nonzero(~ok)[0]
+        else:
+            bad = np.arange(nq_rows)
+        if bad.size:
+            bi, bd = _fallback64(Q, U, qn, un, groups.rep, self_ids, need, bad)
+            nbr[bad] = bi
+            nbr_d[bad] = bd
+    n_out = ref.shape[0] if self_search else nq_rows
+    out = np.empty((n_out, k), np.int64)
+    if self_search:
+        nb.expand(nbr, nbr_d, groups.offsets, groups.members, groups.inverse,
+                  np.arange(n_out, dtype=np.int64), k, out)
+    else:
+        nb.expand(nbr, nbr_d, groups.offsets, groups.members, np.arange(n_out, dtype=np.int64),
+                  np.full(n_out, -1, np.int64), k, out)
+    return out

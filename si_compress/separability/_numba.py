@@ -1,0 +1,345 @@
+"""Numba kernels of the exact nearest-neighbour search (imported lazily: numba is heavy).
+
+The search has three stages, each exact where it matters:
+1. ``topk_update``: a float32 screen. Block Gram matrices G = Q_b U_b^T come from BLAS; this
+   kernel turns them into approximate squared distances n_q + n_u - 2 G and keeps a sorted
+   top-k' list per query row.
+2. ``refine``: float64 distances, sum_k (q_k - u_k)^2, for the k' screened candidates, ordered
+   by (distance, index), plus a certificate that no unscreened row can be as close.
+3. ``expand``: maps neighbours among unique rows back to samples, merging duplicate rows in
+   index order so that ties go to the lowest sample index.
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def topk_update(G, qn, un, col0, topd, topi):
+    """Merge one block of approximate distances into the running sorted top-k lists.
+
+    G (bq, bu) float32 Gram block; qn (bq,), un (bu,) float32 squared norms; col0 the global
+    index of the block's first column; topd/topi (bq, k) sorted ascending, updated in place.
+    """
+    bq, bu = G.shape
+    k = topd.shape[1]
+    for r in prange(bq):
+        worst = topd[r, k - 1]
+        nr = qn[r]
+        for c in range(bu):
+            d = nr + un[c] - 2.0 * G[r, c]
+            if d < worst:
+                pos = k - 1
+                while pos > 0 and topd[r, pos - 1] > d:
+                    topd[r, pos] = topd[r, pos - 1]
+                    topi[r, pos] = topi[r, pos - 1]
+                    pos -= 1
+                topd[r, pos] = d
+                topi[r, pos] = col0 + c
+                worst = topd[r, k - 1]
+
+
+@njit(parallel=True, cache=True, fastmath=False)
+def topk_update_cols(G, rn, cn, row0, topd, topi):
+    """``topk_update`` for the transposed block without transposing it: column c of G (bq, bu)
+    is a query (norm cn[c], lists topd/topi[c]) against the rows r (norms rn, global row0 + r).
+    Columns are taken 16 at a time so each read of G is a contiguous 64-byte run.
+    """
+    bq, bu = G.shape
+    k = topd.shape[1]
+    nchunks = (bu + 15) // 16
+    for ch in prange(nchunks):
+        c0 = ch * 16
+        c1 = min(c0 + 16, bu)
+        worst = np.empty(16, np.float32)
+        for c in range(c0, c1):
+            worst[c - c0] = topd[c, k - 1]
+        for r in range(bq):
+            nr = rn[r]
+            for c in range(c0, c1):
+                d = nr + cn[c] - 2.0 * G[r, c]
+                if d < worst[c - c0]:
+                    pos = k - 1
+                    while pos > 0 and topd[c, pos - 1] > d:
+                        topd[c, pos] = topd[c, pos - 1]
+                        topi[c, pos] = topi[c, pos - 1]
+                        pos -= 1
+                    topd[c, pos] = d
+                    topi[c, pos] = row0 + r
+                    worst[c - c0] = topd[c, k - 1]
+
+
+@njit(cache=True, inline="always")
+def _sqdist(a, b):
+    s = 0.0
+    for t in range(a.shape[0]):
+        diff = np.float64(a[t]) - np.float64(b[t])
+        s += diff * diff
+    return s
+
+
+@njit(parallel=True, cache=True)
+def refine(Q, U, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c_tol, out_idx, out_dist, ok):
+    """Exact float64 re-ranking of screened candidates, with a certificate.
+
+    Q (nq, d), U (m, d) in their input dtype (converted exactly to float64); qnorm (nq,) float64
+    squared norms; cand (nq, k') candidate rows of U (-1 = empty); cand_worst (nq,) the largest
+    approximate distance kept by the screen; first (m,) lowest sample index of each unique row
+    (tie-break key); self_ids (nq,) the unique row to exclude, -1 for none. Writes the ``need``
+    best (distance, first) candidates to out_idx/out_dist and ok[i] = the result is provably
+    exact: every unscreened row u has true distance > the need-th distance, because its screened
+    value was >= cand_worst and the screen errs by at most c_tol * (n_q + n_u), where
+    n_u <= (sqrt(n_q) + sqrt(D_need))^2 for any row that could tie.
+    """
+    nq, kp = cand.shape
+    for i in prange(nq):
+        bd = np.full(need, np.inf)
+        bi = np.full(need, -1, np.int64)
+        bf = np.full(need, np.iinfo(np.int64).max, np.int64)
+        for t in range(kp):
+            u = cand[i, t]
+            if u < 0 or u == self_ids[i]:
+                continue
+            d = _sqdist(Q[i], U[u])
+            f = first[u]
+            if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
+                pos = need - 1
+                while pos > 0 and (bd[pos - 1] > d or (bd[pos - 1] == d and bf[pos - 1] > f)):
+                    bd[pos] = bd[pos - 1]
+                    bi[pos] = bi[pos - 1]
+                    bf[pos] = bf[pos - 1]
+                    pos -= 1
+                bd[pos] = d
+                bi[pos] = u
+                bf[pos] = f
+        for t in range(need):
+            out_idx[i, t] = bi[t]
+            out_dist[i, t] = bd[t]
+        if screened_all:
+            ok[i] = bi[need - 1] >= 0
+        else:
+            dk = bd[need - 1]
+            reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
+            tol = c_tol * (qnorm[i] + reach * reach)
+            ok[i] = bi[need - 1] >= 0 and np.float64(cand_worst[i]) - tol > dk
+
+
+@njit(parallel=True, cache=True)
+def exact_rows(Q, U, cand_mask_rows, cand_cols, first, self_ids, need, out_idx, out_dist):
+    """Exact re-ranking over explicit candidate lists (the float64 fallback tier).
+
+    cand_mask_rows (nb+1,) CSR offsets into cand_cols (candidate rows of U per query).
+    """
+    nb = out_idx.shape[0]
+    for i in prange(nb):
+        bd = np.full(need, np.inf)
+        bi = np.full(need, -1, np.int64)
+        bf = np.full(need, np.iinfo(np.int64).max, np.int64)
+        for t in range(cand_mask_rows[i], cand_mask_rows[i + 1]):
+            u = cand_cols[t]
+            if u == self_ids[i]:
+                continue
+            d = _sqdist(Q[i], U[u])
+            f = first[u]
+            if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
+                pos = need - 1
+                while pos > 0 and (bd[pos - 1] > d or (bd[pos - 1] == d and bf[pos - 1] > f)):
+                    bd[pos] = bd[pos - 1]
+                    bi[pos] = bi[pos - 1]
+                    bf[pos] = bf[pos - 1]
+                    pos -= 1
+                bd[pos] = d
+                bi[pos] = u
+                bf[pos] = f
+        for t in range(need):
+            out_idx[i, t] = bi[t]
+            out_dist[i, t] = bd[t]
+
+
+@njit(parallel=True, cache=True)
+def expand(nbr, nbr_dist, offsets, members, query_group, query_sample, k, out):
+    """Sample-level k nearest neighbours from unique-row neighbours.
+
+    nbr/nbr_dist (nq_rows, need): unique neighbours of each query row; offsets/members: CSR of
+    sample indices per unique row, ascending; query_group (nq,) row of ``nbr`` to use for each
+    query and, for self search, its own unique row (query_sample >= 0 is excluded by index;
+    -1 for cross search, where own-row members are not neighbours at distance 0 by default).
+    out (nq, k): sample indices ordered by (distance, index).
+    """
+    nq = out.shape[0]
+    need = nbr.shape[1]
+    cap = k + need * k
+    for q in prange(nq):
+        cd = np.empty(cap)
+        ci = np.empty(cap, np.int64)
+        cnt = 0
+        g = query_group[q]
+        s = query_sample[q]
+        if s >= 0:
+            # duplicates of the query itself: distance 0, excluded by index only
+            taken = 0
+            for t in range(offsets[g], offsets[g + 1]):
+                j = members[t]
+                if j == s:
+                    continue
+                cd[cnt] = 0.0
+                ci[cnt] = j
+                cnt += 1
+                taken += 1
+                if taken == k:
+                    break
+        for t in range(need):
+            v = nbr[g, t]
+            if v < 0:
+                continue
+            taken = 0
+            for p in range(offsets[v], offsets[v + 1]):
+                cd[cnt] = nbr_dist[g, t]
+                ci[cnt] = members[p]
+                cnt += 1
+                taken += 1
+                if taken == k:
+                    break
+        # insertion sort by (distance, index); cnt is at most k + k*k
+        for a in range(1, cnt):
+            dv = cd[a]
+            iv = ci[a]
+            b = a - 1
+            while b >= 0 and (cd[b] > dv or (cd[b] == dv and ci[b] > iv)):
+                cd[b + 1] = cd[b]
+                ci[b + 1] = ci[b]
+                b -= 1
+            cd[b + 1] = dv
+            ci[b + 1] = iv
+        for t in range(k):
+            out[q, t] = ci[t] if t < cnt else -1
+
+
+@njit(cache=True, inline="always")
+def _f64_bits(v):
+    a = np.empty(1, np.float64)
+    a[0] = v
+    return a.view(np.uint64)[0]
+
+
+@njit(parallel=True, cache=True)
+def row_hashes(X):
+    """64-bit hash per row of the float values (-0.0 hashed as 0.0, so equal values hash equally)."""
+    n, d = X.shape
+    out = np.empty(n, np.uint64)
+    for i in prange(n):
+        h = np.uint64(1469598103934665603)
+        for t in range(d):
+            v = np.float64(X[i, t])
+            if v == 0.0:
+                v = 0.0
+            bits = _f64_bits(v)
+            h = (h ^ bits) * _HASH_MUL
+            h ^= h >> np.uint64(29)
+        out[i] = h
+    return out
+
+
+@njit(cache=True)
+def group_equal_rows(X, order, hashes):
+    """Group identical rows. ``order`` sorts rows by (hash, index). Returns group id per row,
+    with groups numbered by their lowest member index order of appearance in ``order``."""
+    n = X.shape[0]
+    gid = np.full(n, -1, np.int64)
+    ngroups = 0
+    start = 0
+    reps = np.empty(n, np.int64)
+    while start < n:
+        stop = start + 1
+        while stop < n and hashes[order[stop]] == hashes[order[start]]:
+            stop += 1
+        # within one hash bucket, compare each row to the representatives found so far
+        first_rep = ngroups
+        for p in range(start, stop):
+            i = order[p]
+            found = -1
+            for g in range(first_rep, ngroups):
+                r = reps[g]
+                same = True
+                for t in range(X.shape[1]):
+                    if X[i, t] != X[r, t]:
+                        same = False
+                        break
+                if same:
+                    found = g
+                    break
+            if found < 0:
+                reps[ngroups] = i
+                found = ngroups
+                ngroups += 1
+            gid[i] = found
+        start = stop
+    return gid, ngroups
+
+
+@njit(parallel=True, cache=True)
+def group_distances(FT, out):
+    """out[g, i, j] = sum_k (F[i, g, k] - F[j, g, k])^2 in float64, k summed in order.
+
+    FT (G, gd, n) is the features transposed so the inner loop runs over j contiguously
+    (vectorised) while each pair still accumulates its k terms sequentially.
+    """
+    G, gd, n = FT.shape
+    for gi in prange(G * n):
+        g = gi // n
+        i = gi % n
+        row = out[g, i]
+        row[:] = 0.0
+        for k in range(gd):
+            xi = np.float64(FT[g, k, i])
+            for j in range(n):
+                diff = xi - np.float64(FT[g, k, j])
+                row[j] += diff * diff
+
+
+@njit(parallel=True, cache=True)
+def selection_step(D_run, D_all, cands, codes, hits):
+    """hits[i, c] = does the nearest other sample of i under D_run + D_all[cands[c]] share i's label.
+
+    Exact and pruned: only j with D_run[i, j] below a bound from i's current nearest neighbour
+    can be nearest once a group is added (distances only grow), and within a candidate any j
+    with D_run[i, j] >= the best so far is skipped. j runs ascending, so ties go to the lowest j.
+    """
+    n = D_run.shape[0]
+    nc = cands.shape[0]
+    for i in prange(n):
+        row = D_run[i]
+        nn = -1
+        best = np.inf
+        for j in range(n):
+            if j != i and row[j] < best:
+                best = row[j]
+                nn = j
+        bound = 0.0
+        for c in range(nc):
+            b = row[nn] + D_all[cands[c], i, nn]
+            if b > bound:
+                bound = b
+        idx = np.empty(n, np.int64)
+        m = 0
+        for j in range(n):
+            if j != i and row[j] <= bound:
+                idx[m] = j
+                m += 1
+        for c in range(nc):
+            dg = D_all[cands[c], i]
+            bv = np.inf
+            bj = -1
+            for t in range(m):
+                j = idx[t]
+                r = row[j]
+                if r >= bv:
+                    continue
+                v = r + dg[j]
+                if v < bv:
+                    bv = v
+                    bj = j
+            hits[i, c] = codes[bj] == codes[i]
