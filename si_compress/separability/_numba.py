@@ -281,32 +281,29 @@ def group_equal_rows(X, order, hashes):
 
 
 @njit(parallel=True, cache=True)
-def group_distances(FT, out):
-    """out[g, i, j] = sum_k (F[i, g, k] - F[j, g, k])^2 in float64, k summed in order.
+def gram_to_sqdist(F, sq, D, c):
+    """In place: Gram matrix D = F F^T -> squared distances sq_i + sq_j - 2 D[i, j], clamped at 0.
 
-    FT (G, gd, n) is the features transposed so the inner loop runs over j contiguously
-    (vectorised) while each pair still accumulates its k terms sequentially.
+    Entries within the GEMM's rounding bound c * (sq_i + sq_j) of 0 are recomputed from float64
+    differences: duplicate rows get exactly 0, so their ties still go to the lowest index.
     """
-    G, gd, n = FT.shape
-    for gi in prange(G * n):
-        g = gi // n
-        i = gi % n
-        row = out[g, i]
-        row[:] = 0.0
-        for k in range(gd):
-            xi = np.float64(FT[g, k, i])
-            for j in range(n):
-                diff = xi - np.float64(FT[g, k, j])
-                row[j] += diff * diff
+    n = D.shape[0]
+    for i in prange(n):
+        for j in range(n):
+            v = sq[i] + sq[j] - 2.0 * D[i, j]
+            if v <= c * (sq[i] + sq[j]):
+                v = 0.0 if j == i else _sqdist(F[i], F[j])
+            D[i, j] = v
 
 
 @njit(parallel=True, cache=True)
 def selection_step(D_run, D_all, cands, codes, hits):
     """hits[i, c] = does the nearest other sample of i under D_run + D_all[cands[c]] share i's label.
 
-    Exact and pruned: only j with D_run[i, j] below a bound from i's current nearest neighbour
-    can be nearest once a group is added (distances only grow), and within a candidate any j
-    with D_run[i, j] >= the best so far is skipped. j runs ascending, so ties go to the lowest j.
+    Exact, with pruning that never changes the answer: distances only grow when a group is
+    added, so only j with D_run[i, j] <= max_c (D_run[i, nn] + D_all[c, i, nn]) (nn: i's current
+    nearest neighbour) can win; they are scanned in increasing D_run order and a candidate's scan
+    stops once D_run[i, j] exceeds its best sum. Ties go to the lowest j.
     """
     n = D_run.shape[0]
     nc = cands.shape[0]
@@ -329,17 +326,33 @@ def selection_step(D_run, D_all, cands, codes, hits):
             if j != i and row[j] <= bound:
                 idx[m] = j
                 m += 1
+        if m == n - 1:
+            # nothing pruned (e.g. the first step): a plain scan in j order
+            for c in range(nc):
+                dg = D_all[cands[c], i]
+                bv = np.inf
+                bj = n
+                for j in range(n):
+                    if j != i:
+                        v = row[j] + dg[j]
+                        if v < bv:
+                            bv = v
+                            bj = j
+                hits[i, c] = codes[bj] == codes[i]
+            continue
+        idx = idx[:m]
+        idx = idx[np.argsort(row[idx], kind="mergesort")]
         for c in range(nc):
             dg = D_all[cands[c], i]
             bv = np.inf
-            bj = -1
+            bj = n
             for t in range(m):
                 j = idx[t]
                 r = row[j]
-                if r >= bv:
-                    continue
+                if r > bv:
+                    break
                 v = r + dg[j]
-                if v < bv:
+                if v < bv or (v == bv and j < bj):
                     bv = v
                     bj = j
             hits[i, c] = codes[bj] == codes[i]

@@ -1,0 +1,601 @@
+"""Shift-add layers: power-of-two weights, power-of-two activation scales, integer Numba kernels.
+
+Weights (per output channel c, scale ``s_c``):
+
+* ``variant="pot"``: ``w = s_c * sign * 2**e``. With ``bits`` b: 1 sign bit + a (b-1)-bit
+  exponent code k in [0, 2**(b-1) - 1]; k = 0 is zero, k >= 1 is ``2**(k - L)`` with
+  L = 2**(b-1) - 1. bits=4: k=0 -> 0, k=1..7 -> 2**-6 .. 2**0 (15 distinct values with the sign).
+  bits is limited to 2..6 (bits=7 would need 2**62 on the integer grid).
+* ``variant="apot2"`` (additive powers of two, Li et al., ICLR 2020): ``w = s_c * sign * (t1 + t2)``.
+  The (b-1)-bit magnitude code is split into k1 = ceil((b-1)/2) high bits for t1 and k2 = floor((b-1)/2)
+  low bits for t2; a field value j = 0 means the term is absent, j >= 1 gives
+  ``t1 = 2**-(2(j-1))`` (even exponents 0, -2, -4, ...) and ``t2 = 2**-(2(j-1)+1)`` (odd exponents
+  -1, -3, ...). The exponent sets are disjoint, so all 2**(b-1) magnitudes are distinct; the
+  largest is 1.5. bits=4: t1 in {0, 1, 1/4, 1/16}, t2 in {0, 1/2}. Storage is still b bits.
+  bits is 2..8.
+
+``s_c = max|w_c| / max_level`` ("minmax") or the MSE-best fraction of it ("mse"); each weight
+goes to the nearest level in the linear domain (ties to the smaller magnitude). On the integer grid
+a magnitude is ``sum_t 2**(e_t - e_min) >= 1``, so every shift is a non-negative left shift and the
+shift kernel is bit-exact with the integer-multiply reference.
+
+Activations: signed int (restricted range) or unsigned int with a power-of-two scale (rounded up
+from max / qmax), i.e. a Qm.n fixed-point format; unsigned when the calibrated minimum is >= 0.
+
+Output: ``y = acc * (scale_w[c] * scale_x) + bias`` with the int64 accumulator ``acc``, in float64
+then cast to the input dtype. The bias is added in float (not quantized).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .fixed_point import (
+    _check_choice,
+    _check_float_tensor,
+    _set_submodule,
+    check_bits,
+    first_conv_last_linear,
+    pow2_scale,
+    qrange,
+    quantize,
+)
+
+VARIANTS = ("pot", "apot2")
+POT_MAX_BITS = 6
+WEIGHT_METHODS = ("minmax", "mse")
+_ACC_LIMIT = 2**63 - 1
+
+__all__ = [
+    "Pow2Codebook",
+    "PowerOfTwoWeight",
+    "ShiftAddConv2d",
+    "ShiftAddLinear",
+    "conv2d_mul",
+    "conv2d_shift",
+    "convert_to_shiftadd",
+    "linear_mul",
+    "linear_shift",
+    "pow2_codebook",
+    "pow2_fake_quantize",
+    "quantize_pow2_weight",
+]
+
+
+# --------------------------------------------------------------------------------------------
+# codebooks and weight quantization
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class Pow2Codebook:
+    """Magnitude levels of one (bits, variant), indexed by code.
+
+    magnitudes (n_codes,) float64, relative to the channel scale; shifts (n_terms, n_codes) int8
+    exponents on the integer grid (-1 = term absent), so ``magnitude = sum_t 2**shift_t * 2**e_min``.
+    """
+
+    bits: int
+    variant: str
+    magnitudes: np.ndarray
+    shifts: np.ndarray
+    e_min: int
+
+    @property
+    def max_level(self) -> float:
+        return float(self.magnitudes.max())
+
+    @property
+    def n_terms(self) -> int:
+        return int(self.shifts.shape[0])
+
+    def table(self) -> list[tuple[int, float, tuple[int, ...]]]:
+        """(code, magnitude, exponents of the present terms) for each code."""
+        return [(code, float(self.magnitudes[code]),
+                 tuple(int(s) + self.e_min for s in self.shifts[:, code] if s >= 0))
+                for code in range(self.magnitudes.shape[0])]
+
+
+def _check_variant_bits(bits, variant, name="bits") -> int:
+    _check_choice(variant, VARIANTS, "variant")
+    high = POT_MAX_BITS if variant == "pot" else 8
+    return check_bits(bits, name=name, high=high)
+
+
+@functools.lru_cache(maxsize=None)
+def pow2_codebook(bits: int, *, variant: str = "pot") -> Pow2Codebook:
+    """The code table of a power-of-two weight format (see the module docstring)."""
+    bits = _check_variant_bits(bits, variant)
+    n_codes = 2 ** (bits - 1)
+    if variant == "pot":
+        exps = [[None] + [k - (n_codes - 1) for k in range(1, n_codes)]]
+    else:
+        k1 = math.ceil((bits - 1) / 2)
+        k2 = (bits - 1) // 2
+        t1 = [None] + [-2 * (j - 1) for j in range(1, 2**k1)]
+        t2 = [None] + [-(2 * (j - 1) + 1) for j in range(1, 2**k2)]
+        exps = [[t1[c >> k2] for c in range(n_codes)], [t2[c & (2**k2 - 1)] for c in range(n_codes)]]
+    e_min = min(e for row in exps for e in row if e is not None)
+    shifts = np.array([[-1 if e is None else e - e_min for e in row] for row in exps], dtype=np.int8)
+    magnitudes = np.array([sum(2.0**e for e in col if e is not None) for col in zip(*exps)], dtype=np.float64)
+    shifts.setflags(write=False)
+    magnitudes.setflags(write=False)
+    return Pow2Codebook(bits=bits, variant=variant, magnitudes=magnitudes, shifts=shifts, e_min=e_min)
+
+
+def _magnitudes(cb: Pow2Codebook, like: Tensor) -> Tensor:
+    # copy: the codebook's arrays are read-only and torch warns on wrapping those
+    return torch.tensor(cb.magnitudes.tolist(), dtype=like.dtype, device=like.device)
+
+
+def _assign_codes(rows: Tensor, scale: Tensor, cb: Pow2Codebook) -> Tensor:
+    """Nearest code (linear domain, ties to the smaller magnitude) of |rows| / scale; rows (C, K)."""
+    mags = _magnitudes(cb, rows)
+    sorted_mags, order = torch.sort(mags)
+    mids = (sorted_mags[1:] + sorted_mags[:-1]) / 2
+    return order[torch.bucketize(rows.abs() / scale.unsqueeze(1), mids)]
+
+
+def _pow2_codes(rows: Tensor, cb: Pow2Codebook, method: str, grid: int) -> tuple[Tensor, Tensor]:
+    """(codes (C, K), per-channel scale (C,)) for weight rows (C, K)."""
+    mags = _magnitudes(cb, rows)
+    amax = rows.abs().amax(dim=1)
+    base = torch.where(amax > 0, amax / cb.max_level, torch.ones_like(amax))
+    if method == "minmax":
+        return _assign_codes(rows, base, cb), base
+    best_err = torch.full_like(base, math.inf)
+    best = base.clone()
+    for r in torch.linspace(1.0 / grid, 1.0, grid).tolist():
+        s = base * r
+        deq = torch.sign(rows) * mags[_assign_codes(rows, s, cb)] * s.unsqueeze(1)
+        err = ((deq - rows) ** 2).mean(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, s, best)
+    return _assign_codes(rows, best, cb), best
+
+
+def _weight_rows(weight, name="weight") -> Tensor:
+    w = _check_float_tensor(weight, name).detach()
+    if w.ndim < 2:
+        raise ValueError(f"{name} must have an output-channel axis and at least one more; got shape {tuple(w.shape)}")
+    if not torch.isfinite(w).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return w.reshape(w.shape[0], -1)
+
+
+def _check_grid(grid) -> int:
+    if isinstance(grid, bool) or not isinstance(grid, numbers.Integral) or grid < 1:
+        raise ValueError(f"grid must be a positive integer (number of scale ratios tried); got {grid!r}")
+    return int(grid)
+
+
+@dataclass(frozen=True, eq=False)
+class PowerOfTwoWeight:
+    """A weight tensor W (C, ...) as ``W[c] = scale[c] * signs[c] * sum_t 2**shifts[t, c]``.
+
+    shifts (n_terms, C, ...) int8 integer-grid exponents (-1 = absent term); signs (C, ...) int8 in
+    {-1, 0, 1}; scale (C,) float64 (includes the grid's 2**e_min).
+    """
+
+    shifts: np.ndarray
+    signs: np.ndarray
+    scale: np.ndarray
+    bits: int
+    variant: str
+
+    def __post_init__(self):
+        _check_variant_bits(self.bits, self.variant)
+        if self.shifts.dtype != np.int8 or self.signs.dtype != np.int8:
+            raise ValueError(f"shifts and signs must be int8; got {self.shifts.dtype} and {self.signs.dtype}")
+        if self.shifts.shape[1:] != self.signs.shape:
+            raise ValueError(f"shifts shape {self.shifts.shape} must be (n_terms, *signs.shape) with signs "
+                             f"shape {self.signs.shape}")
+        if self.scale.shape != (self.signs.shape[0],):
+            raise ValueError(f"scale must have shape ({self.signs.shape[0]},); got {self.scale.shape}")
+
+    def integer_weight(self) -> np.ndarray:
+        """int64 weight on the integer grid, shape of ``signs``."""
+        mag = np.where(self.shifts >= 0, np.left_shift(np.int64(1), np.maximum(self.shifts, 0).astype(np.int64)), 0)
+        return self.signs.astype(np.int64) * mag.sum(axis=0)
+
+    def dequantize(self, *, dtype: torch.dtype = torch.float32) -> Tensor:
+        """Real-valued weight ``scale[c] * integer_weight`` (exact in float64)."""
+        w = self.integer_weight().astype(np.float64)
+        w *= self.scale.reshape((-1,) + (1,) * (w.ndim - 1))
+        return torch.from_numpy(w).to(dtype)
+
+
+def quantize_pow2_weight(weight: Tensor, *, bits: int = 4, variant: str = "pot", method: str = "minmax",
+                         grid: int = 100) -> PowerOfTwoWeight:
+    """Power-of-two quantization of ``weight`` (C_out, ...) with one scale per output channel.
+
+    method "minmax": ``s_c = max|w_c| / max_level``; "mse": the best of ``grid`` ratios in (0, 1]
+    of that scale by mean squared error (never worse than minmax). Computed in float64.
+    """
+    bits = _check_variant_bits(bits, variant)
+    _check_choice(method, WEIGHT_METHODS, "method")
+    grid = _check_grid(grid)
+    rows = _weight_rows(weight).double().cpu()
+    cb = pow2_codebook(bits, variant=variant)
+    codes, scale = _pow2_codes(rows, cb, method, grid)
+    codes = codes.numpy()
+    signs = (np.sign(rows.numpy()) * (codes != 0)).astype(np.int8)
+    shape = tuple(weight.shape)
+    return PowerOfTwoWeight(shifts=np.ascontiguousarray(cb.shifts[:, codes]).reshape((cb.n_terms,) + shape),
+                            signs=signs.reshape(shape), scale=scale.numpy() * 2.0**cb.e_min, bits=bits,
+                            variant=variant)
+
+
+def pow2_fake_quantize(weight: Tensor, *, bits: int = 4, variant: str = "pot", method: str = "minmax",
+                       grid: int = 100) -> Tensor:
+    """Power-of-two quantize-dequantize of ``weight`` (C_out, ...) for QAT, in its dtype and device.
+
+    Straight-through gradient (identity) for every weight: with "minmax" no weight is clipped.
+    """
+    bits = _check_variant_bits(bits, variant)
+    _check_choice(method, WEIGHT_METHODS, "method")
+    rows = _weight_rows(weight)
+    cb = pow2_codebook(bits, variant=variant)
+    codes, scale = _pow2_codes(rows, cb, method, _check_grid(grid))
+    mags = _magnitudes(cb, rows)
+    deq = (torch.sign(rows) * mags[codes] * scale.unsqueeze(1)).reshape(weight.shape)
+    return weight + (deq - weight).detach()
+
+
+# --------------------------------------------------------------------------------------------
+# kernel wrappers (numpy in, numpy out)
+# --------------------------------------------------------------------------------------------
+def _kernels():
+    from . import _kernels as k  # lazy: numba is heavy
+
+    return k
+
+
+def _pair(v, name: str, *, minimum: int) -> tuple[int, int]:
+    vals = (v, v) if isinstance(v, numbers.Integral) and not isinstance(v, bool) else tuple(v)
+    if len(vals) != 2 or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) or a < minimum for a in vals):
+        raise ValueError(f"{name} must be an int >= {minimum} or a pair of them; got {v!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def conv_padding(padding, kernel_size, dilation) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) zero padding from an int, a pair, a 4-tuple, "valid" or "same"
+    ("same" puts the extra pixel at the bottom/right, as torch does)."""
+    kh, kw = kernel_size
+    dh, dw = dilation
+    if isinstance(padding, str):
+        if padding == "valid":
+            return 0, 0, 0, 0
+        if padding == "same":
+            th, tw = dh * (kh - 1), dw * (kw - 1)
+            return th // 2, th - th // 2, tw // 2, tw - tw // 2
+        raise ValueError(f"padding must be an int, a tuple, 'valid' or 'same'; got {padding!r}")
+    if not isinstance(padding, numbers.Integral) and len(padding) == 4:
+        vals = tuple(padding)
+        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) or a < 0 for a in vals):
+            raise ValueError(f"padding values must be ints >= 0; got {padding!r}")
+        return tuple(int(a) for a in vals)
+    ph, pw = _pair(padding, "padding", minimum=0)
+    return ph, ph, pw, pw
+
+
+def _int_activations(x, ndim: int, name: str = "x", dtype=np.int32) -> np.ndarray:
+    x = np.asarray(x)
+    if x.dtype.kind not in "iu":
+        raise TypeError(f"{name} must be an integer array (quantize activations first); got dtype {x.dtype}")
+    if x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D; got shape {x.shape}")
+    if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
+        raise ValueError(f"{name} values must fit in int32")
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def _check_headroom(x: np.ndarray, max_abs_weight: int, fan_in: int) -> None:
+    """Refuse inputs whose worst-case accumulator could overflow int64."""
+    max_x = int(np.abs(x.astype(np.int64)).max()) if x.size else 0
+    if max_x * max_abs_weight * fan_in > _ACC_LIMIT:
+        raise ValueError(f"worst-case accumulator {max_x} * {max_abs_weight} * {fan_in} overflows int64; "
+                         "use fewer activation bits or a smaller exponent range")
+
+
+def _shift_weights(shifts, signs, ndim: int) -> tuple[np.ndarray, np.ndarray, int]:
+    shifts = np.asarray(shifts)
+    signs = np.asarray(signs)
+    if shifts.ndim != ndim + 1 or signs.ndim != ndim or shifts.shape[1:] != signs.shape:
+        raise ValueError(f"shifts must be (n_terms, *signs.shape) with signs {ndim}-D; got {shifts.shape} "
+                         f"and {signs.shape}")
+    if shifts.size and (shifts.min() < -1 or shifts.max() > 62):
+        raise ValueError("shifts must be in [-1, 62] (-1 marks an absent term)")
+    if signs.size and np.abs(signs.astype(np.int64)).max() > 1:
+        raise ValueError("signs must be in {-1, 0, 1}")
+    max_w = sum(2 ** int(s.max()) for s in shifts if s.size and s.max() >= 0)
+    return (np.ascontiguousarray(shifts, dtype=np.int8), np.ascontiguousarray(signs, dtype=np.int8), max_w)
+
+
+def _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups):
+    n, c, h, w = x_shape
+    co, cg, kh, kw = w_shape
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1:
+        raise ValueError(f"groups must be a positive integer; got {groups!r}")
+    if c != cg * groups or co % groups:
+        raise ValueError(f"x has {c} channels and the weight is {w_shape} with groups={groups}; need "
+                         f"in_channels == weight.shape[1] * groups and out_channels divisible by groups")
+    sh, sw = _pair(stride, "stride", minimum=1)
+    dh, dw = _pair(dilation, "dilation", minimum=1)
+    pt, pb, pl, pr = conv_padding(padding, (kh, kw), (dh, dw))
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    if oh < 1 or ow < 1:
+        raise ValueError(f"input {h}x{w} with padding {(pt, pb, pl, pr)} is smaller than the dilated kernel "
+                         f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}")
+    return sh, sw, pt, pl, dh, dw, int(groups), oh, ow
+
+
+def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
+    """Shift-add conv2d on integers: x (N, C, H, W) int, shifts (T, Co, C/groups, KH, KW) (-1 = absent),
+    signs (Co, C/groups, KH, KW) -> (N, Co, OH, OW) int64, equal to the conv with the integer weight
+    ``signs * sum_t 2**shifts[t]``. Zero padding: int, pair, 4-tuple (top, bottom, left, right), "same"/"valid"."""
+    x = _int_activations(x, 4)
+    shifts, signs, max_w = _shift_weights(shifts, signs, 4)
+    geo = _conv_geometry(x.shape, signs.shape, stride, padding, dilation, groups)
+    _check_headroom(x, max_w, int(np.prod(signs.shape[1:])))
+    return _kernels().conv2d_shift(x, shifts, signs, *geo)
+
+
+def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
+    """Integer-multiply reference conv2d with ``conv2d_shift``'s loops: weight (Co, C/groups, KH, KW) int."""
+    x = _int_activations(x, 4)
+    weight = _int_activations(weight, 4, "weight", np.int64)
+    geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
+    return _kernels().conv2d_mul(x, weight, *geo)
+
+
+def linear_shift(x, shifts, signs) -> np.ndarray:
+    """Shift-add linear layer on integers: x (N, K), shifts (T, M, K), signs (M, K) -> (N, M) int64."""
+    x = _int_activations(x, 2)
+    shifts, signs, max_w = _shift_weights(shifts, signs, 2)
+    if x.shape[1] != signs.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but the weight expects {signs.shape[1]}")
+    _check_headroom(x, max_w, signs.shape[1])
+    return _kernels().linear_shift(np.ascontiguousarray(x.T), shifts, signs).T
+
+
+def linear_mul(x, weight) -> np.ndarray:
+    """Integer-multiply reference linear layer: x (N, K), weight (M, K) int -> (N, M) int64."""
+    x = _int_activations(x, 2)
+    weight = _int_activations(weight, 2, "weight", np.int64)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"x has {x.shape[1]} features but the weight expects {weight.shape[1]}")
+    _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, weight.shape[1])
+    return _kernels().linear_mul(np.ascontiguousarray(x.T), weight).T
+
+
+# --------------------------------------------------------------------------------------------
+# modules
+# --------------------------------------------------------------------------------------------
+_NP_PAD_MODE = {"reflect": "reflect", "replicate": "edge", "circular": "wrap"}
+
+
+class _ShiftAddBase(nn.Module):
+    """Shared weight buffers, activation calibration and rescaling."""
+
+    def _init_quant(self, weight_shape, *, bits, act_bits, variant, bias: bool):
+        self.bits = _check_variant_bits(bits, variant)
+        self.variant = variant
+        self.act_bits = check_bits(act_bits, name="act_bits")
+        self.observing = False
+        n_terms = pow2_codebook(self.bits, variant=variant).n_terms
+        self.register_buffer("weight_shifts", torch.full((n_terms, *weight_shape), -1, dtype=torch.int8))
+        self.register_buffer("weight_signs", torch.zeros(weight_shape, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(weight_shape[0], dtype=torch.float64))
+        self.register_buffer("bias", torch.zeros(weight_shape[0]) if bias else None)
+        self.register_buffer("act_min", torch.tensor(math.inf))
+        self.register_buffer("act_max", torch.tensor(-math.inf))
+        self.register_buffer("act_scale", torch.tensor(0.0, dtype=torch.float64))  # 0 = not calibrated
+
+    def _load_weight(self, weight: Tensor, bias, method: str, act_range) -> None:
+        pw = quantize_pow2_weight(weight, bits=self.bits, variant=self.variant, method=method)
+        self.weight_shifts.copy_(torch.from_numpy(pw.shifts))
+        self.weight_signs.copy_(torch.from_numpy(pw.signs))
+        self.weight_scale.copy_(torch.from_numpy(pw.scale))
+        if bias is not None:
+            self.bias.copy_(bias.detach())
+        if act_range is not None:
+            self._observe(*act_range)
+
+    def pow2_weight(self) -> PowerOfTwoWeight:
+        """The stored weight as a :class:`PowerOfTwoWeight` (numpy copies)."""
+        return PowerOfTwoWeight(shifts=self.weight_shifts.cpu().numpy().copy(),
+                                signs=self.weight_signs.cpu().numpy().copy(),
+                                scale=self.weight_scale.cpu().double().numpy().copy(), bits=self.bits,
+                                variant=self.variant)
+
+    def dequantized_weight(self) -> Tensor:
+        """Float32 weight the kernel computes with (for a float fake-quant reference)."""
+        return self.pow2_weight().dequantize()
+
+    @property
+    def calibrated(self) -> bool:
+        return bool(self.act_scale > 0)
+
+    @property
+    def act_signed(self) -> bool:
+        return bool(self.act_min < 0)
+
+    def _observe(self, lo: Tensor, hi: Tensor) -> None:
+        self.act_min.copy_(torch.minimum(self.act_min, lo.detach().to(self.act_min)))
+        self.act_max.copy_(torch.maximum(self.act_max, hi.detach().to(self.act_max)))
+        _, qmax = qrange(self.act_bits, signed=self.act_signed)
+        amax = max(abs(self.act_min.item()), abs(self.act_max.item())) if self.act_signed else self.act_max.item()
+        self.act_scale.fill_(pow2_scale(amax / qmax if amax > 0 else 1.0, rounding="ceil").item())
+
+    @torch.no_grad()
+    def calibrate(self, x: Tensor):
+        """Widen the running activation [min, max] with ``x`` and set the power-of-two input scale
+        ``2**ceil(log2(max|x| / qmax))``. Call on several batches; returns self."""
+        x = _check_float_tensor(x)
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
+        self._observe(x.amin(), x.amax())
+        return self
+
+    def quantize_input(self, x: Tensor) -> Tensor:
+        """int32 activations ``clamp(round(x / act_scale))`` on the act_bits grid."""
+        if not self.calibrated:
+            raise RuntimeError(f"{type(self).__name__} has no activation scale: call .calibrate(x) on sample "
+                               "inputs (or run batches inside `with calibrating(model):`) first")
+        return quantize(x, self.act_scale, self.act_bits, signed=self.act_signed)
+
+    def _rescale(self, acc: np.ndarray, channel_axis: int, like: Tensor) -> Tensor:
+        shape = [1] * acc.ndim
+        shape[channel_axis] = -1
+        y = acc.astype(np.float64)
+        y *= (self.weight_scale.cpu().double().numpy() * float(self.act_scale)).reshape(shape)
+        if self.bias is not None:
+            y += self.bias.cpu().double().numpy().reshape(shape)
+        return torch.from_numpy(y).to(device=like.device, dtype=like.dtype)
+
+
+class ShiftAddConv2d(_ShiftAddBase):
+    """Inference-only Conv2d computed with integer shifts and adds (see the module docstring).
+
+    forward(x (N, C, H, W) float) -> (N, Co, OH, OW) float; no autograd. Activations need a
+    calibrated scale: :meth:`calibrate` or :func:`~si_compress.nn.fixed_point.calibrating`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, *, stride=1, padding=0, dilation=1,
+                 groups: int = 1, bias: bool = True, padding_mode: str = "zeros", bits: int = 4,
+                 act_bits: int = 8, variant: str = "pot"):
+        super().__init__()
+        kh, kw = _pair(kernel_size, "kernel_size", minimum=1)
+        self.in_channels, self.out_channels, self.groups = int(in_channels), int(out_channels), int(groups)
+        if self.groups < 1 or self.in_channels % self.groups or self.out_channels % self.groups:
+            raise ValueError(f"in_channels ({in_channels}) and out_channels ({out_channels}) must be divisible by "
+                             f"groups ({groups})")
+        self.kernel_size = (kh, kw)
+        self.stride = _pair(stride, "stride", minimum=1)
+        self.dilation = _pair(dilation, "dilation", minimum=1)
+        self.padding = conv_padding(padding, self.kernel_size, self.dilation)
+        self.padding_mode = _check_choice(padding_mode, ("zeros", *_NP_PAD_MODE), "padding_mode")
+        self._init_quant((out_channels, in_channels // groups, kh, kw), bits=bits, act_bits=act_bits,
+                         variant=variant, bias=bias)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d, *, bits: int = 4, act_bits: int = 8, variant: str = "pot",
+                  weight_method: str = "minmax") -> "ShiftAddConv2d":
+        """Quantize ``conv``'s weights to powers of two. A calibrated FakeQuantConv2d passes on its
+        observed input range; otherwise call :meth:`calibrate` before the first forward."""
+        if not isinstance(conv, nn.Conv2d):
+            raise TypeError(f"conv must be an nn.Conv2d; got {type(conv).__name__}")
+        _check_choice(weight_method, WEIGHT_METHODS, "weight_method")
+        new = cls(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+                  dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
+                  padding_mode=conv.padding_mode, bits=bits, act_bits=act_bits, variant=variant)
+        new._load_weight(conv.weight, conv.bias, weight_method, _observed_range(conv))
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_float_tensor(x)
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected input (N, {self.in_channels}, H, W); got shape {tuple(x.shape)}")
+        if self.observing:
+            self.calibrate(x)
+        q = self.quantize_input(x).cpu().numpy()
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            pt, pb, pl, pr = padding
+            q = np.pad(q, ((0, 0), (0, 0), (pt, pb), (pl, pr)), mode=_NP_PAD_MODE[self.padding_mode])
+            padding = 0
+        acc = conv2d_shift(q, self.weight_shifts.cpu().numpy(), self.weight_signs.cpu().numpy(), stride=self.stride,
+                           padding=padding, dilation=self.dilation, groups=self.groups)
+        return self._rescale(acc, 1, x)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, groups={self.groups}, bits={self.bits}, variant={self.variant!r}, "
+                f"act_bits={self.act_bits}")
+
+
+class ShiftAddLinear(_ShiftAddBase):
+    """Inference-only Linear layer computed with integer shifts and adds.
+
+    forward(x (..., in_features) float) -> (..., out_features) float; no autograd.
+    """
+
+    def __init__(self, in_features: int, out_features: int, *, bias: bool = True, bits: int = 4, act_bits: int = 8,
+                 variant: str = "pot"):
+        super().__init__()
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._init_quant((self.out_features, self.in_features), bits=bits, act_bits=act_bits, variant=variant,
+                         bias=bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, bits: int = 4, act_bits: int = 8, variant: str = "pot",
+                    weight_method: str = "minmax") -> "ShiftAddLinear":
+        """As :meth:`ShiftAddConv2d.from_conv`, for an nn.Linear."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear; got {type(linear).__name__}")
+        _check_choice(weight_method, WEIGHT_METHODS, "weight_method")
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, bits=bits,
+                  act_bits=act_bits, variant=variant)
+        new._load_weight(linear.weight, linear.bias, weight_method, _observed_range(linear))
+        return new
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = _check_float_tensor(x)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"expected input (..., {self.in_features}); got shape {tuple(x.shape)}")
+        if self.observing:
+            self.calibrate(x)
+        q = self.quantize_input(x).reshape(-1, self.in_features).cpu().numpy()
+        acc = linear_shift(q, self.weight_shifts.cpu().numpy(), self.weight_signs.cpu().numpy())
+        return self._rescale(acc, 1, x).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"variant={self.variant!r}, act_bits={self.act_bits}")
+
+
+def _observed_range(module):
+    aq = getattr(module, "act_quant", None)
+    if aq is not None and getattr(aq, "calibrated", False):
+        return aq.min_val, aq.max_val
+    return None
+
+
+def convert_to_shiftadd(model: nn.Module, *, bits: int = 4, act_bits: int = 8, variant: str = "pot",
+                        weight_method: str = "minmax", keep_first_last: bool = True,
+                        inplace: bool = False) -> nn.Module:
+    """Replace Conv2d / Linear layers by ShiftAddConv2d / ShiftAddLinear.
+
+    keep_first_last leaves the first Conv2d and last Linear (registration order) in float, the
+    usual choice for shift-add networks. Fold BatchNorms first. Then calibrate activations:
+    ``with torch.no_grad(), calibrating(m): m(batch)``. Deep copy unless ``inplace``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    _check_variant_bits(bits, variant)
+    check_bits(act_bits, name="act_bits")
+    _check_choice(weight_method, WEIGHT_METHODS, "weight_method")
+    target = model if inplace else copy.deepcopy(model)
+    first, last = first_conv_last_linear(target)
+    skip = {first, last} if keep_first_last else set()
+    opts = dict(bits=bits, act_bits=act_bits, variant=variant, weight_method=weight_method)
+    swaps = []
+    for name, m in target.named_modules():
+        if not name or name in skip:
+            continue
+        if isinstance(m, nn.Conv2d):
+            swaps.append((name, ShiftAddConv2d.from_conv(m, **opts)))
+        elif isinstance(m, nn.Linear):
+            swaps.append((name, ShiftAddLinear.from_linear(m, **opts)))
+    for name, new in swaps:
+        _set_submodule(target, name, new)
+    return target

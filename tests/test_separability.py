@@ -1,0 +1,337 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import si_compress as sic
+from si_compress.separability import (
+    available_backends,
+    center_separation_index_per_class,
+    class_centers,
+    cross_separation_index,
+    cross_separation_index_per_sample,
+    forward_select,
+    nearest_neighbors,
+    resolve_backend,
+    separation_index,
+    separation_index_per_class,
+    separation_index_per_sample,
+    separation_profile,
+    center_separation_index,
+)
+from si_compress.separability._knn import knn
+from si_compress.separability._numpy import knn_numpy
+
+import _reference as ref
+from conftest import blobs
+
+FAST = [b for b in ("numba", "faiss") if b in available_backends()]
+ALL = FAST + ["numpy"]
+
+
+# ---------------------------------------------------------------- hand-computed cases
+def test_hand_computed_line():
+    # points on a line: 0, 1, 3, 7, 8 with labels a a b b b
+    X = np.array([[0.0], [1.0], [3.0], [7.0], [8.0]])
+    y = np.array(["a", "a", "b", "b", "b"])
+    # nearest: 0->1 (a=a), 1->0 (a=a), 3->1 (b!=a), 7->8, 8->7  => 4/5
+    for b in ALL:
+        assert separation_index(X, y, backend=b) == pytest.approx(0.8)
+    # order 2: 0->{1,3} no; 1->{0,3} no; 3->{1,0} no; 7->{8,3} yes; 8->{7,3} yes => 2/5
+    for b in ALL:
+        assert separation_index(X, y, order=2, backend=b) == pytest.approx(0.4)
+        # soft order 2: 0:1/2, 1:1/2, 3:0, 7:1, 8:1 => 3/5
+        assert separation_index(X, y, order=2, soft=True, backend=b) == pytest.approx(0.6)
+    # centres: a=0.5, b=6; 3 is 2.5 from a and 3 from b -> wrong; others right => 4/5
+    assert center_separation_index(X, y) == pytest.approx(0.8)
+    assert ref.si(X.tolist(), y.tolist()) == pytest.approx(0.8)
+
+
+def test_tie_goes_to_lowest_index():
+    # sample 1 is equidistant from 0 and 2; index 0 wins
+    X = np.array([[0.0], [1.0], [2.0], [10.0]])
+    y = np.array([0, 1, 1, 0])
+    for b in ALL:
+        nbr = nearest_neighbors(X, 1, backend=b)
+        assert nbr[1, 0] == 0
+        assert separation_index_per_sample(X, y, backend=b)[1] == 0.0
+
+
+def test_duplicates_are_neighbours_excluded_by_index():
+    # three identical all-zero rows from different classes: each one's nearest is the lowest other index
+    X = np.array([[0.0, 0.0], [0.0, 0.0], [5.0, 5.0], [0.0, 0.0], [5.0, 5.1]])
+    y = np.array([0, 1, 2, 1, 2])
+    expect = np.array([[1], [0], [4], [0], [2]])
+    for b in ALL:
+        np.testing.assert_array_equal(nearest_neighbors(X, 1, backend=b), expect)
+    # order 2 for row 3: duplicates 0 and 1 first
+    for b in ALL:
+        assert nearest_neighbors(X, 2, backend=b)[3].tolist() == [0, 1]
+
+
+def test_negative_zero_equals_zero():
+    X = np.array([[0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [3.0, 3.0]])
+    for b in ALL:
+        assert nearest_neighbors(X, 1, backend=b)[:3, 0].tolist() == [1, 0, 0]
+
+
+# ---------------------------------------------------------------- known answers and invariances
+def test_well_separated_blobs_give_one(rng):
+    X, y = blobs(rng)
+    for b in ALL:
+        assert separation_index(X, y, backend=b) == 1.0
+        assert separation_index(X, y, order=5, backend=b) == 1.0
+    assert center_separation_index(X, y) == 1.0
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_invariances(rng, backend):
+    X = rng.standard_normal((120, 6))
+    y = rng.integers(0, 4, 120)
+    base = separation_index(X, y, order=3, soft=True, backend=backend)
+    perm = rng.permutation(120)
+    assert separation_index(X[perm], y[perm], order=3, soft=True, backend=backend) == pytest.approx(base)
+    assert separation_index(X + 100.0, y, order=3, soft=True, backend=backend) == pytest.approx(base)
+    assert separation_index(X * 8.0, y, order=3, soft=True, backend=backend) == pytest.approx(base)
+    relabel = np.array(["w", "x", "y", "z"])[y]
+    assert separation_index(X, relabel, order=3, soft=True, backend=backend) == pytest.approx(base)
+    c = center_separation_index(X, y, backend=backend)
+    assert center_separation_index(X[perm] * 3.0 - 7.0, relabel[perm], backend=backend) == pytest.approx(c)
+
+
+def test_labels_shapes_and_not_mutated(rng):
+    X = rng.standard_normal((50, 3))
+    y = rng.integers(0, 2, 50)
+    y_before = y.copy()
+    X_before = X.copy()
+    a = separation_index(X, y)
+    assert separation_index(X, y.reshape(-1, 1)) == a
+    assert separation_index(X.tolist(), y.tolist()) == a
+    np.testing.assert_array_equal(y, y_before)
+    np.testing.assert_array_equal(X, X_before)
+
+
+# ---------------------------------------------------------------- fast backends equal the oracle
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_knn_equals_oracle_tie_free(rng, backend, k, dtype):
+    X = rng.standard_normal((900, 37)).astype(dtype)
+    np.testing.assert_array_equal(knn(X, k, backend=backend), knn_numpy(X.astype(np.float64), None, k))
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("k", [1, 3, 7])
+def test_knn_equals_oracle_integer_data_with_many_ties(rng, backend, k):
+    # small integers: massive distance ties and duplicate rows; exact in float64
+    X = rng.integers(0, 3, size=(700, 4)).astype(np.float64)
+    X[::5] = 0.0
+    np.testing.assert_array_equal(knn(X, k, backend=backend), knn_numpy(X, None, k))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_knn_many_blocks_and_high_dim(rng, backend):
+    # more rows than one screening block (2048) and a dimension where float32 GEMM errors matter
+    X = rng.standard_normal((4500, 300)).astype(np.float32)
+    X[100:400] = 0.0  # post-ReLU style all-zero rows
+    X[1000:1010] = X[7]
+    idx = rng.choice(4500, size=300, replace=False)
+    ours = knn(X, 3, backend=backend)[idx]
+    Xd = X.astype(np.float64)
+    # oracle for the chosen rows only: sorted by (distance, index), self excluded
+    for r, i in enumerate(idx):
+        d = ((Xd - Xd[i]) ** 2).sum(1)
+        d[i] = np.inf
+        np.testing.assert_array_equal(ours[r], np.argsort(d, kind="stable")[:3])
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_knn_near_ties_need_the_float64_tier(rng, backend):
+    # distances differing far below float32 resolution: the certificate must send rows to float64
+    base = rng.standard_normal((1, 64)) * 1000.0
+    X = np.repeat(base, 60, axis=0) + rng.standard_normal((60, 64)) * 1e-3
+    np.testing.assert_array_equal(knn(X, 2, backend=backend), knn_numpy(X, None, 2))
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_cross_knn_equals_oracle(rng, backend):
+    R = rng.integers(0, 4, size=(400, 5)).astype(np.float64)
+    Q = rng.integers(0, 4, size=(150, 5)).astype(np.float64)
+    np.testing.assert_array_equal(knn(R, 3, query=Q, backend=backend), knn_numpy(R, Q, 3))
+
+
+def test_profile_matches_individual_calls(rng):
+    X = rng.standard_normal((300, 8))
+    y = rng.integers(0, 3, 300)
+    p = separation_profile(X, y, order=3)
+    assert p.si == separation_index(X, y)
+    assert p.high_order_si == separation_index(X, y, order=3)
+    assert p.soft_si == separation_index(X, y, order=3, soft=True)
+    pc = separation_index_per_class(X, y)
+    np.testing.assert_allclose(p.per_class.scores, pc.scores)
+    for c in range(3):
+        assert pc.scores[c] == pytest.approx(separation_index_per_sample(X, y)[y == c].mean())
+    assert p.per_class.counts.sum() == 300
+
+
+@pytest.mark.parametrize("order,soft", [(1, False), (3, False), (3, True)])
+def test_si_matches_pure_python_reference(rng, order, soft):
+    X = rng.integers(-2, 3, size=(60, 3)).astype(float)
+    y = rng.integers(0, 3, 60)
+    expect = ref.si(X.tolist(), y.tolist(), order=order, soft=soft)
+    for b in ALL:
+        assert separation_index(X, y, order=order, soft=soft, backend=b) == pytest.approx(expect)
+
+
+# ---------------------------------------------------------------- CSI
+@pytest.mark.parametrize("backend", ALL)
+def test_csi_matches_reference(rng, backend):
+    X = rng.integers(-3, 4, size=(90, 4)).astype(float)
+    y = rng.integers(0, 4, 90)
+    assert center_separation_index(X, y, backend=backend) == pytest.approx(ref.csi(X.tolist(), y.tolist()))
+
+
+def test_csi_fast_equals_numpy_tie_free_and_ties(rng):
+    X = rng.standard_normal((3000, 50)).astype(np.float32)
+    y = rng.integers(0, 10, 3000)
+    assert center_separation_index(X, y) == center_separation_index(X, y, backend="numpy")
+    # a sample exactly between two centres goes to the lowest class
+    X2 = np.array([[0.0], [2.0], [1.0], [1.0]])
+    y2 = np.array([0, 1, 1, 0])  # centres: class0 = 0.5, class1 = 1.5; x=1 ties
+    pcs = sic.center_separation_index_per_sample(X2, y2)
+    assert pcs.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+def test_csi_per_class_and_centers(rng):
+    X, y = blobs(rng, n_per_class=10)
+    C = class_centers(X, y, 3)
+    np.testing.assert_allclose(C, np.stack([X[y == c].mean(0) for c in range(3)]))
+    assert center_separation_index_per_class(X, y).scores.tolist() == [1.0, 1.0, 1.0]
+
+
+# ---------------------------------------------------------------- cross-SI
+def test_cross_si(rng):
+    R = rng.integers(0, 3, size=(80, 3)).astype(float)
+    yr = rng.integers(0, 2, 80)
+    Q = rng.integers(0, 3, size=(40, 3)).astype(float)
+    yq = rng.integers(0, 2, 40)
+    for order in (1, 3):
+        expect = ref.cross_si(R.tolist(), yr.tolist(), Q.tolist(), yq.tolist(), order=order)
+        for b in ALL:
+            assert cross_separation_index(R, yr, Q, yq, order=order, backend=b) == pytest.approx(expect)
+    # a query class unknown to the reference never matches
+    assert cross_separation_index_per_sample(R, yr, Q[:3], [7, 7, 7]).tolist() == [0.0, 0.0, 0.0]
+
+
+# ---------------------------------------------------------------- forward selection
+def _naive_forward_select(G, y, k):
+    chosen, scores = [], []
+    for _ in range(k):
+        best = None
+        for g in range(G.shape[1]):
+            if g in chosen:
+                continue
+            v = separation_index(G[:, chosen + [g], :].reshape(len(G), -1), y, backend="numpy")
+            if best is None or v > best[0]:
+                best = (v, g)
+        chosen.append(best[1])
+        scores.append(best[0])
+    return chosen, scores
+
+
+def test_forward_select_equals_naive_recompute(rng):
+    G = rng.standard_normal((150, 10, 4))
+    G[::9] = 0.0  # duplicate rows
+    y = rng.integers(0, 3, 150)
+    res = forward_select(G, y)
+    order, scores = _naive_forward_select(G, y, 10)
+    assert res.order.tolist() == order
+    np.testing.assert_allclose(res.si, scores)
+
+
+def test_forward_select_integer_data_and_max_groups(rng):
+    G = rng.integers(0, 3, size=(120, 8, 2)).astype(float)
+    y = rng.integers(0, 4, 120)
+    res = forward_select(G, y, max_groups=4)
+    order, scores = _naive_forward_select(G, y, 4)
+    assert res.order.tolist() == order
+    np.testing.assert_allclose(res.si, scores)
+
+
+def test_forward_select_finds_the_informative_group(rng):
+    n = 200
+    y = np.repeat([0, 1], n // 2)
+    G = rng.standard_normal((n, 6, 3))
+    G[:, 4, :] += y[:, None] * 20.0  # group 4 separates the classes
+    res = forward_select(G, y, max_groups=2)
+    assert res.order[0] == 4
+    assert res.si[0] == 1.0
+
+
+def test_forward_select_memory_limit(rng):
+    with pytest.raises(ValueError, match="GiB"):
+        forward_select(rng.standard_normal((100, 4, 2)), rng.integers(0, 2, 100), max_memory_bytes=1000)
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("X,y,exc,match", [
+    (np.array([[0.0], [np.nan], [1.0]]), [0, 1, 0], ValueError, "NaN or infinite"),
+    (np.array([[0.0], [np.inf], [1.0]]), [0, 1, 0], ValueError, "NaN or infinite"),
+    (np.zeros(5), [0, 1, 0, 1, 0], ValueError, "must be 2-D"),
+    (np.zeros((4, 2, 2)), [0, 1, 0, 1], ValueError, "must be 2-D"),
+    (np.zeros((4, 2)), [0, 1, 0], ValueError, "inconsistent numbers of samples"),
+    (np.zeros((4, 2)), [1, 1, 1, 1], ValueError, "at least 2 classes"),
+    (np.zeros((1, 2)), [1], ValueError, "at least 2 are needed"),
+    (np.zeros((4, 0)), [0, 1, 0, 1], ValueError, "0 features"),
+    (np.array([["a", "b"], ["c", "d"]]), [0, 1], TypeError, "numeric"),
+    (np.zeros((4, 2)), np.zeros((4, 2)), ValueError, "shape"),
+])
+def test_bad_input(X, y, exc, match):
+    with pytest.raises(exc, match=match):
+        separation_index(X, y)
+
+
+def test_bad_order_and_backend(rng):
+    X = rng.standard_normal((5, 2))
+    y = [0, 1, 0, 1, 0]
+    with pytest.raises(ValueError, match="needs at least 6 samples"):
+        separation_index(X, y, order=5)
+    with pytest.raises(ValueError, match=">= 1"):
+        separation_index(X, y, order=0)
+    with pytest.raises(TypeError, match="integer"):
+        separation_index(X, y, order=1.5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        separation_index(X, y, backend="gpu")
+    with pytest.raises(ValueError, match="features"):
+        cross_separation_index(X, y, np.zeros((2, 3)), [0, 1])
+
+
+def test_bad_groups(rng):
+    y = rng.integers(0, 2, 10)
+    with pytest.raises(ValueError, match="3-D"):
+        forward_select(np.zeros((10, 3)), y)
+    with pytest.raises(ValueError, match="empty groups"):
+        forward_select(np.zeros((10, 0, 3)), y)
+    with pytest.raises(ValueError, match="NaN"):
+        forward_select(np.full((10, 2, 2), np.nan), y)
+    with pytest.raises(ValueError, match="max_groups"):
+        forward_select(np.zeros((10, 2, 2)), y, max_groups=0)
+
+
+def test_backend_env_override(monkeypatch):
+    monkeypatch.setenv("SI_COMPRESS_BACKEND", "numpy")
+    assert resolve_backend("auto") == "numpy"
+    monkeypatch.setenv("SI_COMPRESS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="SI_COMPRESS_BACKEND"):
+        resolve_backend("auto")
+
+
+def test_import_is_light():
+    code = (
+        "import sys, si_compress; "
+        "heavy = [m for m in ('torch', 'faiss', 'numba', 'matplotlib') if m in sys.modules]; "
+        "print(','.join(heavy))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
