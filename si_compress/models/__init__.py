@@ -13,6 +13,7 @@ from .loading import (
     load_model,
     register_arch,
 )
+from .small_cnn import SmallCNN
 from .vgg import VGG, VGG16_CFG, vgg16_bn_cifar
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "LoadedModel",
     "ModelLoadError",
     "ShortcutA",
+    "SmallCNN",
     "VGG",
     "VGG16_CFG",
     "available_archs",

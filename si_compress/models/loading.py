@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet
+from .small_cnn import SmallCNN
 from .vgg import VGG16_CFG, vgg16_bn_cifar
 
 __all__ = [
@@ -88,6 +89,7 @@ def _resnet_builder(depth: int) -> Callable[[int], nn.Module]:
 for _depth in CIFAR_RESNET_DEPTHS:
     register_arch(f"resnet{_depth}", _resnet_builder(_depth))
 register_arch("vgg16_bn", lambda num_classes: vgg16_bn_cifar(num_classes))
+register_arch("digits_cnn", lambda num_classes: SmallCNN(in_channels=1, num_classes=num_classes))
 
 
 def _torchvision_classifiers() -> list[str]:

@@ -1,0 +1,1 @@
+"""Command-line entry points: each ``main(argv=None) -> int``."""

@@ -1,0 +1,152 @@
+"""What every CLI shares: one-line errors with exit code 2, a progress bar, model/data options."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import traceback
+
+EXIT_USAGE = 2
+
+
+class CLIError(Exception):
+    """A user-facing error: printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own errors: keep its usage line, exit 2
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def run_main(prog: str, body, argv) -> int:
+    """Run ``body(argv)``; user errors become one line on stderr and exit code 2."""
+    from ..data import DataError
+    from ..models import ModelLoadError
+
+    try:
+        return int(body(argv) or 0)
+    except (CLIError, DataError, ModelLoadError, ValueError, TypeError, FileNotFoundError, PermissionError,
+            IsADirectoryError, NotADirectoryError) as exc:
+        if os.environ.get("SI_COMPRESS_DEBUG"):
+            traceback.print_exc()
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"{prog}: error: out of memory; lower --samples or --max-dim, or --memory-budget", file=sys.stderr)
+        return EXIT_USAGE
+
+
+class Progress:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, enabled: bool = True, stream=None):
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.t0 = time.perf_counter()
+        self._last = (None, -1)
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        frac = done / total if total else 1.0
+        elapsed = time.perf_counter() - self.t0
+        bar = "#" * int(24 * frac)
+        line = f"{stage:<22} [{bar:<24}] {done}/{total} {elapsed:6.1f}s"
+        if self.tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+            self.stream.flush()
+            return
+        quarter = int(4 * frac)
+        if self._last != (stage, quarter):
+            self._last = (stage, quarter)
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="checkpoint file (a state dict; a full pickle needs --trust-model)")
+    p.add_argument("--arch", help="architecture: resnet20/32/44/56/110, vgg16_bn, digits_cnn, "
+                   "torchvision:NAME (default: inferred from a CIFAR ResNet state dict)")
+    p.add_argument("--num-classes", type=int, help="classifier outputs (default: from the checkpoint)")
+    p.add_argument("--trust-model", action="store_true",
+                   help="allow a fully pickled model: this executes code from the file; use only for files you trust")
+
+
+DEFAULT_SAMPLES = 5000
+
+
+def add_data_args(p: argparse.ArgumentParser, *, default_samples: int = DEFAULT_SAMPLES) -> None:
+    p.add_argument("--data", required=True, help="cifar10, cifar100, digits, or an ImageFolder directory")
+    p.add_argument("--data-root", help="where torchvision CIFAR data lives (default ~/.cache/si_compress/data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing (needs internet)")
+    p.add_argument("--split", default="test", choices=("train", "test"), help="split to analyse (default test)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"class-balanced sample size (default {default_samples} or the whole split if smaller; "
+                   "0 = the whole split)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the class-balanced sample")
+    p.add_argument("--normalize", default="auto",
+                   help="auto (dataset preset), none, or 'm1,m2,m3/s1,s2,s3' mean/std per channel")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+
+
+def parse_normalize(text: str):
+    if text in ("auto", "none"):
+        return text
+    try:
+        mean, std = text.split("/")
+        m = tuple(float(v) for v in mean.split(","))
+        s = tuple(float(v) for v in std.split(","))
+    except ValueError:
+        raise CLIError(f"--normalize must be auto, none or 'm1,m2,m3/s1,s2,s3'; got {text!r}") from None
+    if len(m) != len(s) or any(v <= 0 for v in s):
+        raise CLIError(f"--normalize needs as many means as stds and positive stds; got {text!r}")
+    return (m, s)
+
+
+def load_model_and_data(args, *, split=None, samples=None):
+    """Load the checkpoint and a class-balanced sample; check they fit each other."""
+    import torch
+
+    from ..data import balanced_indices, load_dataset, make_loader
+    from ..models import load_model
+
+    if args.samples is not None and args.samples < 0:
+        raise CLIError(f"--samples must be >= 0; got {args.samples}")
+    if args.batch_size < 1:
+        raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
+    loaded = load_model(args.model, arch=args.arch, num_classes=args.num_classes, trust_model=args.trust_model)
+    info = load_dataset(args.data, split=split or args.split, root=args.data_root, download=args.download,
+                        normalize=parse_normalize(args.normalize))
+    if len(info) == 0:
+        raise CLIError(f"dataset {args.data!r} ({info.split}) has no samples")
+    if info.num_classes != loaded.num_classes:
+        raise CLIError(
+            f"the data has {info.num_classes} classes but the model outputs {loaded.num_classes}; "
+            "pick the matching --data or checkpoint"
+        )
+    n = samples if samples is not None else args.samples
+    if n is None:
+        n = min(DEFAULT_SAMPLES, len(info))
+    if n and n > len(info):
+        raise CLIError(f"--samples {n} exceeds the {len(info)} images of {info.description}; lower --samples")
+    idx = None if (not n or n == len(info)) else balanced_indices(info.labels, n, seed=args.seed)
+    loader = make_loader(info, idx, batch_size=args.batch_size, num_workers=args.workers)
+    # one forward pass up front: a wrong input shape or channel count fails here with a clear message
+    x0 = next(iter(make_loader(info, [0] if idx is None else [int(idx[0])], batch_size=1)))[0]
+    try:
+        with torch.inference_mode():
+            out = loaded.model(x0)
+    except RuntimeError as exc:
+        raise CLIError(f"the model cannot run on {info.name} images of shape {tuple(x0.shape[1:])}: "
+                       f"{str(exc).splitlines()[0]}") from None
+    if out.ndim != 2 or out.shape[1] != info.num_classes:
+        raise CLIError(f"the model's output has shape {tuple(out.shape)}; expected (batch, {info.num_classes})")
+    return loaded, info, loader, idx, x0

@@ -1,0 +1,77 @@
+"""Figures of an AnalysisReport. Each function takes an optional ``ax`` and returns (fig, ax)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _short(name: str) -> str:
+    return name.replace(":input", " (in)")
+
+
+def si_layers_figure(report, ax=None):
+    """SI, CSI, high-order and soft SI against depth; grey bars: MACs each layer adds (right axis)."""
+    plt = _mpl()
+    if ax is None:
+        width = max(7.0, 0.32 * len(report.layers) + 3)
+        fig, ax = plt.subplots(figsize=(width, 4.6), constrained_layout=True)
+    else:
+        fig = ax.figure
+    layers = report.layers
+    x = np.arange(len(layers))
+    macs = np.array([r.macs for r in layers], dtype=float)
+    added = np.diff(np.concatenate(([0.0], macs))) / 1e6
+    ax2 = ax.twinx()
+    ax2.bar(x, added, color="0.85", width=0.8, zorder=0, label="MACs added (M)")
+    ax2.set_ylabel("MACs added by the layer (millions)", color="0.4")
+    ax2.tick_params(axis="y", colors="0.4")
+    ax.set_zorder(ax2.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    order = report.settings.get("order", 3)
+    ax.plot(x, [r.si for r in layers], "o-", color="C0", label="SI")
+    ax.plot(x, [r.csi for r in layers], "s-", color="C1", label="CSI (centre)")
+    ax.plot(x, [r.high_order_si for r in layers], "^-", color="C2", label=f"high-order SI (r={order})")
+    ax.plot(x, [r.soft_si for r in layers], "v--", color="C4", label=f"soft SI (r={order})", alpha=0.8)
+    if any(r.cross_si is not None for r in layers):
+        ax.plot(x, [np.nan if r.cross_si is None else r.cross_si for r in layers], "d:", color="C3",
+                label="cross-SI (vs reference)")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("separation index (fraction of samples)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([_short(r.name) for r in layers], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("layer (execution order)")
+    ax.grid(alpha=0.3)
+    title = report.model.get("name") or report.model.get("arch") or "model"
+    ax.set_title(f"{title}: separation by layer ({report.n_samples} samples, {report.data.get('name', '')})")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
+    return fig, ax
+
+
+def si_per_class_figure(report, ax=None):
+    """Heatmap of per-class first-order SI: classes (rows) x layers (columns)."""
+    plt = _mpl()
+    if ax is None:
+        width = max(7.0, 0.32 * len(report.layers) + 3)
+        fig, ax = plt.subplots(figsize=(width, 0.35 * len(report.class_names) + 2.6), constrained_layout=True)
+    else:
+        fig = ax.figure
+    M = np.array([r.per_class_si for r in report.layers]).T
+    im = ax.imshow(M, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_yticks(np.arange(len(report.class_names)))
+    ax.set_yticklabels(report.class_names, fontsize=8)
+    ax.set_xticks(np.arange(len(report.layers)))
+    ax.set_xticklabels([_short(r.name) for r in report.layers], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("layer (execution order)")
+    ax.set_title("per-class SI by layer")
+    fig.colorbar(im, ax=ax, label="SI of the class")
+    return fig, ax
