@@ -101,12 +101,15 @@ def measure_in_child(prepared: Callable[[], object], repeats: int = 1) -> dict:
         extra = peak - baseline_rss
     else:
         peak = _maxrss_bytes()
-        extra = peak - max(baseline_rss, before_max) if peak > before_max else 0
+        if peak > before_max:
+            extra = peak - baseline_rss
+        else:  # the warm-up's own peak was higher: this call's peak is hidden
+            extra, method = None, "ru_maxrss (hidden by an earlier higher peak)"
     for _ in range(max(0, repeats - 1)):  # further calls: timing only
         t0 = time.perf_counter()
         value = prepared()
         times.append(time.perf_counter() - t0)
-    return {"peak_extra_bytes": int(max(0, extra)), "baseline_rss_bytes": int(baseline_rss),
+    return {"peak_extra_bytes": None if extra is None else int(max(0, extra)), "baseline_rss_bytes": int(baseline_rss),
             "peak_rss_bytes": int(peak), "memory_method": method, "times_s": times,
             "median_s": statistics.median(times), "value": _jsonable(value)}
 

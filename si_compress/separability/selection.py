@@ -99,3 +99,42 @@ def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int
         D_run += D_all[remaining[best]]
         remaining = np.delete(remaining, best)
     return SelectionResult(order=order, si=si)
+
+
+def single_group_si(G, y, *, backend: str = "auto") -> np.ndarray:
+    """First-order SI of each group alone: (n_groups,) float64 (exact nearest-neighbour search per group)."""
+    from ._knn import knn
+
+    Gv = check_groups(G)
+    n, ng, _ = Gv.shape
+    codes, _ = check_labels(y, n)
+    out = np.empty(ng, np.float64)
+    for g in range(ng):
+        nbr = knn(np.ascontiguousarray(Gv[:, g, :]), 1, backend=backend)[:, 0]
+        out[g] = np.mean(codes[nbr] == codes)
+    return out
+
+
+def prefix_si(G, y, order) -> np.ndarray:
+    """SI of the concatenation of the first k groups of ``order``, for k = 1..len(order): (k,) float64.
+
+    One running distance matrix (n x n float64) plus one group's distances at a time: memory
+    O(n^2) whatever the number of groups.
+    """
+    from . import _numba as nb
+
+    Gv = check_groups(G)
+    n, ng, _ = Gv.shape
+    codes, _ = check_labels(y, n)
+    order = np.asarray(order, dtype=np.int64).reshape(-1)
+    if order.size == 0 or order.min() < 0 or order.max() >= ng or np.unique(order).size != order.size:
+        raise ValueError(f"order must list distinct group indices in [0, {ng}); got {order.tolist()[:8]}...")
+    D_run = np.zeros((n, n), np.float64)
+    zero_d = np.zeros((1, n, n), np.float64)
+    hits = np.empty((n, 1), np.bool_)
+    out = np.empty(order.size, np.float64)
+    for t, g in enumerate(order):
+        D_run += group_distance_matrices(Gv[:, g:g + 1, :])[0]
+        nb.selection_step(D_run, zero_d, np.zeros(1, np.int64), codes, hits)
+        out[t] = hits.mean()
+    return out

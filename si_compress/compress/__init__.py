@@ -1,0 +1,30 @@
+"""Compression executor: apply a CompressionPlan, compensate, fine-tune, save and export.
+
+``apply_plan(model, plan, example_input=...)`` returns a new, physically smaller model;
+``refit_consumers`` / ``recalibrate_bn`` compensate without training; ``finetune`` /
+``train_head`` train; ``save_compressed`` / ``load_compressed`` round-trip arch + plan + weights.
+"""
+from .compensate import recalibrate_bn, refit_consumers
+from .export import export_onnx, export_torchscript, load_compressed, save_compressed
+from .finetune import bf16_supported, cifar_augment, evaluate, finetune, preload, train_head
+from .prune import TruncatedChain, apply_plan, find_classifier, plan_cost, rebuild
+
+__all__ = [
+    "TruncatedChain",
+    "apply_plan",
+    "bf16_supported",
+    "cifar_augment",
+    "evaluate",
+    "export_onnx",
+    "export_torchscript",
+    "find_classifier",
+    "finetune",
+    "load_compressed",
+    "plan_cost",
+    "preload",
+    "rebuild",
+    "recalibrate_bn",
+    "refit_consumers",
+    "save_compressed",
+    "train_head",
+]

@@ -1,0 +1,243 @@
+"""Evaluation, head training and fine-tuning of a compressed model on CPU.
+
+- :func:`preload` decodes a dataset once into tensors, so repeated evaluations skip JPEG decoding.
+- :func:`cifar_augment` is the standard CIFAR augmentation (4-px padded random crop + horizontal
+  flip) applied per batch on tensors, so a preloaded dataset can still be augmented.
+- :func:`train_head` trains only the classifier on features computed once (frozen extractor).
+- :func:`finetune` is SGD + Nesterov with a per-step cosine schedule; ``bf16=True`` runs forward
+  and backward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` where the CPU has native
+  bf16 (AMX or AVX512-BF16), and silently stays in float32 elsewhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from .prune import find_classifier
+
+__all__ = ["evaluate", "train_head", "finetune", "preload", "cifar_augment", "bf16_supported"]
+
+
+def bf16_supported() -> bool:
+    """True when /proc/cpuinfo lists ``amx_bf16`` or ``avx512_bf16`` (native bf16 matmuls)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def _autocast(bf16: bool):
+    if bf16 and bf16_supported():
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _xy(item):
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise TypeError("the loader must yield (inputs, labels) batches")
+    return item[0], item[1]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, *, bf16: bool = False) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` (eval mode; its training flag is restored)."""
+    was = model.training
+    model.eval()
+    correct = total = 0
+    try:
+        for item in loader:
+            x, y = _xy(item)
+            with _autocast(bf16):
+                logits = model(x)
+            correct += int((logits.argmax(1) == y).sum())
+            total += int(y.numel())
+    finally:
+        model.train(was)
+    if total == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return correct / total
+
+
+def preload(data, indices=None, *, batch_size: int = 256, num_workers: int = 0) -> TensorDataset:
+    """Decode a Dataset (or a DataLoader's dataset) once: TensorDataset(x, labels int64).
+
+    ``x`` keeps the dtype the dataset yields (float32 after ToTensor/Normalize, uint8 if the
+    transform leaves bytes); ``indices`` selects a subset in the given order. Memory: N x C x H x W
+    elements (CIFAR float32: 12 KiB per image).
+    """
+    dataset: Dataset = data.dataset if isinstance(data, DataLoader) else data
+    if isinstance(data, DataLoader) and batch_size == 256:
+        batch_size = data.batch_size or batch_size
+    if indices is not None:
+        dataset = Subset(dataset, [int(i) for i in indices])
+    xs, ys = [], []
+    # A fresh sequential loader: the caller's loader may shuffle or drop the last batch.
+    for item in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
+        x, y = _xy(item)
+        xs.append(x)
+        ys.append(torch.as_tensor(y, dtype=torch.int64))
+    if not xs:
+        raise ValueError("preload: the dataset is empty")
+    return TensorDataset(torch.cat(xs), torch.cat(ys))
+
+
+def cifar_augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """Random crop of the zero-padded batch back to (H, W) plus random horizontal flip, per sample.
+
+    (N, C, H, W) -> (N, C, H, W). Zero padding happens in the tensor's own space (for normalized
+    inputs that is the mean colour, not black as torchvision's RandomCrop on raw images).
+    """
+    if x.ndim != 4:
+        raise ValueError(f"cifar_augment expects a (N, C, H, W) batch; got shape {tuple(x.shape)}")
+    n, _, h, w = x.shape
+    xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = oy[:, None] + torch.arange(h)                       # (N, H)
+    cols = ox[:, None] + torch.arange(w)                       # (N, W)
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(flipped[:, None], cols.flip(1), cols)
+    batch = torch.arange(n)[:, None, None]
+    out = xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]   # (N, H, W, C)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _cosine(total_steps: int):
+    return lambda step: 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+
+def _check_epochs(epochs) -> int:
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer; got {epochs!r}")
+    return epochs
+
+
+def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momentum: float = 0.9,
+               weight_decay: float = 5e-4, seed: int = 0) -> list[dict]:
+    """Train only the classifier head (``find_classifier``) on features computed once.
+
+    The feature extractor runs once in eval mode over ``loader`` (augmentation in the loader is
+    therefore seen once, not per epoch); the head is then trained with SGD + Nesterov and a cosine
+    schedule on the cached (N, in_features) features, reshuffled each epoch with batches of the
+    loader's size. Returns per-epoch ``{"epoch", "loss", "acc"}`` (on the cached features).
+    """
+    epochs = _check_epochs(epochs)
+    name, head = find_classifier(model)
+    feats, labels, seen = [], [], {}
+    hook = head.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for item in loader:
+                x, y = _xy(item)
+                model(x)
+                feats.append(seen["x"].float())
+                labels.append(torch.as_tensor(y, dtype=torch.int64))
+    finally:
+        hook.remove()
+    if not feats:
+        raise ValueError("train_head: the loader yielded no batches")
+    X, Y = torch.cat(feats), torch.cat(labels)
+    bs = getattr(loader, "batch_size", None) or 128
+    params = list(head.parameters())
+    flags = [p.requires_grad for p in params]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    steps = epochs * math.ceil(len(X) / bs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(steps))
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        head.train()
+        for epoch in range(epochs):
+            perm = torch.randperm(len(X), generator=gen)
+            loss_sum = correct = 0.0
+            for i in range(0, len(X), bs):
+                idx = perm[i:i + bs]
+                logits = head(X[idx])
+                loss = F.cross_entropy(logits, Y[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss) * len(idx)
+                correct += float((logits.argmax(1) == Y[idx]).sum())
+            history.append({"epoch": epoch + 1, "loss": loss_sum / len(X), "acc": correct / len(X)})
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+        model.train(was)
+    return history
+
+
+def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, momentum: float = 0.9,
+             weight_decay: float = 5e-4, nesterov: bool = True, schedule: str = "cosine",
+             augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = False,
+             max_steps: int | None = None,
+             progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Fine-tune all parameters with SGD; the learning rate follows ``schedule`` per step.
+
+    ``schedule``: ``"cosine"`` (lr -> 0 over ``epochs * len(train_loader)`` steps) or
+    ``"constant"``. ``augment``: applied to each input batch (e.g. :func:`cifar_augment`).
+    ``bf16``: autocast to bfloat16 when the CPU supports it natively. ``max_steps``: stop each
+    epoch after that many batches (for quick runs). ``progress(record)`` is called after each
+    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16"}``; the model is
+    left in eval mode.
+    """
+    epochs = _check_epochs(epochs)
+    if schedule not in ("cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}")
+    if nesterov and momentum <= 0:
+        raise ValueError("nesterov=True needs momentum > 0")
+    use_bf16 = bool(bf16) and bf16_supported()
+    per_epoch = len(train_loader) if max_steps is None else min(len(train_loader), max_steps)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _cosine(epochs * per_epoch) if schedule == "cosine" else (lambda step: 1.0))
+    history = []
+    try:
+        for epoch in range(epochs):
+            model.train()
+            t0 = time.perf_counter()
+            loss_sum = correct = total = 0.0
+            for step, item in enumerate(train_loader):
+                if step >= per_epoch:
+                    break
+                x, y = _xy(item)
+                if augment is not None:
+                    x = augment(x)
+                with _autocast(use_bf16):
+                    logits = model(x)
+                    loss = F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                loss_sum += float(loss) * len(y)
+                correct += float((logits.argmax(1) == y).sum())
+                total += len(y)
+            record = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
+                      "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "bf16": use_bf16}
+            history.append(record)
+            if progress is not None:
+                progress(record)
+    finally:
+        model.eval()
+    return history

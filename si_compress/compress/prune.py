@@ -1,0 +1,307 @@
+"""Apply a :class:`~si_compress.plan.CompressionPlan` to a model: a new, physically smaller network.
+
+Order of operations in :func:`apply_plan` (each step sees the result of the previous one):
+
+1. ``dropped_blocks``: each residual block is replaced by its own shortcut module (``Identity``,
+   the option-A ``ShortcutA``, or a torchvision ``downsample``), so the network still runs.
+2. ``truncate_after`` (plain chains with a ``features`` Sequential): ``features`` is cut after that
+   module, followed by global average pooling and a Linear of the right width.
+3. ``layers``: output filters not in ``keep`` are removed with Torch-Pruning's DependencyGraph,
+   which also removes the matching input channels of every consumer (BN, next conv, head).
+4. ``head``: the classifier is replaced by ``linear`` or ``mlp`` as the plan says.
+
+Residual coupling (found by probing torch-pruning 1.6.1 on ``CifarResNet``): TP's graph treats the
+option-A shortcut's ``F.pad`` on channels (``ConstantPadNdBackward0``) as an element-wise op, so
+the group of a stage's output channels (stem conv, every block's conv2) runs through the pad into
+the *next* stage with the same indices and on to the classifier; pruning it gives a wrong network
+(the forward pass fails with a shape mismatch). Such channels are tied by residual additions, so
+:func:`apply_plan` refuses any conv whose group also prunes the outputs of another conv or passes
+through a channel pad, with a ValueError naming the tied convs. A block's ``conv1`` (its inner
+width) is never tied and prunes cleanly.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..plan import CompressionPlan
+
+__all__ = ["apply_plan", "plan_cost", "rebuild", "find_classifier", "TruncatedChain"]
+
+# Top-level attribute names under which classifiers live (CifarResNet, VGG/SmallCNN, torchvision).
+_HEAD_NAMES = ("linear", "classifier", "fc", "head")
+
+
+class TruncatedChain(nn.Module):
+    """``features`` prefix -> global average pool -> flatten -> ``classifier``.
+
+    Used when a model with a ``features`` Sequential is truncated but its own forward does not
+    already have that shape (torchvision VGG, AlexNet, ...). (N, C, H, W) -> (N, num_classes).
+    """
+
+    def __init__(self, features: nn.Sequential, classifier: nn.Module) -> None:
+        super().__init__()
+        self.features = features
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten(1)
+        self.classifier = classifier
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.flatten(self.avgpool(self.features(x))))
+
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the classifier head: the top-level module holding the last ``nn.Linear``.
+
+    ``linear`` for CifarResNet, ``classifier`` for VGG/SmallCNN, ``fc`` for torchvision ResNets; an
+    ``mlp`` head (a Sequential under one of those names) is returned whole.
+    """
+    last = None
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            last = name
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; cannot locate its head")
+    top = last.split(".")[0]
+    if "." in last and top in _HEAD_NAMES and isinstance(getattr(model, top, None), nn.Sequential):
+        return top, getattr(model, top)
+    return last, model.get_submodule(last)
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def _block_shortcut(block: nn.Module, name: str) -> nn.Module:
+    """The module that computes a residual block's shortcut branch."""
+    if hasattr(block, "shortcut") and isinstance(block.shortcut, nn.Module):
+        return block.shortcut
+    if hasattr(block, "downsample"):  # torchvision BasicBlock/Bottleneck
+        return block.downsample if block.downsample is not None else nn.Identity()
+    raise ValueError(f"dropped block {name!r} is a {type(block).__name__}, not a residual block with a "
+                     "'shortcut' or 'downsample' branch; only residual blocks can be dropped")
+
+
+def _head_in_out(model: nn.Module, example_input) -> tuple[int, int]:
+    """(input features, outputs) of the classifier head, measured with one forward pass."""
+    name, head = find_classifier(model)
+    seen = {}
+
+    def hook(mod, args):
+        seen["x"] = args[0]
+
+    h = head.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            out = model(example_input)
+    finally:
+        h.remove()
+    x = seen.get("x")
+    if x is None or x.ndim != 2:
+        raise ValueError(f"classifier {name!r} did not receive a flat (N, features) input; cannot size a new head")
+    return int(x.shape[1]), int(out.shape[1])
+
+
+def _linear(in_features: int, out_features: int, old: nn.Module) -> nn.Module:
+    """A Linear(in, out): the old one when its shape already matches (weights kept), else fresh."""
+    if isinstance(old, nn.Linear) and old.in_features == in_features and old.out_features == out_features:
+        return old
+    return nn.Linear(in_features, out_features)
+
+
+def _drop_blocks(model: nn.Module, names) -> None:
+    modules = dict(model.named_modules())
+    for name in names:
+        if name not in modules or not name:
+            raise ValueError(f"plan drops block {name!r}, which is not a module of {type(model).__name__}")
+    for name in names:
+        block = model.get_submodule(name)
+        _set_module(model, name, _block_shortcut(block, name))
+
+
+def _truncate(model: nn.Module, after: str, example_input) -> nn.Module:
+    from ..models import VGG, SmallCNN
+
+    features = getattr(model, "features", None)
+    prefix, _, idx = after.partition(".")
+    if prefix != "features" or not isinstance(features, nn.Sequential) or not idx.isdigit():
+        raise ValueError(f"truncate_after={after!r} needs a plain chain: a model with a 'features' Sequential "
+                         f"and a name like 'features.23'; {type(model).__name__} does not fit")
+    i = int(idx)
+    if i >= len(features):
+        raise ValueError(f"truncate_after={after!r}: features has only {len(features)} modules (0..{len(features) - 1})")
+    cut = nn.Sequential(*list(features.children())[: i + 1])  # same indices: a prefix keeps its names
+    with torch.no_grad():
+        channels = int(cut(example_input).shape[1])
+    _, old_head = find_classifier(model)
+    out_features = _head_in_out(model, example_input)[1]
+    head = _linear(channels, out_features, old_head)
+    if isinstance(model, (VGG, SmallCNN)):  # their forward already is classifier(pool(features(x)))
+        model.features = cut
+        model.classifier = head
+        return model
+    return TruncatedChain(cut, head)
+
+
+def _check_prunable(model: nn.Module, decision, head_name: str) -> nn.Conv2d:
+    try:
+        module = model.get_submodule(decision.name)
+    except AttributeError:
+        raise ValueError(f"plan prunes layer {decision.name!r}, which is not a module of {type(model).__name__}") from None
+    if decision.name == head_name or decision.name.startswith(head_name + ".") or isinstance(module, nn.Linear):
+        raise ValueError(f"plan prunes {decision.name!r}, a Linear of the classifier; its outputs are the classes "
+                         "and cannot be removed (change the head with the plan's 'head' instead)")
+    if not isinstance(module, nn.Conv2d):
+        raise ValueError(f"plan prunes {decision.name!r}, a {type(module).__name__}; only nn.Conv2d filters can be pruned")
+    if module.groups != 1:
+        raise ValueError(f"plan prunes {decision.name!r}, a grouped/depthwise conv (groups={module.groups}); "
+                         "prune the conv that feeds it instead")
+    if module.out_channels != decision.out_channels:
+        raise ValueError(f"plan says {decision.name!r} has {decision.out_channels} filters but the model's conv has "
+                         f"{module.out_channels}; the plan was made for a different model")
+    return module
+
+
+def _tied_with(DG, group, conv: nn.Module, names: dict) -> list[str]:
+    """Names of other convs/linears whose OUTPUT channels this group would also prune, plus pad ops."""
+    from torch_pruning import ops
+
+    tied = []
+    for dep, _ in group:
+        target = dep.target
+        mod = target.module
+        if mod is not conv and isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_out_channel_pruning_fn(dep.handler):
+            tied.append(names.get(mod, repr(mod)))
+        elif target.type == ops.OPTYPE.ELEMENTWISE and "Pad" in type(getattr(target, "grad_fn", None)).__name__:
+            tied.append("a channel-padding (option-A) shortcut")
+    return sorted(set(tied))
+
+
+def _prune(model: nn.Module, decisions, example_input) -> None:
+    import torch_pruning as tp
+
+    todo = [(d, model.get_submodule(d.name)) for d in decisions if d.removed]
+    if not todo:
+        return
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    names = {m: n for n, m in model.named_modules()}
+    # Build and vet every group before pruning any, so a refused plan leaves nothing half-done
+    # (the model is a private copy, but a clear error beats a confusing partial state).
+    groups = []
+    for d, conv in todo:
+        group = DG.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(d.removed))
+        tied = _tied_with(DG, group, conv, names)
+        if tied:
+            raise ValueError(
+                f"cannot prune filters of {d.name!r}: its output channels are tied by residual additions to "
+                f"{', '.join(tied)} (they must keep the same channels, and torch-pruning mis-indexes the option-A "
+                "zero-padding shortcut). Prune a block's inner conv (e.g. 'layer1.0.conv1') or drop whole blocks instead")
+        if not DG.check_pruning_group(group):
+            raise ValueError(f"pruning {d.name!r} would leave a layer without channels; keep more filters")
+        groups.append(group)
+    for group in groups:
+        group.prune()
+
+
+def _sync_config(model: nn.Module, truncated: bool) -> None:
+    """Keep ``model.config()`` truthful for the shapes TP changed in place (best effort)."""
+    from ..models import VGG, BasicBlock, CifarResNet, SmallCNN
+
+    if isinstance(model, CifarResNet):
+        widths = [list(bw) for bw in model.block_widths]
+        for s in range(3):
+            for b in range(len(widths[s])):
+                m = getattr(model, f"layer{s + 1}")[b]
+                if isinstance(m, BasicBlock):
+                    widths[s][b] = m.conv1.out_channels
+        model.block_widths = tuple(tuple(w) for w in widths)
+    elif isinstance(model, VGG) and not truncated:
+        model.cfg = tuple("M" if isinstance(m, nn.MaxPool2d) else m.out_channels
+                          for m in model.features if isinstance(m, (nn.Conv2d, nn.MaxPool2d)))
+    elif isinstance(model, SmallCNN) and not truncated:
+        model.widths = tuple(m.out_channels for m in model.features if isinstance(m, nn.Conv2d))
+    _, head = find_classifier(model)
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1]
+    if hasattr(model, "num_classes"):
+        model.num_classes = last.out_features
+
+
+def _active(name: str, dropped, cut_index: int | None) -> bool:
+    """False for a layer inside a dropped block or after the truncation point (the plan ignores it)."""
+    if any(name == b or name.startswith(b + ".") for b in dropped):
+        return False
+    if cut_index is not None:
+        prefix, _, rest = name.partition(".")
+        idx = rest.split(".")[0]
+        if prefix == "features" and idx.isdigit() and int(idx) > cut_index:
+            return False
+    return True
+
+
+def apply_plan(model: nn.Module, plan: CompressionPlan, *, example_input: torch.Tensor) -> nn.Module:
+    """A new, smaller copy of ``model`` (eval mode) with ``plan`` applied; ``model`` is untouched.
+
+    ``example_input``: one representative batch, e.g. ``torch.zeros(1, 3, 32, 32)``, used to trace
+    the dependency graph and to size heads. Raises ValueError for a plan that does not fit.
+    """
+    if not isinstance(plan, CompressionPlan):
+        raise TypeError(f"plan must be a CompressionPlan; got {type(plan).__name__}")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError("example_input must be a tensor batch such as torch.zeros(1, 3, 32, 32)")
+    new = copy.deepcopy(model).eval()
+    head_name, _ = find_classifier(new)
+    in0, out0 = _head_in_out(new, example_input)
+    if plan.head is None and plan.num_classes != out0:
+        raise ValueError(f"the plan is for {plan.num_classes} classes but the model has {out0} outputs; "
+                         "use the plan made for this model or give the plan a head")
+
+    _drop_blocks(new, plan.dropped_blocks)
+    cut_index = None
+    if plan.truncate_after is not None:
+        new = _truncate(new, plan.truncate_after, example_input)
+        cut_index = int(plan.truncate_after.split(".")[1])
+        head_name, _ = find_classifier(new)
+
+    decisions = [d for d in plan.layers if _active(d.name, plan.dropped_blocks, cut_index)]
+    for d in decisions:
+        _check_prunable(new, d, head_name)
+    in_before_prune = _head_in_out(new, example_input)[0]
+    _prune(new, decisions, example_input)
+
+    if plan.head is not None:
+        h = plan.head
+        head_name, old = find_classifier(new)
+        in_features = _head_in_out(new, example_input)[0]
+        # A planner may size the head before or after pruning the last conv; both describe this head.
+        if h.in_features not in (in_features, in_before_prune, in0):
+            raise ValueError(f"plan head expects {h.in_features} input features but the compressed model gives "
+                             f"{in_features}; re-plan for this model")
+        if h.kind == "linear":
+            head = _linear(in_features, h.num_classes, old)
+        else:
+            head = nn.Sequential(nn.Linear(in_features, h.hidden), nn.ReLU(), nn.Linear(h.hidden, h.num_classes))
+        _set_module(new, head_name, head)
+    _sync_config(new, truncated=cut_index is not None)
+    return new.eval()
+
+
+def plan_cost(model: nn.Module, plan: CompressionPlan, *, example_input: torch.Tensor) -> tuple[int, int]:
+    """Exact (parameters, MACs per sample) of the model ``plan`` would produce (see ``model_cost``)."""
+    from ..features.cost import model_cost
+
+    return model_cost(apply_plan(model, plan, example_input=example_input), example_input)
+
+
+def rebuild(arch: str, num_classes: int, plan: CompressionPlan, *, example_input: torch.Tensor) -> nn.Module:
+    """The compressed architecture of ``plan`` on a fresh ``build_model(arch, num_classes)`` (random
+    weights, eval mode): the skeleton a saved compressed state dict loads into."""
+    from ..models import build_model
+
+    return apply_plan(build_model(arch, num_classes), plan, example_input=example_input)
+

@@ -1,0 +1,243 @@
+"""The SI planner: pure functions from measured SI curves to a CompressionPlan.
+
+Inputs are plain data: the per-layer analysis (SI of every block output), the model structure
+(blocks, prunable convs, MACs per filter) and a filter ranking with its prefix-SI curve per conv.
+
+Decisions
+- Block gain: g_b = SI(block output) - SI(block input). A block whose gain is <= ``drop_gain``
+  does not raise SI and is dropped (replaced by its shortcut).
+- Width of a conv (threshold mode): the shortest prefix k of its ranking whose SI reaches
+  (1 - delta) * max_k SI(top-k), rounded up to a multiple of ``round_to``.
+- Budget mode (``target_macs`` = fraction of the base MACs to keep): start from the full model and
+  repeatedly take the cheapest move per MAC saved until the budget is met, where the cost of a
+  move is the separation it loses, in units of block gain:
+    remove ``round_to`` filters of conv b:  g_b * (E_b[k] - E_b[k - step]) / E_b[C]
+    drop block b (k filters left):          g_b * E_b[k] / E_b[C]
+  with E_b the running max of b's prefix-SI curve (best SI with <= k filters) and g_b clipped
+  at a small positive floor. Widths and drops thus come from the SI curves, not a uniform ratio.
+- Head: linear if the final features' CSI >= SI - tau (class means already separate as well as
+  neighbours do); otherwise an MLP with the smallest hidden width whose hidden-layer CSI reaches SI.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..plan import BlockDecision, CompressionPlan, HeadSpec, LayerDecision
+from .importance import Ranking
+
+_GAIN_FLOOR = 1e-4
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    target_macs: float | None = 0.5   # fraction of base MACs to keep; None = threshold mode
+    delta: float = 0.02
+    drop_gain: float = 0.0
+    allow_drop: bool = True
+    round_to: int = 1
+    min_keep: int = 1
+    head_tau: float = 0.02
+
+    def __post_init__(self):
+        if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
+            raise ValueError(f"target_macs is the fraction of MACs to keep, in (0, 1]; got {self.target_macs}")
+        if not (0.0 <= self.delta < 1.0):
+            raise ValueError(f"delta must be in [0, 1); got {self.delta}")
+        if self.round_to < 1 or self.min_keep < 1:
+            raise ValueError("round_to and min_keep must be >= 1")
+
+
+def block_si(report_layers, blocks) -> dict[str, tuple[float, float]]:
+    """(SI in, SI out) of each block from analysis records (name -> si), in network order.
+
+    The input SI of a block is the SI of the last recorded layer before it (the stem, recorded
+    as ``<first block>:input``, for the first block). Blocks without a record are left out.
+    """
+    si = {r.name: r.si for r in report_layers}
+    names = [r.name for r in report_layers]
+    out = {}
+    for b in blocks:
+        if b.name not in si:
+            continue
+        i = names.index(b.name)
+        prev = next((si[names[j]] for j in range(i - 1, -1, -1)), None)
+        if prev is None:
+            continue
+        out[b.name] = (float(prev), float(si[b.name]))
+    return out
+
+
+def _threshold_width(env: np.ndarray, delta: float, round_to: int, min_keep: int) -> int:
+    target = (1.0 - delta) * env[-1]
+    k = int(np.argmax(env >= target - 1e-12)) + 1
+    k = int(math.ceil(k / round_to) * round_to)
+    return max(min_keep, min(k, env.size))
+
+
+def size_head(si: float, csi: float, *, in_features: int, num_classes: int, tau: float = 0.02,
+              hidden_csi: dict[int, float] | None = None) -> HeadSpec:
+    """Head from CSI (see module doc); ``hidden_csi``: hidden width -> CSI of that MLP's hidden layer."""
+    if csi >= si - tau:
+        return HeadSpec("linear", in_features, num_classes, si=si, csi=csi,
+                        reason=f"CSI {csi:.3f} >= SI {si:.3f} - {tau}: class means already separate")
+    if not hidden_csi:
+        return HeadSpec("linear", in_features, num_classes, si=si, csi=csi,
+                        reason=f"CSI {csi:.3f} < SI {si:.3f} - {tau} but no hidden-layer CSI measured")
+    for h in sorted(hidden_csi):
+        if hidden_csi[h] >= si - 1e-12:
+            return HeadSpec("mlp", in_features, num_classes, hidden=int(h), si=si, csi=csi,
+                            reason=f"hidden {h}: CSI {hidden_csi[h]:.3f} reaches SI {si:.3f}")
+    h = max(hidden_csi, key=lambda k: (hidden_csi[k], -k))
+    return HeadSpec("mlp", in_features, num_classes, hidden=int(h), si=si, csi=csi,
+                    reason=f"no width reached SI {si:.3f}; best hidden-layer CSI {hidden_csi[h]:.3f} at {h}")
+
+
+def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[str, Ranking],
+                     gains: dict[str, tuple[float, float]], config: PlannerConfig = PlannerConfig(),
+                     head: HeadSpec | None = None, truncate_after: str | None = None,
+                     source: dict | None = None) -> CompressionPlan:
+    """Plan blocks to drop and filters to keep (see the module doc for the rules)."""
+    units = [u for u in structure.convs if u.conv in rankings]
+    unit_of_block = {u.block: u for u in units if u.block}
+    width = {u.conv: u.out_channels for u in units}
+    env = {u.conv: rankings[u.conv].envelope() for u in units}
+    for u in units:
+        if env[u.conv].size != u.out_channels:
+            raise ValueError(f"ranking of {u.conv} has a curve of {env[u.conv].size} points for "
+                             f"{u.out_channels} filters; rank with curve=True")
+    gain = {b: max(g[1] - g[0], _GAIN_FLOOR) for b, g in gains.items()}
+    dropped: list[str] = []
+    reasons: dict[str, str] = {}
+    base = structure.total_macs
+    block_macs = {b.name: b.macs for b in structure.blocks}
+    step = config.round_to
+
+    def macs_now() -> int:
+        m = base
+        for u in units:
+            if u.block in dropped:
+                continue
+            m -= (u.out_channels - width[u.conv]) * u.macs_per_filter
+        for b in dropped:
+            m -= block_macs[b]
+        return m
+
+    if config.allow_drop:
+        for b, (si_in, si_out) in gains.items():
+            if si_out - si_in <= config.drop_gain:
+                dropped.append(b)
+                reasons[b] = f"SI gain {si_out - si_in:+.4f} <= {config.drop_gain}"
+
+    if config.target_macs is None:
+        for u in units:
+            width[u.conv] = _threshold_width(env[u.conv], config.delta, step, config.min_keep)
+            reasons[u.conv] = f"shortest prefix reaching {(1 - config.delta):.2f} x max SI {env[u.conv][-1]:.3f}"
+    else:
+        target = config.target_macs * base
+        while macs_now() > target:
+            best = None  # (cost per MAC, kind order, name)
+            for u in units:
+                if u.block in dropped:
+                    continue
+                e, k, g = env[u.conv], width[u.conv], gain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
+                top = e[-1] if e[-1] > 0 else 1.0
+                new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
+                if new_k < k:
+                    loss = g * (e[k - 1] - e[new_k - 1]) / top
+                    cand = (loss / ((k - new_k) * u.macs_per_filter), 0, u.conv, new_k)
+                    best = cand if best is None or cand[:3] < best[:3] else best
+                if config.allow_drop and u.block in gain and u.block in block_macs:
+                    saved = k * u.macs_per_filter
+                    if saved > 0:
+                        cand = (g * e[k - 1] / top / saved, 1, u.block, None)
+                        best = cand if best is None or cand[:3] < best[:3] else best
+            if best is None:
+                break
+            _, kind, name, new_k = best
+            if kind == 0:
+                width[name] = new_k
+            else:
+                dropped.append(name)
+                reasons[name] = f"lowest SI loss per MAC (gain {gains[name][1] - gains[name][0]:+.4f})"
+        for u in units:
+            if u.block not in dropped:
+                reasons[u.conv] = (f"budget {config.target_macs:.2f} x MACs: keeps {width[u.conv]} filters, "
+                                   f"SI {env[u.conv][width[u.conv] - 1]:.3f} of max {env[u.conv][-1]:.3f}")
+
+    layers = []
+    for u in units:
+        if u.block in dropped:
+            continue
+        r = rankings[u.conv]
+        keep = tuple(sorted(r.order[:width[u.conv]]))
+        layers.append(LayerDecision(name=u.conv, out_channels=u.out_channels, keep=keep, ranking=r.order,
+                                    curve=r.curve, method=r.method, reason=reasons.get(u.conv, "")))
+    blocks = tuple(BlockDecision(name=b.name, si_in=gains[b.name][0], si_out=gains[b.name][1], macs=b.macs,
+                                 dropped=b.name in dropped, reason=reasons.get(b.name, ""))
+                   for b in structure.blocks if b.name in gains)
+    params = structure.total_params
+    for u in units:
+        if u.block in dropped:
+            continue
+        params -= (u.out_channels - width[u.conv]) * u.params_per_filter
+    for b in structure.blocks:
+        if b.name in dropped:
+            params -= b.params
+    return CompressionPlan(
+        arch=arch, num_classes=num_classes, layers=tuple(layers), blocks=blocks,
+        dropped_blocks=tuple(b.name for b in structure.blocks if b.name in dropped),
+        truncate_after=truncate_after, head=head,
+        predicted=dict(base_macs=int(base), macs=int(macs_now()), base_params=int(structure.total_params),
+                       params=int(params)),
+        settings=dict(target_macs=config.target_macs, delta=config.delta, drop_gain=config.drop_gain,
+                      allow_drop=config.allow_drop, round_to=config.round_to, min_keep=config.min_keep,
+                      head_tau=config.head_tau, ranking=sorted({r.method for r in rankings.values()})),
+        source=dict(source or {}),
+    )
+
+
+def plan_uniform(*, arch: str, num_classes: int, structure, rankings: dict[str, Ranking], target_macs: float,
+                 round_to: int = 1, min_keep: int = 1) -> CompressionPlan:
+    """Baseline: the same keep ratio for every prunable conv, the largest meeting ``target_macs``."""
+    units = [u for u in structure.convs if u.conv in rankings]
+    base = structure.total_macs
+
+    def widths(ratio):
+        return {u.conv: max(min_keep, int(math.ceil(u.out_channels * ratio / round_to) * round_to)) for u in units}
+
+    def macs(w):
+        return base - sum((u.out_channels - min(w[u.conv], u.out_channels)) * u.macs_per_filter for u in units)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        if macs(widths(mid)) <= target_macs * base:
+            lo = mid
+        else:
+            hi = mid
+    w = widths(lo)
+    layers = tuple(LayerDecision(name=u.conv, out_channels=u.out_channels,
+                                 keep=tuple(sorted(rankings[u.conv].order[:min(w[u.conv], u.out_channels)])),
+                                 ranking=rankings[u.conv].order, method=rankings[u.conv].method,
+                                 reason=f"uniform keep ratio {lo:.3f}") for u in units)
+    return CompressionPlan(arch=arch, num_classes=num_classes, layers=layers,
+                           predicted=dict(base_macs=int(base), macs=int(macs(w))),
+                           settings=dict(uniform_ratio=lo, target_macs=target_macs))
+
+
+def plan_with_widths(reference: CompressionPlan, rankings: dict[str, Ranking]) -> CompressionPlan:
+    """Baseline: the same per-layer budgets (and dropped blocks) as ``reference``, other rankings."""
+    layers = []
+    for d in reference.layers:
+        r = rankings[d.name]
+        layers.append(LayerDecision(name=d.name, out_channels=d.out_channels,
+                                    keep=tuple(sorted(r.order[:len(d.keep)])), ranking=r.order, method=r.method,
+                                    reason=f"same width as the {d.method} plan"))
+    return CompressionPlan(arch=reference.arch, num_classes=reference.num_classes, layers=tuple(layers),
+                           blocks=reference.blocks, dropped_blocks=reference.dropped_blocks,
+                           truncate_after=reference.truncate_after, head=reference.head,
+                           predicted=dict(reference.predicted), settings=dict(reference.settings,
+                                                                             ranking=[layers[0].method] if layers else []))

@@ -1,0 +1,148 @@
+import numpy as np
+import pytest
+
+from si_compress.plan import BlockDecision, CompressionPlan, HeadSpec, LayerDecision
+from si_compress.planning import (
+    PlannerConfig,
+    Ranking,
+    block_si,
+    plan_compression,
+    plan_uniform,
+    plan_with_widths,
+    rank_filters,
+    size_head,
+)
+from si_compress.structure import BlockUnit, ConvUnit, ModelStructure
+
+
+class _Rec:
+    def __init__(self, name, si):
+        self.name, self.si = name, si
+
+
+def _structure():
+    blocks = (BlockUnit("b0", 400, False, 100), BlockUnit("b1", 400, False, 100), BlockUnit("b2", 400, True, 100))
+    convs = tuple(ConvUnit(f"{b.name}.conv1", f"{b.name}.conv2", f"{b.name}.relu1", 4, 50, 10, b.name) for b in blocks)
+    return ModelStructure(blocks=blocks, convs=convs, chain=(), total_macs=1300, total_params=500)
+
+
+def _ranking(curve, order=None):
+    order = tuple(order if order is not None else range(len(curve)))
+    return Ranking(method="si", order=order, curve=tuple(curve))
+
+
+def test_block_gains_from_report():
+    layers = [_Rec("b0:input", 0.2), _Rec("b0", 0.3), _Rec("b1", 0.3), _Rec("b2", 0.6), _Rec("linear:input", 0.7)]
+    g = block_si(layers, _structure().blocks)
+    assert g == {"b0": (0.2, 0.3), "b1": (0.3, 0.3), "b2": (0.3, 0.6)}
+
+
+def test_threshold_mode_drops_flat_blocks_and_keeps_prefix():
+    st = _structure()
+    rk = {"b0.conv1": _ranking([0.5, 0.6, 0.6, 0.61], order=[3, 1, 0, 2]),
+          "b1.conv1": _ranking([0.1, 0.2, 0.3, 0.4]),
+          "b2.conv1": _ranking([0.9, 0.9, 0.9, 0.9])}
+    gains = {"b0": (0.2, 0.3), "b1": (0.3, 0.3), "b2": (0.3, 0.6)}
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=None, delta=0.05))
+    assert plan.dropped_blocks == ("b1",)                       # gain 0 does not raise SI
+    assert plan.layer("b0.conv1").keep == (1, 3)                # 0.6 >= 0.95 * 0.61 at k = 2 -> filters 3, 1
+    assert plan.layer("b2.conv1").keep == (0,)                  # flat curve: one filter reaches max
+    assert plan.layer("b1.conv1") is None
+    assert plan.predicted["macs"] == 1300 - 400 - 2 * 50 - 3 * 50
+    assert plan.predicted["params"] == 500 - 100 - 2 * 10 - 3 * 10
+
+
+def test_round_to_multiple():
+    st = _structure()
+    rk = {u.conv: _ranking([0.5, 0.6, 0.6, 0.61]) for u in st.convs}
+    gains = {b.name: (0.1, 0.5) for b in st.blocks}
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=None, delta=0.05, round_to=4))
+    assert all(len(d.keep) == 4 for d in plan.layers)
+
+
+def test_budget_mode_meets_target_and_prunes_where_si_is_flat():
+    st = _structure()
+    rk = {"b0.conv1": _ranking([0.3, 0.3, 0.3, 0.3]),        # flat: filters cost no SI
+          "b1.conv1": _ranking([0.1, 0.2, 0.3, 0.4]),        # every filter counts
+          "b2.conv1": _ranking([0.1, 0.2, 0.3, 0.4])}
+    gains = {b.name: (0.1, 0.3) for b in st.blocks}
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.89, allow_drop=False))
+    assert plan.predicted["macs"] <= 0.89 * 1300
+    w = {d.name: len(d.keep) for d in plan.layers}
+    assert w["b0.conv1"] == 1 and w["b1.conv1"] == 4 and w["b2.conv1"] == 4
+
+
+def test_budget_mode_drops_the_lowest_gain_block():
+    st = _structure()
+    rk = {u.conv: _ranking([0.1, 0.2, 0.3, 0.4]) for u in st.convs}
+    gains = {"b0": (0.1, 0.5), "b1": (0.5, 0.501), "b2": (0.501, 0.9)}
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.7))
+    assert plan.dropped_blocks == ("b1",)
+    assert plan.predicted["macs"] <= 0.7 * 1300
+
+
+def test_uniform_and_same_width_baselines():
+    st = _structure()
+    rk = {u.conv: _ranking([0.1, 0.2, 0.3, 0.4], order=[2, 0, 3, 1]) for u in st.convs}
+    uni = plan_uniform(arch="t", num_classes=3, structure=st, rankings=rk, target_macs=0.7)
+    assert len({len(d.keep) for d in uni.layers}) == 1
+    assert uni.predicted["macs"] <= 0.7 * 1300
+    l1 = {u.conv: Ranking("l1", order=(3, 2, 1, 0)) for u in st.convs}
+    same = plan_with_widths(uni, l1)
+    assert [len(d.keep) for d in same.layers] == [len(d.keep) for d in uni.layers]
+    assert same.layers[0].keep == tuple(sorted((3, 2, 1, 0)[:len(uni.layers[0].keep)]))
+
+
+def test_head_sizing_from_csi():
+    h = size_head(0.8, 0.85, in_features=64, num_classes=10)
+    assert h.kind == "linear"
+    h = size_head(0.8, 0.6, in_features=64, num_classes=10, hidden_csi={16: 0.7, 32: 0.81, 64: 0.9})
+    assert h.kind == "mlp" and h.hidden == 32
+    h = size_head(0.8, 0.6, in_features=64, num_classes=10, hidden_csi={16: 0.7, 32: 0.75})
+    assert h.kind == "mlp" and h.hidden == 32
+
+
+def test_rankers(rng):
+    n = 120
+    y = np.repeat([0, 1, 2], n // 3)
+    G = rng.standard_normal((n, 5, 4))
+    G[:, 3] += y[:, None] * 10.0
+    r = rank_filters("si", G=G, y=y)
+    assert r.order[0] == 3 and len(r.curve) == 5 and r.curve[0] == 1.0
+    g = rank_filters("si-greedy", G=G, y=y)
+    assert g.order[0] == 3
+    w = np.zeros((5, 2, 3, 3))
+    w[1] = 1.0
+    w[4] = 0.5
+    assert rank_filters("l1", weight=w, curve=False).order[:2] == (1, 4)
+    r1 = rank_filters("random", G=G, y=y, seed=1, curve=False)
+    assert sorted(r1.order) == list(range(5))
+    with pytest.raises(ValueError, match="ranking must be one of"):
+        rank_filters("magic", G=G, y=y)
+
+
+def test_plan_json_round_trip_and_validation():
+    p = CompressionPlan(arch="resnet20", num_classes=10,
+                        layers=(LayerDecision("layer1.0.conv1", 16, (0, 3), ranking=(3, 0, 1), curve=(0.5, 0.6)),),
+                        blocks=(BlockDecision("layer1.0", 0.2, 0.3, 100, False),),
+                        dropped_blocks=("layer2.1",), head=HeadSpec("mlp", 64, 10, hidden=32),
+                        predicted={"macs": 5}, settings={"delta": 0.02})
+    q = CompressionPlan.from_json(p.to_json())
+    assert q == p
+    assert "layer2.1" in p.summary()
+    with pytest.raises(ValueError, match="sorted unique"):
+        LayerDecision("c", 4, (2, 1))
+    with pytest.raises(ValueError, match=r"in \[0, 4\)"):
+        LayerDecision("c", 4, (1, 4))
+    with pytest.raises(ValueError, match="at least one filter"):
+        LayerDecision("c", 4, ())
+    with pytest.raises(ValueError, match="not an si_compress compression plan"):
+        CompressionPlan.from_dict({"arch": "x"})
+    with pytest.raises(ValueError, match="not valid JSON"):
+        CompressionPlan.from_json("{")
+    with pytest.raises(ValueError, match="target_macs"):
+        PlannerConfig(target_macs=1.5)
