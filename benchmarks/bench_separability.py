@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -237,7 +236,6 @@ def _csi_methods(X, y):
 
 METHOD_SETS = {"si": _si_methods, "order5": _order5_methods, "csi": _csi_methods}
 FLOORS = ("gemm_numpy", "gemm_numpy_2op")
-INFO_ONLY = ("gemm_torch", "ours_profile")
 
 
 def skip_reason(section: str, method: str, n: int, d: int, mem_limit: float) -> str | None:
@@ -297,7 +295,7 @@ def _print_row(name, rec, t_ref=None, floor=None):
     elif isinstance(v, list):
         parts.append("  " + "/".join(f"{x:.4f}" for x in v))
     if rec.get("agrees") is not None:
-        parts.append("  agrees" if rec["agrees"] else f"  DIFFERS ({rec.get('diff_samples')} samples)")
+        parts.append("  agrees" if rec["agrees"] else f"  DIFFERS (hits differ by {rec.get('hit_diff')})")
     print("".join(parts), flush=True)
 
 
@@ -319,7 +317,7 @@ def run_grid(section: str, args, grid: dict) -> dict:
             case = {"n": n, "d": d, "n_classes": N_CLASSES, "zero_rows": n_zero, "methods": {}}
             print(f"  n={n:,} d={d} ({n_zero} all-zero rows)   {'median':>11}{'peak extra':>11}"
                   f"{'/ ours':>10}{'/ floor':>10}  value", flush=True)
-            measure_mem = args.memory == "all" or (args.memory == "largest" and n == max(ns))
+            measure_mem = args.memory == "all" or (args.memory == "largest" and n == max(ns) and d == max(ds))
             for name, factory in methods.items():
                 reason = skip_reason(section, name, n, d, args.mem_limit)
                 if reason:
@@ -366,8 +364,8 @@ def _agreement(section, case, n):
         for name, rec in m.items():
             if rec["status"] != "ok" or name == "ours" or rec.get("value") is None or ov is None:
                 continue
-            rec["diff_samples"] = abs(_hits(rec["value"], n) - _hits(ov, n))
-            rec["agrees"] = rec["diff_samples"] == 0
+            rec["hit_diff"] = abs(_hits(rec["value"], n) - _hits(ov, n))
+            rec["agrees"] = rec["hit_diff"] == 0
     elif section == "order5":
         pairs = {"reference_hard": "ours_hard", "reference_soft": "ours_soft"}
         for name, rec in m.items():
@@ -375,12 +373,12 @@ def _agreement(section, case, n):
                 continue
             if name in pairs and m.get(pairs[name], {}).get("status") == "ok":
                 scale = n * ORDER if name.endswith("soft") else n
-                rec["diff_samples"] = abs(int(round(rec["value"] * scale)) - int(round(m[pairs[name]]["value"] * scale)))
-                rec["agrees"] = rec["diff_samples"] == 0
+                rec["hit_diff"] = abs(int(round(rec["value"] * scale)) - int(round(m[pairs[name]]["value"] * scale)))
+                rec["agrees"] = rec["hit_diff"] == 0
             if name == "ours_profile" and m.get("ours_hard", {}).get("status") == "ok" \
                     and m.get("ours_soft", {}).get("status") == "ok":
                 rec["agrees"] = rec["value"][0] == m["ours_hard"]["value"] and rec["value"][1] == m["ours_soft"]["value"]
-                rec["diff_samples"] = 0 if rec["agrees"] else None
+                rec["hit_diff"] = 0 if rec["agrees"] else None
 
 
 def _ratios(section, case):
@@ -693,14 +691,13 @@ def render_table(payload: dict) -> str:
                 if not rec or rec["status"] != "ok":
                     return "skipped" if rec and rec["status"] == "skipped" else "—"
                 s = f"{_md_time(rec)} ({_md_mem(rec)})"
-                return s + ("" if rec.get("agrees", True) else f" ≠{rec.get('diff_samples')}")
+                return s + ("" if rec.get("agrees", True) else f" ≠{rec.get('hit_diff')}")
 
             floor_rec = None
             fl = [m.get(f) for f in FLOORS if m.get(f, {}).get("status") == "ok"]
             if fl:
                 floor_rec = min(fl, key=lambda x: x["median_s"])
-            ours_v = m.get("ours", {}).get("value")
-            lines.append(f"| {c['n']:,} | {c['d']} | {ours_v:.4f} | {cell('ours')} | {cell('ours_faiss')} | "
+            lines.append(f"| {c['n']:,} | {c['d']} | {_v(m.get('ours', {}).get('value'))} | {cell('ours')} | {cell('ours_faiss')} | "
                          f"{cell('reference')} | {cell('sklearn_brute')} | "
                          f"{(_md_time(floor_rec) + ' (' + _md_mem(floor_rec) + ')') if floor_rec else 'skipped'} | "
                          f"{cell('gemm_torch')} | "
@@ -710,14 +707,15 @@ def render_table(payload: dict) -> str:
                           for k, v in c["methods"].items() if v["status"] == "skipped" and k == "reference"})
         if skipped:
             lines.append("Reference skipped: " + "; ".join(skipped) + ".")
-        lines.append("`≠k`: SI differs from ours in k samples (float32 near-ties / tie order among duplicate rows).")
+        lines.append("`≠k`: the number of hits (samples whose neighbour shares the label) differs from ours by k "
+                     "(float32 near-ties, or the order of ties among duplicate all-zero rows).")
     if "big" in S:
         lines += ["", "### Large n: ours only (time and peak extra memory of one call in a fresh process)", "", "| n | d | SI | ours | peak extra memory | data size | reference |",
                   "|---:|---:|---:|---|---|---|---|"]
         for c in S["big"]["cases"]:
             o = c["methods"]["ours"]
             v = o.get("value")
-            lines.append(f"| {c['n']:,} | {c['d']} | {v:.4f} | {_md_time(o)} | {_md_mem(o)} | "
+            lines.append(f"| {c['n']:,} | {c['d']} | {_v(v)} | {_md_time(o)} | {_md_mem(o)} | "
                          f"{fmt_bytes(c['data_bytes'])} | {c['methods']['reference']['reason']} |"
                          if o["status"] == "ok" else
                          f"| {c['n']:,} | {c['d']} | — | error: {o.get('reason')} | — | {fmt_bytes(c['data_bytes'])} | "
@@ -735,7 +733,7 @@ def render_table(payload: dict) -> str:
                 if not rec or rec["status"] != "ok":
                     return "skipped" if rec and rec["status"] == "skipped" else "—"
                 return f"{_md_time(rec)} ({_md_mem(rec)})" + ("" if rec.get("agrees", True) else
-                                                              f" ≠{rec.get('diff_samples')}")
+                                                              f" ≠{rec.get('hit_diff')}")
             lines.append(f"| {c['n']:,} | {c['d']} | {cell('ours_hard')} | {cell('ours_soft')} | {cell('ours_profile')} | "
                          f"{cell('reference_hard')} | {cell('reference_soft')} | "
                          f"{_r(r.get('reference_hard/ours_hard'))} | {_r(r.get('reference_soft/ours_soft'))} |")
@@ -745,9 +743,9 @@ def render_table(payload: dict) -> str:
         for c in S["csi"]["cases"]:
             m, r = c["methods"], c.get("ratios", {})
             ref = m["reference"]
-            refc = (f"{_md_time(ref)} ({_md_mem(ref)})" + ("" if ref.get("agrees", True) else f" ≠{ref.get('diff_samples')}")
+            refc = (f"{_md_time(ref)} ({_md_mem(ref)})" + ("" if ref.get("agrees", True) else f" ≠{ref.get('hit_diff')}")
                     if ref["status"] == "ok" else f"skipped: {ref.get('reason')}")
-            lines.append(f"| {c['n']:,} | {c['d']} | {m['ours'].get('value', float('nan')):.4f} | "
+            lines.append(f"| {c['n']:,} | {c['d']} | {_v(m['ours'].get('value'))} | "
                          f"{_md_time(m['ours'])} ({_md_mem(m['ours'])}) | {refc} | {_r(r.get('reference/ours'), 0)} |")
     if "select" in S:
         s = S["select"]
@@ -767,6 +765,10 @@ def render_table(payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _v(v):
+    return "—" if not isinstance(v, (int, float)) else f"{v:.4f}"
+
+
 def _r(v, nd=1):
     return "—" if v is None else f"{v:.{nd}f}×"
 
@@ -781,12 +783,12 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 5; quick 3)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--budget-s", type=float, default=None,
-                   help="stop repeating a method once its timed calls add up to this (default 60; quick 5)")
+                   help="stop repeating a method once its timed calls add up to this (default 60; quick 2)")
     p.add_argument("--long-call-s", type=float, default=20.0,
                    help="a warm-up call longer than this counts as a timed call")
     p.add_argument("--memory", choices=("all", "largest", "none"), default=None,
-                   help="peak-memory subprocess per method: every size, only the largest n, or none "
-                        "(default all; quick largest)")
+                   help="peak-memory subprocess per method: every size, only the largest case of each section, "
+                        "or none (default all; quick largest)")
     p.add_argument("--mem-limit-gb", type=float, default=8.0,
                    help="skip a reference/floor whose n x n (or n x d x C) arrays would need more (GiB)")
     p.add_argument("--big-d", type=str, default=None, help="comma-separated d for the big case (default 64,1024,4096)")
@@ -808,7 +810,7 @@ def main(argv=None) -> int:
     if args.big_d:
         cfg["big"]["d"] = [int(x) for x in args.big_d.split(",")]
     args.repeats = args.repeats or (3 if args.quick else 5)
-    args.budget_s = args.budget_s if args.budget_s is not None else (5.0 if args.quick else 60.0)
+    args.budget_s = args.budget_s if args.budget_s is not None else (2.0 if args.quick else 60.0)
     args.memory = args.memory or ("largest" if args.quick else "all")
     args.child_timeout = args.child_timeout or (300.0 if args.quick else 3600.0)
     args.mem_limit = args.mem_limit_gb * GiB

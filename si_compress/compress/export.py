@@ -8,6 +8,7 @@ loads the weights strictly.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -83,7 +84,9 @@ def load_compressed(path) -> tuple[nn.Module, CompressionPlan]:
 def export_torchscript(model: nn.Module, path, example_input: torch.Tensor) -> Path:
     """Trace ``model`` (eval mode) with ``example_input`` and save it atomically as TorchScript."""
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.export but remains the portable format here.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
         traced = torch.jit.trace(model, example_input)
     with atomic_path(path) as tmp:
         traced.save(str(tmp))
@@ -99,7 +102,12 @@ def export_onnx(model: nn.Module, path, example_input: torch.Tensor, *, opset: i
     model.eval()
     kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=opset,
                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    with atomic_path(path) as tmp, torch.no_grad():
+    with atomic_path(path) as tmp, torch.no_grad(), warnings.catch_warnings():
+        # The option-A shortcut's x[:, :, ::2, ::2] cannot be constant-folded; harmless, not actionable.
+        warnings.filterwarnings("ignore", message=r"Constant folding.*")
+        # The legacy exporter is chosen on purpose (offline, no onnxscript); its notice is not actionable.
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*legacy TorchScript-based ONNX.*")
         try:
             torch.onnx.export(model, (example_input,), str(tmp), dynamo=False, **kwargs)
         except TypeError:  # a torch without the dynamo switch or without the legacy exporter

@@ -70,16 +70,17 @@ def evaluate(model: nn.Module, loader, *, bf16: bool = False) -> float:
     return correct / total
 
 
-def preload(data, indices=None, *, batch_size: int = 256, num_workers: int = 0) -> TensorDataset:
+def preload(data, indices=None, *, batch_size: int | None = None, num_workers: int = 0) -> TensorDataset:
     """Decode a Dataset (or a DataLoader's dataset) once: TensorDataset(x, labels int64).
 
     ``x`` keeps the dtype the dataset yields (float32 after ToTensor/Normalize, uint8 if the
     transform leaves bytes); ``indices`` selects a subset in the given order. Memory: N x C x H x W
-    elements (CIFAR float32: 12 KiB per image).
+    elements (CIFAR float32: 12 KiB per image). ``batch_size``: decoding batch (default: the
+    loader's, else 256).
     """
     dataset: Dataset = data.dataset if isinstance(data, DataLoader) else data
-    if isinstance(data, DataLoader) and batch_size == 256:
-        batch_size = data.batch_size or batch_size
+    if batch_size is None:
+        batch_size = (data.batch_size if isinstance(data, DataLoader) else None) or 256
     if indices is not None:
         dataset = Subset(dataset, [int(i) for i in indices])
     xs, ys = [], []
@@ -176,7 +177,7 @@ def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momen
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss) * len(idx)
+                loss_sum += float(loss.detach()) * len(idx)
                 correct += float((logits.argmax(1) == Y[idx]).sum())
             history.append({"epoch": epoch + 1, "loss": loss_sum / len(X), "acc": correct / len(X)})
     finally:
@@ -230,7 +231,7 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
                 loss.backward()
                 opt.step()
                 sched.step()
-                loss_sum += float(loss) * len(y)
+                loss_sum += float(loss.detach()) * len(y)
                 correct += float((logits.argmax(1) == y).sum())
                 total += len(y)
             record = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
