@@ -44,8 +44,15 @@ def available_backends() -> tuple[str, ...]:
     return tuple(out)
 
 
-def resolve_backend(backend: str) -> str:
-    """Map "auto" (or the SI_COMPRESS_BACKEND environment variable) to a concrete backend."""
+# Below this dimension the top-k merge, not the GEMM, dominates the numba screen and faiss's
+# SIMD k-selection wins; above it the symmetric numba screen does half the GEMM work (measured:
+# n=10k, d=16..256 faiss 2-3x faster; d=1024 even; d=4096 numba faster).
+_FAISS_BELOW_DIM = 512
+
+
+def resolve_backend(backend: str, d: int | None = None) -> str:
+    """Map "auto" (or the SI_COMPRESS_BACKEND environment variable) to a concrete backend;
+    with the feature dimension ``d``, "auto" picks the faster screen for it."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
@@ -53,7 +60,10 @@ def resolve_backend(backend: str) -> str:
         if backend not in BACKENDS:
             raise ValueError(f"environment variable {_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
         if backend == "auto":
-            return available_backends()[0]
+            avail = available_backends()
+            if d is not None and d < _FAISS_BELOW_DIM and "faiss" in avail:
+                return "faiss"
+            return avail[0]
     if backend not in available_backends():
         raise ValueError(
             f"backend {backend!r} is not installed here (available: {', '.join(available_backends())}); "
@@ -131,7 +141,7 @@ def _screen_faiss(Q32, U32, kp):
     return I.astype(np.int64, copy=False), D
 
 
-def _fallback64(Q, U, qn, un, first, self_ids, need, rows):
+def _fallback64(Q, qrows, U, urows, qn, un, first, self_ids, need, rows):
     """Float64 screen + exact re-ranking for the rows the float32 certificate could not clear."""
     from . import _numba as nb
 
@@ -139,13 +149,14 @@ def _fallback64(Q, U, qn, un, first, self_ids, need, rows):
     c64 = _gamma(d, _U64)
     out_i = np.empty((rows.size, need), np.int64)
     out_d = np.empty((rows.size, need), np.float64)
-    step = max(1, (32 * 2**20) // (8 * max(1, U.shape[0])))
+    m = urows.size
+    step = max(1, (32 * 2**20) // (8 * max(1, m)))
     for s in range(0, rows.size, step):
         r = rows[s:s + step]
-        Qb = Q[r].astype(np.float64)
-        D = np.empty((r.size, U.shape[0]), np.float64)
-        for j0 in range(0, U.shape[0], _BLOCK):
-            Ub = U[j0:j0 + _BLOCK].astype(np.float64, copy=False)
+        Qb = Q[qrows[r]].astype(np.float64)
+        D = np.empty((r.size, m), np.float64)
+        for j0 in range(0, m, _BLOCK):
+            Ub = U[urows[j0:j0 + _BLOCK]].astype(np.float64, copy=False)
             D[:, j0:j0 + _BLOCK] = qn[r, None] + un[None, j0:j0 + _BLOCK] - 2.0 * (Qb @ Ub.T)
         sid = self_ids[r]
         valid = sid >= 0
@@ -159,7 +170,7 @@ def _fallback64(Q, U, qn, un, first, self_ids, need, rows):
         cols = np.nonzero(mask)[1].astype(np.int64)
         oi = np.empty((r.size, need), np.int64)
         od = np.empty((r.size, need), np.float64)
-        nb.exact_rows(Qb, U, offs, cols, first, sid, need, oi, od)
+        nb.exact_rows(Qb, U, urows, offs, cols, first, sid, need, oi, od)
         out_i[s:s + step] = oi
         out_d[s:s + step] = od
     return out_i, out_d
@@ -172,7 +183,7 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     search: each sample's own index is excluded (its duplicates are not), so 1 <= k <= n - 1.
     Distances are Euclidean, evaluated in float64; ties go to the lowest index.
     """
-    backend = resolve_backend(backend)
+    backend = resolve_backend(backend, ref.shape[1])
     if backend == "numpy":
         return knn_numpy(ref.astype(np.float64, copy=False),
                          None if query is None else query.astype(np.float64, copy=False), k)
@@ -181,11 +192,12 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     self_search = query is None
     groups = _group_rows(ref)
     m = groups.rep.size
-    U = ref if m == ref.shape[0] else ref[groups.rep]
-    Q = U if self_search else query
-    nq_rows = Q.shape[0]
+    urows = groups.rep  # unique row u is ref[urows[u]]: the data is never gathered in float64
+    Q = ref if self_search else query
+    qrows = urows if self_search else np.arange(query.shape[0], dtype=np.int64)
+    nq_rows = qrows.size
     need = min(k, m - 1) if self_search else min(k, m)
-    un = _sqnorms(U)
+    un = _sqnorms(ref)[urows]
     qn = un if self_search else _sqnorms(Q)
     self_ids = np.arange(m, dtype=np.int64) if self_search else np.full(nq_rows, -1, np.int64)
 
@@ -195,20 +207,24 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
         kp = min(m, need + (1 if self_search else 0) + _SLACK)
         c32 = _gamma(ref.shape[1], _U32)
         if np.isfinite(c32):
-            U32 = U if U.dtype == np.float32 else U.astype(np.float32)
+            # the float32 screen needs one float32 copy of the unique rows, unless ref is already
+            # float32 without duplicates
+            U32 = ref if (m == ref.shape[0] and ref.dtype == np.float32) else \
+                np.ascontiguousarray(ref[urows], dtype=np.float32)
             Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
             if backend == "faiss":
                 cand, cd = _screen_faiss(Q32, U32, kp)
             else:
                 cand, cd = _screen_numba(Q32, U32, qn.astype(np.float32), un.astype(np.float32), kp, self_search)
+            del U32, Q32
             worst = cd[:, kp - 1].astype(np.float64)
             ok = np.empty(nq_rows, np.bool_)
-            nb.refine(Q, U, qn, cand, worst, groups.rep, self_ids, need, kp == m, c32, nbr, nbr_d, ok)
+            nb.refine(Q, qrows, ref, urows, qn, cand, worst, groups.rep, self_ids, need, kp == m, c32, nbr, nbr_d, ok)
             bad = np.nonzero(~ok)[0]
         else:
             bad = np.arange(nq_rows)
         if bad.size:
-            bi, bd = _fallback64(Q, U, qn, un, groups.rep, self_ids, need, bad)
+            bi, bd = _fallback64(Q, qrows, ref, urows, qn, un, groups.rep, self_ids, need, bad)
             nbr[bad] = bi
             nbr_d[bad] = bd
     n_out = ref.shape[0] if self_search else nq_rows

@@ -82,10 +82,12 @@ def _sqdist(a, b):
 
 
 @njit(parallel=True, cache=True)
-def refine(Q, U, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c_tol, out_idx, out_dist, ok):
+def refine(Q, qrows, U, urows, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c_tol,
+           out_idx, out_dist, ok):
     """Exact float64 re-ranking of screened candidates, with a certificate.
 
-    Q (nq, d), U (m, d) in their input dtype (converted exactly to float64); qnorm (nq,) float64
+    Query i is row Q[qrows[i]], unique row u is U[urows[u]] (no gathered copy of the data), in
+    their input dtype (converted exactly to float64); qnorm (nq,) float64
     squared norms; cand (nq, k') candidate rows of U (-1 = empty); cand_worst (nq,) the largest
     approximate distance kept by the screen; first (m,) lowest sample index of each unique row
     (tie-break key); self_ids (nq,) the unique row to exclude, -1 for none. Writes the ``need``
@@ -103,7 +105,7 @@ def refine(Q, U, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c
             u = cand[i, t]
             if u < 0 or u == self_ids[i]:
                 continue
-            d = _sqdist(Q[i], U[u])
+            d = _sqdist(Q[qrows[i]], U[urows[u]])
             f = first[u]
             if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
                 pos = need - 1
@@ -128,7 +130,7 @@ def refine(Q, U, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c
 
 
 @njit(parallel=True, cache=True)
-def exact_rows(Q, U, cand_mask_rows, cand_cols, first, self_ids, need, out_idx, out_dist):
+def exact_rows(Q, U, urows, cand_mask_rows, cand_cols, first, self_ids, need, out_idx, out_dist):
     """Exact re-ranking over explicit candidate lists (the float64 fallback tier).
 
     cand_mask_rows (nb+1,) CSR offsets into cand_cols (candidate rows of U per query).
@@ -142,7 +144,7 @@ def exact_rows(Q, U, cand_mask_rows, cand_cols, first, self_ids, need, out_idx, 
             u = cand_cols[t]
             if u == self_ids[i]:
                 continue
-            d = _sqdist(Q[i], U[u])
+            d = _sqdist(Q[i], U[urows[u]])
             f = first[u]
             if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
                 pos = need - 1
@@ -356,3 +358,92 @@ def selection_step(D_run, D_all, cands, codes, hits):
                     bv = v
                     bj = j
             hits[i, c] = codes[bj] == codes[i]
+
+
+@njit(parallel=True, cache=True)
+def class_sums_and_norms(X, codes, n_classes, sums, norms):
+    """One pass over X (n, d): per-class float64 sums (C, d) and squared row norms (n,).
+
+    Rows are split into a fixed number of chunks (independent of the thread count, so the result
+    is deterministic); each chunk sums in sample order, chunks are then added in chunk order.
+    """
+    n, d = X.shape
+    nchunks = min(16, n)
+    part = np.zeros((nchunks, n_classes, d))
+    for ch in prange(nchunks):
+        r0 = ch * n // nchunks
+        r1 = (ch + 1) * n // nchunks
+        for i in range(r0, r1):
+            c = codes[i]
+            s = 0.0
+            for t in range(d):
+                v = np.float64(X[i, t])
+                part[ch, c, t] += v
+                s += v * v
+            norms[i] = s
+    for ch in range(nchunks):
+        for c in range(n_classes):
+            for t in range(d):
+                sums[c, t] += part[ch, c, t]
+
+
+@njit(parallel=True, cache=True)
+def nearest_center(X, MT, xn, cn, c_tol, out):
+    """Nearest centre of each row (ties to the lowest centre index), exact in float64.
+
+    MT (d, C') centres transposed, zero-padded to C' >= C columns: the inner loop runs over centres, so each row's C dot products
+    accumulate in order over features (vectorised across centres). A row whose runner-up lies
+    within the rounding bound c_tol * (|x|^2 + |mu|^2) of the best is decided again from direct
+    float64 differences.
+    """
+    n, d = X.shape
+    Cp = MT.shape[1]
+    RB = 32   # rows per block and features per tile: the tile of MT stays in L1 across rows
+    TT = 64
+    nblocks = (n + RB - 1) // RB
+    for blk in prange(nblocks):
+        r0 = blk * RB
+        r1 = min(r0 + RB, n)
+        accs = np.zeros((r1 - r0, Cp))
+        for t0 in range(0, d, TT):
+            t1 = min(t0 + TT, d)
+            for r in range(r0, r1):
+                a = accs[r - r0]
+                for t in range(t0, t1):
+                    v = np.float64(X[r, t])
+                    for c in range(Cp):
+                        a[c] += v * MT[t, c]
+        for i in range(r0, r1):
+            _finish_center(X, MT, xn, cn, c_tol, accs[i - r0], i, out)
+
+
+@njit(cache=True)
+def _finish_center(X, MT, xn, cn, c_tol, acc, i, out):
+    """Distances from the dot products in ``acc``, best centre, certificate, exact recheck."""
+    d = X.shape[1]
+    C = cn.shape[0]
+    best = 0
+    bd = np.inf
+    for c in range(C):
+        dc = xn[i] + cn[c] - 2.0 * acc[c]
+        acc[c] = dc
+        if dc < bd:
+            bd = dc
+            best = c
+    tb = c_tol * (xn[i] + cn[best])
+    ambiguous = False
+    for c in range(C):
+        if c != best and acc[c] - c_tol * (xn[i] + cn[c]) <= bd + tb:
+            ambiguous = True
+            break
+    if ambiguous:
+        bd = np.inf
+        for c in range(C):
+            s = 0.0
+            for t in range(d):
+                diff = np.float64(X[i, t]) - MT[t, c]
+                s += diff * diff
+            if s < bd:
+                bd = s
+                best = c
+    out[i] = best

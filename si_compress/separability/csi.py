@@ -2,51 +2,49 @@
 
 With class means mu_c = mean{x_i : y_i = c} (each sample counts in its own class mean), the
 per-sample CSI is 1[ argmin_c ||x_i - mu_c||_2 == y_i ] (ties to the lowest class in sorted
-label order) and CSI is its mean. Cost O(n * C * d) through one float64 GEMM per block; rows
-whose two nearest centres are within the GEMM's rounding bound are re-checked with direct
-float64 differences, so the result equals the brute force exactly. Memory O(block * C).
+label order) and CSI is its mean. Cost: two passes over X (class sums and norms; then the n x C
+float64 dot products, in Numba); rows whose two nearest centres are within the rounding bound
+are re-checked with direct float64 differences, so the result equals the brute force exactly.
+Memory O(16 * C * d) beyond the input: X is never copied.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .._validation import check_features, check_labels
-from ._knn import _gamma, _U64, resolve_backend
+from ._knn import _U64, _gamma, resolve_backend
 from ._numpy import nearest_center_numpy
 from .si import ClassScores, class_means
 
-_BLOCK_BYTES = 32 * 2**20
 
 
 def class_centers(X: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
     """Class means (C, d) float64; sums accumulate in float64 in sample order within a class."""
-    order = np.argsort(codes, kind="stable")
+    return _sums_norms(X, codes, n_classes)[0]
+
+
+def _sums_norms(X, codes, n_classes):
+    from . import _numba as nb
+
+    sums = np.zeros((n_classes, X.shape[1]), np.float64)
+    norms = np.empty(X.shape[0], np.float64)
+    nb.class_sums_and_norms(X, codes, n_classes, sums, norms)
     counts = np.bincount(codes, minlength=n_classes)
-    starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
-    sums = np.add.reduceat(X[order].astype(np.float64, copy=False), starts, axis=0)
-    return sums / counts[:, None]
+    return sums / counts[:, None], norms
 
 
-def _nearest_center_fast(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
-    n, d = X.shape
-    C = centers.shape[0]
+def _nearest_center_fast(X: np.ndarray, centers: np.ndarray, xn: np.ndarray) -> np.ndarray:
+    """Float64 dot-product screen of all n x C distances (one pass over X, no copy), exact
+    float64 recheck of rows whose two nearest centres are within the rounding bound."""
+    from . import _numba as nb
+
     cn = np.einsum("ij,ij->i", centers, centers)
-    tol_c = _gamma(d, _U64)
-    out = np.empty(n, np.int64)
-    step = max(1, _BLOCK_BYTES // (8 * max(C, d)))
-    for s in range(0, n, step):
-        Xb = X[s:s + step].astype(np.float64, copy=False)
-        xn = np.einsum("ij,ij->i", Xb, Xb)
-        D = xn[:, None] + cn[None, :] - 2.0 * (Xb @ centers.T)
-        best = D.argmin(axis=1)
-        dmin = D[np.arange(D.shape[0]), best]
-        tol = tol_c * (xn[:, None] + cn[None, :])
-        # a centre whose screened distance is within both rounding bounds of the minimum might tie or win
-        close = (D - tol) <= (dmin + tol[np.arange(D.shape[0]), best])[:, None]
-        ambiguous = np.nonzero(close.sum(axis=1) > 1)[0]
-        if ambiguous.size:
-            best[ambiguous] = nearest_center_numpy(Xb[ambiguous], centers)
-        out[s:s + step] = best
+    C = centers.shape[0]
+    Cp = -(-C // 8) * 8  # pad centres to whole SIMD vectors; the padding is never a candidate
+    MT = np.zeros((X.shape[1], Cp))
+    MT[:, :C] = centers.T
+    out = np.empty(X.shape[0], np.int64)
+    nb.nearest_center(X, MT, xn, cn, _gamma(X.shape[1], _U64), out)
     return out
 
 
@@ -54,11 +52,16 @@ def _prepare(X, y, backend):
     Xv = check_features(X)
     codes, classes = check_labels(y, Xv.shape[0])
     backend = resolve_backend(backend)
-    centers = class_centers(Xv, codes, classes.size)
     if backend == "numpy":
-        nearest = nearest_center_numpy(Xv.astype(np.float64, copy=False), centers)
+        Xd = Xv.astype(np.float64, copy=False)
+        order = np.argsort(codes, kind="stable")
+        counts = np.bincount(codes, minlength=classes.size)
+        starts = np.concatenate(([0], np.cumsum(counts)[:-1]))
+        centers = np.add.reduceat(Xd[order], starts, axis=0) / counts[:, None]
+        nearest = nearest_center_numpy(Xd, centers)
     else:
-        nearest = _nearest_center_fast(Xv, centers)
+        centers, xn = _sums_norms(Xv, codes, classes.size)
+        nearest = _nearest_center_fast(Xv, centers, xn)
     return codes, classes, nearest
 
 
