@@ -75,3 +75,35 @@ def si_per_class_figure(report, ax=None):
     ax.set_title("per-class SI by layer")
     fig.colorbar(im, ax=ax, label="SI of the class")
     return fig, ax
+
+
+def kept_filters_figure(plan, ax=None):
+    """Filters kept per prunable conv (bars over the original width); dropped blocks marked."""
+    plt = _mpl()
+    names = [d.name for d in plan.layers] + [f"{b} (dropped)" for b in plan.dropped_blocks]
+    rows = [(d.name, d.out_channels, len(d.keep)) for d in plan.layers]
+    rows += [(f"{b} (dropped)", next((x.macs for x in plan.blocks if x.name == b), 0), 0) for b in plan.dropped_blocks]
+    order = {n: i for i, n in enumerate(sorted(names, key=lambda s: [int(t) if t.isdigit() else t
+                                                                  for t in s.replace(".", " ").split()]))}
+    rows.sort(key=lambda r: order[r[0]])
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.3 * len(rows) + 3), 4.2), constrained_layout=True)
+    else:
+        fig = ax.figure
+    x = np.arange(len(rows))
+    full = [r[1] if "dropped" not in r[0] else 0 for r in rows]
+    kept = [r[2] for r in rows]
+    ax.bar(x, full, color="0.85", label="original filters")
+    ax.bar(x, kept, color="C0", label="kept")
+    for i, r in enumerate(rows):
+        if "dropped" in r[0]:
+            ax.axvspan(i - 0.45, i + 0.45, color="C3", alpha=0.25, lw=0)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r[0].replace(".conv1", "").replace(" (dropped)", " x") for r in rows], rotation=60,
+                       ha="right", fontsize=8)
+    ax.set_ylabel("filters")
+    p = plan.predicted
+    frac = f" ({100 * (1 - p['macs'] / p['base_macs']):.1f}% fewer MACs)" if p.get("base_macs") else ""
+    ax.set_title(f"{plan.arch}: filters kept per layer{frac}; red = dropped block")
+    ax.legend(fontsize=8)
+    return fig, ax

@@ -40,6 +40,7 @@ class PlannerConfig:
     round_to: int = 1
     min_keep: int = 1
     head_tau: float = 0.02
+    weighting: str = "gain"           # filter-loss weight per block: "gain" (g_b) or "uniform" (mean gain)
 
     def __post_init__(self):
         if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
@@ -109,6 +110,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             raise ValueError(f"ranking of {u.conv} has a curve of {env[u.conv].size} points for "
                              f"{u.out_channels} filters; rank with curve=True")
     gain = {b: max(g[1] - g[0], _GAIN_FLOOR) for b, g in gains.items()}
+    mean_gain = float(np.mean(list(gain.values()))) if gain else _GAIN_FLOOR
+    wgain = gain if config.weighting == "gain" else {b: mean_gain for b in gain}
     dropped: list[str] = []
     reasons: dict[str, str] = {}
     base = structure.total_macs
@@ -142,11 +145,13 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             for u in units:
                 if u.block in dropped:
                     continue
-                e, k, g = env[u.conv], width[u.conv], gain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
+                e, k = env[u.conv], width[u.conv]
+                g = gain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
+                wg = wgain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
                 top = e[-1] if e[-1] > 0 else 1.0
                 new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
                 if new_k < k:
-                    loss = g * (e[k - 1] - e[new_k - 1]) / top
+                    loss = wg * (e[k - 1] - e[new_k - 1]) / top
                     cand = (loss / ((k - new_k) * u.macs_per_filter), 0, u.conv, new_k)
                     best = cand if best is None or cand[:3] < best[:3] else best
                 if config.allow_drop and u.block in gain and u.block in block_macs:

@@ -1,0 +1,198 @@
+"""SI compression of a CIFAR ResNet against fair baselines, through one executor.
+
+For the JPEG-fine-tuned ResNet-56 in ../shared/models (default), on the JPEG splits:
+  1. SI plan: block SI gains + per-filter SI curves on a class-balanced train sample, MACs budget
+     (--target-macs, counted as torch-pruning counts them);
+  2. baselines at the same MACs: L1 and random filter ranking with the SI plan's per-layer widths
+     and dropped blocks; uniform-ratio L1 pruning; torch-pruning's global magnitude pruner;
+  3. each one: apply (torch-pruning), accuracy on the whole test split before compensation, after
+     least-squares compensation (no training), and after --epochs of fine-tuning (SGD, cosine);
+  4. CPU latency of the SI-compressed model at batch 1 and 128, as a ratio to the base in this run.
+Writes benchmarks/results/compress_<arch>.json; --table prints the README table from it.
+
+  python benchmarks/bench_compress.py --epochs 2            # ~1 h on 2 cores
+  python benchmarks/bench_compress.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE)):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from _harness import machine_info, write_json_atomic  # noqa: E402
+
+SHARED = Path(os.environ.get("SI_COMPRESS_SHARED", ROOT.parent / "shared"))
+METHODS = ("si", "l1-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude")
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def run(args) -> dict:
+    import numpy as np
+    import torch
+
+    from si_compress.baselines import tp_magnitude_plan
+    from si_compress.compress import apply_plan, cifar_augment, evaluate, preload
+    from si_compress.data import balanced_indices, load_dataset
+    from si_compress.models import load_model
+    from si_compress.pipeline import CompressConfig, count_tp, execute, latency, si_plan
+    from si_compress.planning import plan_uniform, plan_with_widths, rank_filters
+
+    torch.manual_seed(args.seed)
+    ckpt = SHARED / "models" / args.model
+    data = SHARED / "data" / "cifar10-jpeg"
+    loaded = load_model(ckpt)
+    base = loaded.model
+    train = load_dataset(data, split="train")
+    test = load_dataset(data, split="test")
+    t0 = time.perf_counter()
+    sample = preload(train.dataset, balanced_indices(train.labels, args.si_samples, seed=args.seed))
+    test_ds = preload(test.dataset, None if not args.eval_samples else balanced_indices(test.labels, args.eval_samples))
+    DL = torch.utils.data.DataLoader
+    sample_loader = DL(sample, batch_size=250)
+    test_loader = DL(test_ds, batch_size=500)
+    train_loader = None
+    if args.epochs:
+        train_loader = DL(preload(train.dataset), batch_size=128, shuffle=True,
+                          generator=torch.Generator().manual_seed(args.seed))
+    log(f"data ready in {time.perf_counter() - t0:.0f} s")
+    x0 = sample[0][0][None]
+    cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, compensation=args.compensation,
+                         finetune_epochs=args.epochs, bf16=args.bf16, lr=args.lr, seed=args.seed)
+    base_macs, base_params = count_tp(base, x0)
+    base_acc = evaluate(base, test_loader)
+    log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")
+    payload["base"] = dict(acc=base_acc, macs=base_macs, params=base_params)
+    payload["eval_samples"] = len(test_ds)
+
+    t0 = time.perf_counter()
+    plan, ev = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes, example_input=x0,
+                       config=cfg)
+    plan_s = time.perf_counter() - t0
+    log(f"SI plan in {plan_s:.0f} s:\n{plan.summary()}")
+    payload["plan"] = plan.to_dict()
+    payload["plan_seconds"] = plan_s
+    st = ev.structure
+    mods = dict(base.named_modules())
+    l1 = {u.conv: rank_filters("l1", weight=mods[u.conv].weight.detach().numpy(), curve=False) for u in st.convs}
+    rnd = {u.conv: rank_filters("random", weight=mods[u.conv].weight.detach().numpy(), seed=args.seed + i,
+                                curve=False) for i, u in enumerate(st.convs)}
+    si_tp_macs = count_tp(apply_plan(
+        base, plan, example_input=x0), x0)[0]
+    ratio = si_tp_macs / base_macs
+    plans = {"si": plan, "l1-same-widths": plan_with_widths(plan, l1),
+             "random-same-widths": plan_with_widths(plan, rnd)}
+    # uniform L1 and torch-pruning's pruner: the same torch-pruning MAC count as the SI plan
+    lo_t, hi_t = 0.05, 1.0
+    for _ in range(30):
+        mid = (lo_t + hi_t) / 2
+        u = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st, rankings=l1, target_macs=mid)
+        got = count_tp(apply_plan(
+            base, u, example_input=x0), x0)[0]
+        lo_t, hi_t = (mid, hi_t) if got <= si_tp_macs else (lo_t, mid)
+    plans["uniform-l1"] = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st, rankings=l1,
+                                       target_macs=lo_t)
+    plans["tp-magnitude"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
+                                              num_classes=loaded.num_classes)
+    results = {}
+    for name in args.methods:
+        t0 = time.perf_counter()
+        model, m = execute(base, plans[name], example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
+                           train_loader=train_loader, config=cfg, augment=cifar_augment,
+                           progress=lambda h, n=name: log(f"  {n} epoch {h.get('epoch')}: {h}"))
+        m.pop("refit", None)
+        m["widths"] = {d.name: len(d.keep) for d in plans[name].layers}
+        m["dropped_blocks"] = list(plans[name].dropped_blocks)
+        m["macs_reduction"] = 1 - m["macs"] / base_macs
+        m["params_reduction"] = 1 - m["params"] / base_params
+        m["seconds_total"] = time.perf_counter() - t0
+        if name == "si" or args.latency_all:
+            lat = {}
+            for b in (1, 128):
+                tb = latency(base, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
+                tc = latency(model, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
+                lat[f"batch{b}"] = {"base_s": tb, "compressed_s": tc, "speedup": tb / tc}
+            m["latency"] = lat
+        results[name] = m
+        log(f"{name}: MACs -{100 * m['macs_reduction']:.1f}%, acc pruned {m['acc_pruned']:.4f}, "
+            f"compensated {m['acc_compensated']:.4f}, finetuned {m.get('acc_finetuned')}")
+        payload["results"] = results
+        write_json_atomic(args.out, payload)
+    return results
+
+
+def table(path: Path) -> str:
+    import json
+
+    d = json.loads(path.read_text())
+    r = d["results"]
+    b = d["base"]
+    ep = d["settings"]["epochs"]
+    lines = [f"Base {d['settings']['model']}: {100 * b['acc']:.2f}% top-1 on {d['eval_samples']} test JPEGs, "
+             f"{b['macs'] / 1e6:.1f} M MACs, {b['params'] / 1e6:.3f} M params. "
+             f"Compensation: {d['settings']['compensation']}; fine-tuning: {ep} epoch(s), SGD cosine, lr "
+             f"{d['settings']['lr']}.", "",
+             f"| method | MACs | params | top-1 pruned | after compensation (no training) | after {ep} epoch(s) |",
+             "|---|---|---|---|---|---|"]
+    for name, m in r.items():
+        ft = "" if m.get("acc_finetuned") is None else f"{100 * m['acc_finetuned']:.2f}%"
+        lines.append(f"| {name} | -{100 * m['macs_reduction']:.1f}% | -{100 * m['params_reduction']:.1f}% | "
+                     f"{100 * m['acc_pruned']:.2f}% | {100 * m['acc_compensated']:.2f}% | {ft} |")
+    lat = r.get("si", {}).get("latency")
+    if lat:
+        lines += ["", f"SI-compressed CPU latency vs base (same run, {d['machine'].get('torch_threads', '?')} "
+                      f"threads): batch 1 {lat['batch1']['speedup']:.2f}x, batch 128 {lat['batch128']['speedup']:.2f}x."]
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet56-cifar10-jpeg.th")
+    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--ranking", default="si")
+    p.add_argument("--compensation", default="refit")
+    p.add_argument("--si-samples", type=int, default=2000)
+    p.add_argument("--eval-samples", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--latency-all", action="store_true")
+    p.add_argument("--latency-repeats", type=int, default=7)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args(argv)
+    stem = Path(args.model).name.split("-")[0]
+    args.out = args.out or HERE / "results" / f"compress_{stem}.json"
+    if args.table:
+        print(table(args.out))
+        return 0
+    import torch
+
+    global payload
+    payload = {"benchmark": "compress", "settings": {k: v for k, v in vars(args).items() if k != "out"},
+               "machine": {**machine_info(), "torch_threads": torch.get_num_threads()}}
+    run_start = time.perf_counter()
+    from si_compress.compress import evaluate  # noqa: F401
+    res = run(args)
+    payload["seconds"] = time.perf_counter() - run_start
+    write_json_atomic(args.out, payload)
+    print(table(args.out))
+    return 0
+
+
+payload: dict = {}
+
+if __name__ == "__main__":
+    sys.exit(main())
