@@ -1,0 +1,91 @@
+import json
+
+import pytest
+import torch
+
+from si_compress.cli.compress import main
+from si_compress.compress import load_compressed
+from si_compress.models import build_model
+from si_compress.plan import CompressionPlan
+
+
+@pytest.fixture(scope="module")
+def digits_ckpt(tmp_path_factory):
+    from si_compress.demo import train_digits_cnn
+
+    path = tmp_path_factory.mktemp("ckpt") / "digits.pt"
+    train_digits_cnn(path, epochs=4)
+    return path
+
+
+def _run(argv, capsys):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_compress_digits_end_to_end(digits_ckpt, tmp_path, capsys):
+    out_dir = tmp_path / "c"
+    code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
+                           "--target-macs", "0.6", "--out", out_dir, "--quiet", "--export", "torchscript"], capsys)
+    assert code == 0, err
+    for f in ("plan.json", "model.pt", "metrics.json", "kept_filters.png", "model.ts"):
+        assert (out_dir / f).stat().st_size > 0
+    metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["compressed"]["macs"] <= 0.6 * metrics["base"]["macs"] + 1
+    assert metrics["accuracy"]["compensated"] > 0.8
+    assert metrics["latency"]["batch128"]["speedup"] > 0
+    plan = CompressionPlan.from_json((out_dir / "plan.json").read_text())
+    assert plan.layers and all(len(d.keep) <= d.out_channels for d in plan.layers)
+    model, plan2 = load_compressed(out_dir / "model.pt")  # weights_only=True inside
+    assert plan2 == plan
+    x = torch.randn(3, 1, 8, 8)
+    ts = torch.jit.load(str(out_dir / "model.ts"))
+    torch.testing.assert_close(ts(x), model(x), atol=1e-5, rtol=1e-5)
+    assert "fewer" in out and "latency" in out
+
+    # apply an edited plan: keep everything in the first conv
+    d = json.loads((out_dir / "plan.json").read_text())
+    d["layers"][0]["keep"] = list(range(d["layers"][0]["out_channels"]))
+    edited = tmp_path / "edited.json"
+    edited.write_text(json.dumps(d))
+    code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "200",
+                           "--plan", edited, "--out", tmp_path / "c2", "--quiet"], capsys)
+    assert code == 0, err
+    m2, p2 = load_compressed(tmp_path / "c2" / "model.pt")
+    assert m2.features[0].out_channels == 16
+
+
+def test_compress_errors(digits_ckpt, tmp_path, capsys):
+    for argv, match in [
+        ([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--target-macs", "1.5"], "--target-macs"),
+        ([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--plan", tmp_path / "none.json"], "does not exist"),
+        ([tmp_path / "missing.pt", "--data", "digits"], "missing.pt"),
+    ]:
+        code, out, err = _run(argv + ["--out", tmp_path / "e", "--quiet"], capsys)
+        assert code == 2, err
+        assert match in err.strip().splitlines()[-1] and "Traceback" not in err
+        assert not (tmp_path / "e" / "plan.json").exists()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "si_compress.plan", "schema_version": 1, "arch": "resnet20", "num_classes": 10}')
+    code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--plan", bad,
+                           "--out", tmp_path / "e", "--quiet"], capsys)
+    assert code == 2 and "plan is for resnet20" in err
+
+
+def test_pipeline_resnet_budget_counts_like_torch_pruning():
+    from si_compress.pipeline import CompressConfig, count_tp, si_plan
+    from si_compress.compress import apply_plan
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    x = torch.randn(120, 3, 32, 32)
+    y = torch.arange(120) % 4
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=60)
+    plan, ev = si_plan(model, loader, arch="resnet20", num_classes=10, example_input=x[:1],
+                       config=CompressConfig(target_macs=0.6))
+    base, _ = count_tp(model, x[:1])
+    got, _ = count_tp(apply_plan(model, plan, example_input=x[:1]), x[:1])
+    assert got <= 0.6 * base
+    assert plan.predicted["tp_macs"] == got
+    assert all(d.name.endswith("conv1") for d in plan.layers)
