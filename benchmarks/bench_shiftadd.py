@@ -123,7 +123,26 @@ def machine_info():
     }
 
 
+def table(path: Path) -> str:
+    """Markdown table of a results JSON (what the README shows)."""
+    d = json.loads(Path(path).read_text())
+    lines = [f"{d['threads']} thread(s), median of {d['repeats']} calls after {d['warmup']} warm-up(s); "
+             "ratio = time / torch fp32 conv2d.", "",
+             "| layer | kernel | median ms | x torch fp32 | GMAC/s | bit-exact vs multiply |", "|---|---|---:|---:|---:|---|"]
+    for r in d["results"]:
+        s = r["shape"]
+        shape = f"{r['name']} (batch {s['batch']}, {s['c_in']}->{s['c_out']}, {s['height']}x{s['width']})"
+        for label, t in r["median_ms"].items():
+            exact = str(r["bit_exact_shift_vs_multiply"]).lower() if label.startswith("shift") else ""
+            lines.append(f"| {shape} | {label} | {t:.3f} | {r['ratio_to_torch_fp32'][label]:.2f} | "
+                         f"{r['gmacs_per_s'][label]:.2f} | {exact} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
+    if argv is None and "--table" in sys.argv[1:]:
+        print(table(RESULTS))
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=2)

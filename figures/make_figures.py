@@ -118,6 +118,62 @@ def fig_si_speed(data: dict, ax=None, *, d=None):
     return fig, (axes[0] if single else axes)
 
 
+def _report(data: dict):
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from si_compress.analysis import AnalysisReport
+
+    return AnalysisReport.from_dict(data["report"])
+
+
+def fig_analysis_layers(data: dict, ax=None):
+    """SI / CSI / high-order / soft SI by layer from a bench_analyze JSON (si_compress.plots)."""
+    from si_compress import plots
+
+    return plots.si_layers_figure(_report(data), ax=ax)
+
+
+def fig_analysis_per_class(data: dict, ax=None):
+    from si_compress import plots
+
+    return plots.si_per_class_figure(_report(data), ax=ax)
+
+
+def fig_compress_kept(data: dict, ax=None):
+    """Filters kept per layer by the SI plan of a bench_compress JSON."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from si_compress import plots
+    from si_compress.plan import CompressionPlan
+
+    return plots.kept_filters_figure(CompressionPlan.from_dict(data["plan"]), ax=ax)
+
+
+def fig_compress_accuracy(data: dict, ax=None):
+    """Top-1 of each method: pruned, after compensation, after fine-tuning (grouped bars)."""
+    res = data["results"]
+    names = list(res)
+    stages = [("acc_pruned", "pruned"), ("acc_compensated", "compensated (no training)"),
+              ("acc_finetuned", f"fine-tuned ({data['settings']['epochs']} ep)")]
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
+    else:
+        fig = ax.figure
+    x = np.arange(len(names))
+    w = 0.26
+    for i, (key, label) in enumerate(stages):
+        vals = [100 * res[n][key] if res[n].get(key) is not None else np.nan for n in names]
+        ax.bar(x + (i - 1) * w, vals, width=w, label=label)
+    ax.axhline(100 * data["base"]["acc"], color="k", lw=1, ls="--", label="base")
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{n}\n-{100 * res[n]['macs_reduction']:.0f}% MACs" for n in names], fontsize=8)
+    ax.set_ylabel("top-1 on the JPEG test split (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(f"{data['settings']['model']}: SI plan vs baselines at the same MACs")
+    ax.legend(fontsize=8, loc="lower right")
+    return fig, ax
+
+
 @dataclass(frozen=True)
 class Figure:
     json: str                 # file name under the results folder
@@ -127,6 +183,12 @@ class Figure:
 
 FIGURES: dict[str, Figure] = {
     "si_speed": Figure("separability.json", fig_si_speed, "si_speed.png"),
+    "resnet56_si_layers": Figure("analyze_resnet56-cifar10-jpeg.json", fig_analysis_layers, "resnet56_si_layers.png"),
+    "resnet56_si_per_class": Figure("analyze_resnet56-cifar10-jpeg.json", fig_analysis_per_class,
+                                    "resnet56_si_per_class.png"),
+    "resnet56_kept_filters": Figure("compress_resnet56.json", fig_compress_kept, "resnet56_kept_filters.png"),
+    "resnet56_compress_accuracy": Figure("compress_resnet56.json", fig_compress_accuracy,
+                                         "resnet56_compress_accuracy.png"),
 }
 
 

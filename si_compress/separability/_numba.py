@@ -81,6 +81,22 @@ def _sqdist(a, b):
     return s
 
 
+@njit(cache=True, inline="always")
+def _insert_sorted(bd, bi, bf, d, u, f):
+    """Insert candidate u (distance d, tie key f) into the lists sorted by (distance, key)."""
+    need = bd.shape[0]
+    if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
+        pos = need - 1
+        while pos > 0 and (bd[pos - 1] > d or (bd[pos - 1] == d and bf[pos - 1] > f)):
+            bd[pos] = bd[pos - 1]
+            bi[pos] = bi[pos - 1]
+            bf[pos] = bf[pos - 1]
+            pos -= 1
+        bd[pos] = d
+        bi[pos] = u
+        bf[pos] = f
+
+
 @njit(parallel=True, cache=True)
 def refine(Q, qrows, U, urows, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c_tol,
            out_idx, out_dist, ok):
@@ -106,17 +122,7 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_worst, first, self_ids, need, s
             if u < 0 or u == self_ids[i]:
                 continue
             d = _sqdist(Q[qrows[i]], U[urows[u]])
-            f = first[u]
-            if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
-                pos = need - 1
-                while pos > 0 and (bd[pos - 1] > d or (bd[pos - 1] == d and bf[pos - 1] > f)):
-                    bd[pos] = bd[pos - 1]
-                    bi[pos] = bi[pos - 1]
-                    bf[pos] = bf[pos - 1]
-                    pos -= 1
-                bd[pos] = d
-                bi[pos] = u
-                bf[pos] = f
+            _insert_sorted(bd, bi, bf, d, u, first[u])
         for t in range(need):
             out_idx[i, t] = bi[t]
             out_dist[i, t] = bd[t]
@@ -145,17 +151,7 @@ def exact_rows(Q, U, urows, cand_mask_rows, cand_cols, first, self_ids, need, ou
             if u == self_ids[i]:
                 continue
             d = _sqdist(Q[i], U[urows[u]])
-            f = first[u]
-            if d < bd[need - 1] or (d == bd[need - 1] and f < bf[need - 1]):
-                pos = need - 1
-                while pos > 0 and (bd[pos - 1] > d or (bd[pos - 1] == d and bf[pos - 1] > f)):
-                    bd[pos] = bd[pos - 1]
-                    bi[pos] = bi[pos - 1]
-                    bf[pos] = bf[pos - 1]
-                    pos -= 1
-                bd[pos] = d
-                bi[pos] = u
-                bf[pos] = f
+            _insert_sorted(bd, bi, bf, d, u, first[u])
         for t in range(need):
             out_idx[i, t] = bi[t]
             out_dist[i, t] = bd[t]

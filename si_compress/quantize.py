@@ -1,0 +1,555 @@
+"""Quantization and unstructured pruning of a trained model: one entry point per step.
+
+* :func:`quantize_model` (``QuantConfig.mode``):
+  - ``"int8"``: real x86 int8 kernels (FX post-training quantization, :mod:`si_compress.compress.int8`):
+    int8 symmetric per-channel weights, uint8 per-tensor activations, BN fused.
+  - ``"int4"`` / ``"pot4"`` / ``"apot4"``: fixed-point fake quantization
+    (:func:`si_compress.nn.prepare_qat`) of the BN-folded model: 4-bit per-channel weights
+    (signed integer grid, powers of two, additive powers of two), ``act_bits`` per-tensor
+    activations, the first conv and the last linear at ``first_last_bits``. Post-training
+    calibration first, then ``qat_epochs`` of quantization-aware training (straight-through
+    estimator, :func:`si_compress.compress.finetune`) when a training loader is given. ``pot4`` /
+    ``apot4`` with ``shiftadd=True`` end in :func:`si_compress.nn.convert_to_shiftadd` (integer
+    shift-add kernels).
+* :func:`percentile_prune`: unstructured magnitude pruning to an exact fraction of zeros, with
+  masks that keep pruned weights at zero through later fine-tuning.
+* :func:`dynamic_percentile_search`: raise the pruning percentile while the fine-tuned accuracy
+  holds, back off (bisect) when it drops.
+* :func:`compare_latency`: interleaved median latencies of several models in one run.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import numbers
+import statistics
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "QUANT_MODES",
+    "PruneResult",
+    "QuantConfig",
+    "QuantResult",
+    "SearchResult",
+    "apply_masks",
+    "calibrate_activations",
+    "compare_latency",
+    "dynamic_percentile_search",
+    "holding_masks",
+    "nominal_bits_per_weight",
+    "percentile_prune",
+    "quantize_model",
+    "run_qat",
+]
+
+QUANT_MODES = ("int8", "int4", "pot4", "apot4")
+CALIBRATION = ("minmax", "percentile", "mse")
+_FORMAT = {"int4": "int", "pot4": "pot", "apot4": "apot2"}
+_SAMPLE_PER_BATCH = 65536  # activation values kept per quantizer per batch for percentile / MSE
+
+
+# --------------------------------------------------------------------------------------------
+# configuration and result
+# --------------------------------------------------------------------------------------------
+def _check_int(value, name: str, low: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}; got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How :func:`quantize_model` quantizes.
+
+    mode: "int8" (real x86 int8), "int4", "pot4", "apot4" (fake-quant / shift-add).
+    calibration: activation range method, "minmax", "percentile" (``percentile`` of the values) or
+    "mse" (clipping range with the least squared quantization error). calibration_samples:
+    images observed. weight_method: "minmax" or "mse" per-channel weight scales (4-bit modes).
+    act_bits / first_last_bits: activation bits and the bits of the first conv / last linear
+    (None: same as the rest) in the 4-bit modes. qat_epochs / qat_max_steps / lr / bf16 /
+    momentum / weight_decay: QAT with SGD + cosine (0 epochs: PTQ only). shiftadd: convert
+    pot4 / apot4 to shift-add modules at the end. reduce_range: int8 activations on 7 bits
+    (torch's x86 default, safe without VNNI).
+    """
+
+    mode: str = "int8"
+    calibration: str = "mse"
+    percentile: float = 99.99
+    calibration_samples: int = 512
+    weight_method: str = "mse"
+    act_bits: int = 8
+    first_last_bits: int | None = 8
+    qat_epochs: int = 0
+    qat_max_steps: int | None = None
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    bf16: bool = False
+    shiftadd: bool = False
+    reduce_range: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.mode not in QUANT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(QUANT_MODES)}; got {self.mode!r}")
+        if self.calibration not in CALIBRATION:
+            raise ValueError(f"calibration must be one of {', '.join(CALIBRATION)}; got {self.calibration!r}")
+        if isinstance(self.percentile, bool) or not 0 < float(self.percentile) <= 100:
+            raise ValueError(f"percentile must be in (0, 100]; got {self.percentile!r}")
+        _check_int(self.calibration_samples, "calibration_samples", 1)
+        if self.weight_method not in ("minmax", "mse"):
+            raise ValueError(f"weight_method must be 'minmax' or 'mse'; got {self.weight_method!r}")
+        _check_int(self.act_bits, "act_bits", 2)
+        if self.act_bits > 8:
+            raise ValueError(f"act_bits must be in [2, 8]; got {self.act_bits}")
+        if self.first_last_bits is not None and not 2 <= _check_int(self.first_last_bits, "first_last_bits", 2) <= 8:
+            raise ValueError(f"first_last_bits must be in [2, 8] or None; got {self.first_last_bits}")
+        _check_int(self.qat_epochs, "qat_epochs", 0)
+        if self.qat_max_steps is not None:
+            _check_int(self.qat_max_steps, "qat_max_steps", 1)
+        if not (isinstance(self.lr, numbers.Real) and self.lr > 0):
+            raise ValueError(f"lr must be > 0; got {self.lr!r}")
+        if self.mode == "int8" and self.qat_epochs:
+            raise ValueError("int8 is post-training only (x86 kernels); QAT applies to int4, pot4 and apot4: "
+                             "set qat_epochs=0 or pick a 4-bit mode")
+        if self.shiftadd and self.mode not in ("pot4", "apot4"):
+            raise ValueError(f"shiftadd needs power-of-two weights (mode 'pot4' or 'apot4'); got mode {self.mode!r}")
+
+
+@dataclass(frozen=True, eq=False)
+class QuantResult:
+    """model: the quantized model (eval mode). kind: "int8-x86", "fake-quant-int4",
+    "fake-quant-pot4", "fake-quant-apot4", "shiftadd-pot4" or "shiftadd-apot4".
+    bits_per_weight: nominal code bits per conv/linear weight (weighted by layer size; scales and
+    sparse indices excluded: see :mod:`si_compress.storage` for stored bits). details: timings,
+    calibration, QAT history."""
+
+    model: nn.Module
+    kind: str
+    bits_per_weight: float
+    details: dict = field(default_factory=dict)
+
+
+def nominal_bits_per_weight(model: nn.Module) -> float:
+    """Code bits per conv/linear weight of ``model``: 8 for x86 int8 layers, ``weight_bits`` for
+    fake-quant layers, ``bits`` for shift-add layers, 32 for float layers (size-weighted mean)."""
+    from .compress.int8 import int8_weights
+    from .nn import FakeQuantConv2d, FakeQuantLinear, ShiftAddConv2d, ShiftAddLinear
+
+    total = bits = 0
+    int8 = int8_weights(model) if any(type(m).__module__.startswith("torch.ao.nn.quantized")
+                                      for m in model.modules()) else {}
+    for name, m in model.named_modules():
+        if name in int8:
+            n, b = int8[name]["codes"].numel(), 8
+        elif isinstance(m, (ShiftAddConv2d, ShiftAddLinear)):
+            n, b = m.weight_signs.numel(), m.bits
+        elif isinstance(m, (FakeQuantConv2d, FakeQuantLinear)):
+            n, b = m.weight.numel(), m.weight_bits
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            n, b = m.weight.numel(), 32
+        else:
+            continue
+        total += n
+        bits += n * b
+    return bits / max(total, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# data helpers
+# --------------------------------------------------------------------------------------------
+def _batches(data, max_samples: int | None):
+    if isinstance(data, Tensor):
+        data = [data]
+    seen = 0
+    for item in data:
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(x, Tensor):
+            raise TypeError(f"calibration data must yield tensors or (tensor, label) pairs; got {type(x).__name__}")
+        if max_samples is not None:
+            x = x[: max_samples - seen]
+        if x.shape[0] == 0:
+            break
+        seen += x.shape[0]
+        yield x
+        if max_samples is not None and seen >= max_samples:
+            break
+
+
+def _first_input(data) -> Tensor:
+    for x in _batches(data, 1):
+        return x
+    raise ValueError("calibration_data yielded no samples; pass a few hundred representative inputs")
+
+
+# --------------------------------------------------------------------------------------------
+# fake-quant calibration and QAT
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, calibration_data, *, method: str = "mse", percentile: float = 99.99,
+                          max_samples: int | None = 512, seed: int = 0) -> int:
+    """Set the ranges of every :class:`~si_compress.nn.ActivationQuantizer` in ``model``.
+
+    Runs the batches inside :func:`~si_compress.nn.calibrating` (running min/max: the "minmax"
+    result). For "percentile" / "mse" a random sample of each quantizer's inputs (at most 65,536
+    values per batch) is kept and the range replaced by ``calibrate_scale(sample, method) * qmax``
+    (symmetric ``[-a, a]`` for signed inputs, ``[0, a]`` for non-negative ones). Returns the
+    number of images seen.
+    """
+    from .nn import ActivationQuantizer, calibrate_scale, calibrating, qrange
+
+    if method not in CALIBRATION:
+        raise ValueError(f"method must be one of {', '.join(CALIBRATION)}; got {method!r}")
+    quantizers = [m for m in model.modules() if isinstance(m, ActivationQuantizer)]
+    samples: dict[int, list[Tensor]] = {id(q): [] for q in quantizers}
+    gen = torch.Generator().manual_seed(seed)
+    handles = []
+    if method != "minmax":
+        def keep(mod, args):
+            x = args[0].detach().float().reshape(-1)
+            if x.numel() > _SAMPLE_PER_BATCH:
+                x = x[torch.randint(0, x.numel(), (_SAMPLE_PER_BATCH,), generator=gen)]
+            samples[id(mod)].append(x)
+
+        handles = [q.register_forward_pre_hook(keep) for q in quantizers]
+    was = model.training
+    model.eval()
+    seen = 0
+    try:
+        with calibrating(model):
+            for x in _batches(calibration_data, max_samples):
+                model(x)
+                seen += x.shape[0]
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    if seen == 0:
+        raise ValueError("calibration_data yielded no samples; pass a few hundred representative inputs")
+    if method != "minmax":
+        for q in quantizers:
+            if not samples[id(q)]:
+                continue
+            signed = q.signed
+            sample = torch.cat(samples[id(q)])
+            scale = calibrate_scale(sample, q.bits, method=method, percentile=percentile, signed=signed)
+            amax = scale * qrange(q.bits, signed=signed)[1]
+            q.max_val.fill_(float(amax))
+            if signed:
+                q.min_val.fill_(-float(amax))
+    return seen
+
+
+def run_qat(model: nn.Module, train_loader, *, epochs: int, lr: float = 1e-3, momentum: float = 0.9,
+            weight_decay: float = 0.0, max_steps: int | None = None, bf16: bool = False,
+            augment: Callable[[Tensor], Tensor] | None = None, masks: "PruneResult | None" = None,
+            progress: Callable[[dict], None] | None = None) -> list[dict]:
+    """Quantization-aware training of a calibrated fake-quant model in place (STE gradients).
+
+    SGD + Nesterov with a per-step cosine schedule (:func:`si_compress.compress.finetune`);
+    activation ranges stay frozen, weight scales follow the weights. ``masks``: pruned weights
+    stay zero. Returns finetune's per-epoch history; the model ends in eval mode.
+    """
+    from .compress import finetune
+
+    hold = holding_masks(model, masks) if masks is not None else contextlib.nullcontext()
+    with hold:
+        return finetune(model, train_loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                        augment=augment, bf16=bf16, max_steps=max_steps, progress=progress)
+
+
+def quantize_model(model: nn.Module, config: QuantConfig, calibration_data, *, train_loader=None,
+                   augment: Callable[[Tensor], Tensor] | None = None, masks: "PruneResult | None" = None,
+                   progress: Callable[[dict], None] | None = None) -> QuantResult:
+    """Quantize a trained float ``model`` (not modified) as ``config`` says; see the module doc.
+
+    calibration_data: a tensor (N, C, H, W) or an iterable of ``x`` / ``(x, y)`` batches
+    (``config.calibration_samples`` images are used). train_loader: (x, y) batches for QAT
+    (required when ``config.qat_epochs > 0``). augment: per-batch augmentation during QAT.
+    masks: a :class:`PruneResult` whose zeros QAT must keep.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module; got {type(model).__name__}")
+    if not isinstance(config, QuantConfig):
+        raise TypeError(f"config must be a QuantConfig; got {type(config).__name__}")
+    if config.qat_epochs and train_loader is None:
+        raise ValueError(f"qat_epochs={config.qat_epochs} needs train_loader=...; pass the training split or "
+                         "set qat_epochs=0 for post-training quantization")
+    details: dict = {"mode": config.mode, "calibration": config.calibration}
+    t0 = time.perf_counter()
+    if config.mode == "int8":
+        from .compress.int8 import quantize_int8
+
+        qmodel = quantize_int8(model, calibration_data, method=config.calibration, percentile=config.percentile,
+                               max_samples=config.calibration_samples, reduce_range=config.reduce_range)
+        details.update(backend="x86 FX graph mode (torch.ao.quantization)", reduce_range=config.reduce_range,
+                       calibration_samples=sum(x.shape[0] for x in _batches(calibration_data,
+                                                                             config.calibration_samples)),
+                       seconds_calibrate=time.perf_counter() - t0)
+        return QuantResult(model=qmodel, kind="int8-x86", bits_per_weight=nominal_bits_per_weight(qmodel),
+                           details=details)
+
+    from .nn import convert_to_shiftadd, fold_bn_model, prepare_qat
+
+    example = _first_input(calibration_data)
+    was = model.training
+    model.eval()
+    try:
+        folded = fold_bn_model(model, example_input=example[:1])
+    finally:
+        model.train(was)
+    fmt = _FORMAT[config.mode]
+    qmodel = prepare_qat(folded, weight_bits=4, act_bits=config.act_bits, first_last_bits=config.first_last_bits,
+                         weight_method=config.weight_method, weight_format=fmt, inplace=True)
+    if masks is not None:
+        apply_masks(qmodel, masks)
+    details["calibration_samples"] = calibrate_activations(
+        qmodel, calibration_data, method=config.calibration, percentile=config.percentile,
+        max_samples=config.calibration_samples, seed=config.seed)
+    details["weight_method"] = config.weight_method
+    details["seconds_calibrate"] = time.perf_counter() - t0
+    if config.qat_epochs:
+        t1 = time.perf_counter()
+        torch.manual_seed(config.seed)
+        details["qat_history"] = run_qat(qmodel, train_loader, epochs=config.qat_epochs, lr=config.lr,
+                                         momentum=config.momentum, weight_decay=config.weight_decay,
+                                         max_steps=config.qat_max_steps, bf16=config.bf16, augment=augment,
+                                         masks=masks, progress=progress)
+        details["seconds_qat"] = time.perf_counter() - t1
+    qmodel.eval()
+    kind = f"fake-quant-{config.mode}"
+    if config.shiftadd:
+        t1 = time.perf_counter()
+        qmodel = convert_to_shiftadd(qmodel, bits=4, act_bits=config.act_bits, variant=fmt,
+                                     weight_method=config.weight_method, keep_first_last=True).eval()
+        details["seconds_shiftadd"] = time.perf_counter() - t1
+        kind = f"shiftadd-{config.mode}"
+    return QuantResult(model=qmodel, kind=kind, bits_per_weight=nominal_bits_per_weight(qmodel), details=details)
+
+
+# --------------------------------------------------------------------------------------------
+# unstructured percentile pruning
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PruneResult:
+    """masks: parameter name (e.g. ``"layer1.0.conv1.weight"``) -> bool tensor, True = kept.
+    percentile: requested percentage of zeros; sparsity: achieved fraction of zeros over the
+    masked weights; per_layer: fraction of zeros per parameter."""
+
+    masks: dict
+    percentile: float
+    scope: str
+    sparsity: float
+    per_layer: dict
+    _handles: list = field(default_factory=list, repr=False)
+
+    def release(self) -> None:
+        """Remove the gradient hooks :func:`percentile_prune` (``hold=True``) registered."""
+        while self._handles:
+            self._handles.pop().remove()
+
+
+def _prunable(model: nn.Module, layers) -> dict[str, nn.Parameter]:
+    wanted = None if layers is None else set(layers)
+    params = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and (wanted is None or name in wanted):
+            params[f"{name}.weight" if name else "weight"] = m.weight
+    if wanted is not None:
+        missing = wanted - {k.rsplit(".", 1)[0] if "." in k else "" for k in params}
+        if missing:
+            raise ValueError(f"layers {sorted(missing)} are not Conv2d / Linear modules of the model")
+    if not params:
+        raise ValueError("the model has no Conv2d or Linear weights to prune")
+    return params
+
+
+def _smallest_mask(values: Tensor, k: int) -> Tensor:
+    """Bool mask, False at the k smallest ``values`` (ties: lower flat index first)."""
+    mask = torch.ones(values.numel(), dtype=torch.bool)
+    if k > 0:
+        order = torch.argsort(values.reshape(-1), stable=True)
+        mask[order[:k]] = False
+    return mask
+
+
+def _mask_hook(mask: Tensor):
+    return lambda grad: grad * mask.to(grad.dtype)
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: "PruneResult | dict") -> None:
+    """Zero the pruned weights of ``model`` in place (parameters looked up by name)."""
+    masks = masks.masks if isinstance(masks, PruneResult) else masks
+    params = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in params:
+            raise ValueError(f"the model has no parameter {name!r}; masks must come from a model with the same "
+                             "layer names")
+        params[name].mul_(mask.to(params[name].dtype))
+
+
+@contextlib.contextmanager
+def holding_masks(model: nn.Module, masks: "PruneResult | dict"):
+    """Within the block, gradients of pruned weights are zeroed (so SGD, momentum and weight decay
+    leave them at zero); on exit the masks are re-applied and the hooks removed."""
+    masks_d = masks.masks if isinstance(masks, PruneResult) else masks
+    apply_masks(model, masks_d)
+    params = dict(model.named_parameters())
+    handles = [params[n].register_hook(_mask_hook(m)) for n, m in masks_d.items()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
+        apply_masks(model, masks_d)
+
+
+def percentile_prune(model: nn.Module, percentile: float, *, scope: str = "global",
+                     layers: Iterable[str] | None = None, hold: bool = True) -> PruneResult:
+    """Unstructured magnitude pruning in place: zero exactly ``round(percentile / 100 * n)`` weights.
+
+    scope "global": the smallest ``|w|`` over all selected Conv2d / Linear weights together
+    (layers with small weights lose more); "layer": that fraction of each weight tensor.
+    layers: module names to prune (default: every Conv2d and Linear). hold: register gradient
+    hooks so later fine-tuning keeps the zeros (remove with ``result.release()``; hooks do not
+    survive ``copy.deepcopy``: use :func:`holding_masks` on copies).
+    """
+    if isinstance(percentile, bool) or not isinstance(percentile, numbers.Real) or not 0 <= percentile < 100:
+        raise ValueError(f"percentile must be a number in [0, 100); got {percentile!r}")
+    if scope not in ("global", "layer"):
+        raise ValueError(f"scope must be 'global' or 'layer'; got {scope!r}")
+    params = _prunable(model, layers)
+    masks = {}
+    with torch.no_grad():
+        if scope == "global":
+            flat = torch.cat([p.detach().abs().reshape(-1).float() for p in params.values()])
+            keep = _smallest_mask(flat, round(percentile / 100.0 * flat.numel()))
+            offset = 0
+            for name, p in params.items():
+                masks[name] = keep[offset:offset + p.numel()].reshape(p.shape).clone()
+                offset += p.numel()
+        else:
+            for name, p in params.items():
+                masks[name] = _smallest_mask(p.detach().abs().float(),
+                                             round(percentile / 100.0 * p.numel())).reshape(p.shape)
+        for name, p in params.items():
+            p.mul_(masks[name].to(p.dtype))
+    n = sum(m.numel() for m in masks.values())
+    zeros = sum(int((~m).sum()) for m in masks.values())
+    handles = [params[name].register_hook(_mask_hook(m)) for name, m in masks.items()] if hold else []
+    return PruneResult(masks=masks, percentile=float(percentile), scope=scope, sparsity=zeros / n,
+                       per_layer={k: float((~m).float().mean()) for k, m in masks.items()}, _handles=handles)
+
+
+@dataclass(frozen=True, eq=False)
+class SearchResult:
+    """Outcome of :func:`dynamic_percentile_search`: the best accepted model (a copy), its
+    percentile, accuracy and masks, the baseline accuracy and every trial in order."""
+
+    model: nn.Module
+    percentile: float
+    accuracy: float
+    baseline_accuracy: float
+    sparsity: float
+    masks: dict
+    history: tuple
+
+
+def dynamic_percentile_search(model: nn.Module, *, eval_fn: Callable[[nn.Module], float],
+                              finetune_fn: Callable[[nn.Module], object] | None = None, start: float = 50.0,
+                              step: float = 10.0, tolerance: float = 0.01, min_step: float = 1.0,
+                              max_percentile: float = 99.0, max_trials: int = 12, scope: str = "global",
+                              layers: Iterable[str] | None = None, baseline: float | None = None,
+                              progress: Callable[[dict], None] | None = None) -> SearchResult:
+    """Raise the pruning percentile while the fine-tuned accuracy holds; back off when it drops.
+
+    Schedule (``a0`` = ``baseline`` or ``eval_fn(model)``; ``lo`` = highest accepted percentile,
+    initially 0 = the unpruned model; ``hi`` = lowest rejected one, initially none):
+
+    1. the first trial is at ``p = start``;
+    2. a trial copies the best accepted model, prunes it to ``p`` (:func:`percentile_prune`;
+       weights already zero stay zero since they are the smallest), runs ``finetune_fn`` on it with
+       the masks held, and measures ``acc = eval_fn``. It is accepted if ``acc >= a0 - tolerance``
+       (then ``lo = p`` and it becomes the best model), else rejected (``hi = p``);
+    3. next ``p``: ``lo + step`` while nothing was rejected (raise), else ``(lo + hi) / 2``
+       (back off by bisection between the last percentile that held and the first that dropped);
+       capped at ``max_percentile``;
+    4. stop when ``hi - lo <= min_step``, when the next ``p`` was already tried (the cap was
+       reached), or after ``max_trials`` trials.
+
+    eval_fn(model) -> accuracy (any scale, same as ``tolerance``); finetune_fn(model) trains in
+    place (None: prune only). The input model is not modified. history: one dict per trial
+    ``{"trial", "percentile", "sparsity", "accuracy", "accepted", "seconds"}``.
+    """
+    for name, v in (("start", start), ("step", step), ("max_percentile", max_percentile)):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < 100:
+            raise ValueError(f"{name} must be a percentage in (0, 100); got {v!r}")
+    if start > max_percentile:
+        raise ValueError(f"start ({start}) must not exceed max_percentile ({max_percentile})")
+    if not min_step > 0 or tolerance < 0:
+        raise ValueError(f"min_step must be > 0 and tolerance >= 0; got {min_step!r}, {tolerance!r}")
+    _check_int(max_trials, "max_trials", 1)
+    a0 = float(eval_fn(model)) if baseline is None else float(baseline)
+    best, best_p, best_acc, best_masks, best_sparsity = copy.deepcopy(model), 0.0, a0, {}, 0.0
+    lo, hi = 0.0, None
+    p = float(start)
+    tried: set[float] = set()
+    history = []
+    for trial in range(1, max_trials + 1):
+        t0 = time.perf_counter()
+        tried.add(p)
+        cand = copy.deepcopy(best)
+        res = percentile_prune(cand, p, scope=scope, layers=layers, hold=False)
+        if finetune_fn is not None:
+            with holding_masks(cand, res):
+                finetune_fn(cand)
+        acc = float(eval_fn(cand))
+        ok = acc >= a0 - tolerance
+        record = {"trial": trial, "percentile": p, "sparsity": res.sparsity, "accuracy": acc, "accepted": ok,
+                  "seconds": time.perf_counter() - t0}
+        history.append(record)
+        if progress is not None:
+            progress(record)
+        if ok:
+            lo, best, best_p, best_acc, best_masks, best_sparsity = p, cand, p, acc, res.masks, res.sparsity
+        else:
+            hi = p
+        if hi is not None and hi - lo <= min_step:
+            break
+        nxt = min(lo + step if hi is None else (lo + hi) / 2.0, float(max_percentile))
+        if nxt in tried or nxt <= lo:
+            break
+        p = nxt
+    return SearchResult(model=best, percentile=best_p, accuracy=best_acc, baseline_accuracy=a0,
+                        sparsity=best_sparsity, masks=best_masks, history=tuple(history))
+
+
+# --------------------------------------------------------------------------------------------
+# latency
+# --------------------------------------------------------------------------------------------
+def compare_latency(models: dict, example: Tensor, *, repeats: int = 7, warmup: int = 2) -> dict:
+    """Median seconds per forward pass of each model on ``example``, measured interleaved.
+
+    Each round runs every model once in turn (so background load hits all alike); ``warmup``
+    rounds are discarded. Returns ``{name: {"median_s", "times_s"}}``; ratios of medians from one
+    call compare models under the same conditions.
+    """
+    _check_int(repeats, "repeats", 1)
+    times = {name: [] for name in models}
+    for m in models.values():
+        m.eval()
+    with torch.inference_mode():
+        for r in range(warmup + repeats):
+            for name, m in models.items():
+                t0 = time.perf_counter()
+                m(example)
+                dt = time.perf_counter() - t0
+                if r >= warmup:
+                    times[name].append(dt)
+    return {name: {"median_s": float(statistics.median(ts)), "times_s": ts} for name, ts in times.items()}
