@@ -335,3 +335,19 @@ def test_import_is_light():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_single_group_and_prefix_si_match_direct(rng):
+    from si_compress.separability.selection import prefix_si, single_group_si
+
+    G = rng.integers(0, 3, size=(90, 5, 3)).astype(float)
+    y = rng.integers(0, 3, 90)
+    single = single_group_si(G, y)
+    for g in range(5):
+        assert single[g] == separation_index(G[:, g], y, backend="numpy")
+    order = [3, 0, 4]
+    curve = prefix_si(G, y, order)
+    for k in range(3):
+        assert curve[k] == separation_index(G[:, order[:k + 1]].reshape(90, -1), y, backend="numpy")
+    with pytest.raises(ValueError, match="distinct group indices"):
+        prefix_si(G, y, [0, 0])
