@@ -10,7 +10,7 @@ For the JPEG-fine-tuned ResNet-56 in ../shared/models (default), on the JPEG spl
   4. CPU latency of the SI-compressed model at batch 1 and 128, as a ratio to the base in this run.
 Writes benchmarks/results/compress_<arch>.json; --table prints the README table from it.
 
-  python benchmarks/bench_compress.py --epochs 2            # ~1 h on 2 cores
+  python benchmarks/bench_compress.py --epochs 1 --bf16     # ~1 h on 2 cores (11 min per fine-tuning epoch)
   python benchmarks/bench_compress.py --table
 """
 from __future__ import annotations
@@ -68,7 +68,8 @@ def run(args) -> dict:
     log(f"data ready in {time.perf_counter() - t0:.0f} s")
     x0 = sample[0][0][None]
     cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, compensation=args.compensation,
-                         finetune_epochs=args.epochs, bf16=args.bf16, lr=args.lr, seed=args.seed)
+                         finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
+                         seed=args.seed)
     base_macs, base_params = count_tp(base, x0)
     base_acc = evaluate(base, test_loader)
     log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")
@@ -105,10 +106,13 @@ def run(args) -> dict:
     plans["tp-magnitude"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
                                               num_classes=loaded.num_classes)
     results = {}
+    from dataclasses import replace
+
     for name in args.methods:
         t0 = time.perf_counter()
+        run_cfg = cfg if name in args.finetune_methods else replace(cfg, finetune_epochs=0)
         model, m = execute(base, plans[name], example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                           train_loader=train_loader, config=cfg, augment=cifar_augment,
+                           train_loader=train_loader, config=run_cfg, augment=cifar_augment,
                            progress=lambda h, n=name: log(f"  {n} epoch {h.get('epoch')}: {h}"))
         m.pop("refit", None)
         m["widths"] = {d.name: len(d.keep) for d in plans[name].layers}
@@ -138,11 +142,13 @@ def table(path: Path) -> str:
     r = d["results"]
     b = d["base"]
     ep = d["settings"]["epochs"]
+    steps = d["settings"].get("max_steps")
+    ft = f"{steps} SGD steps of batch 128 ({steps * 128 / 50000:.2f} epoch)" if steps else f"{ep} epoch(s)"
     lines = [f"Base {d['settings']['model']}: {100 * b['acc']:.2f}% top-1 on {d['eval_samples']} test JPEGs, "
              f"{b['macs'] / 1e6:.1f} M MACs, {b['params'] / 1e6:.3f} M params. "
-             f"Compensation: {d['settings']['compensation']}; fine-tuning: {ep} epoch(s), SGD cosine, lr "
+             f"Compensation: {d['settings']['compensation']}; fine-tuning: {ft}, SGD cosine, lr "
              f"{d['settings']['lr']}.", "",
-             f"| method | MACs | params | top-1 pruned | after compensation (no training) | after {ep} epoch(s) |",
+             f"| method | MACs | params | top-1 pruned | after compensation (no training) | after fine-tuning |",
              "|---|---|---|---|---|---|"]
     for name, m in r.items():
         ft = "" if m.get("acc_finetuned") is None else f"{100 * m['acc_finetuned']:.2f}%"
@@ -163,10 +169,14 @@ def main(argv=None):
     p.add_argument("--compensation", default="refit")
     p.add_argument("--si-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop fine-tuning after this many SGD steps (batch 128; 391 steps = 1 epoch)")
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--finetune-methods", nargs="+", default=["si", "uniform-l1", "tp-magnitude"], choices=METHODS,
+                   help="methods that are also fine-tuned (--epochs); the others stop after compensation")
     p.add_argument("--latency-all", action="store_true")
     p.add_argument("--latency-repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)

@@ -30,6 +30,7 @@ class CompressConfig:
     order: int = 3
     compensation: str = "refit"
     finetune_epochs: int = 0
+    finetune_steps: int | None = None   # stop fine-tuning after this many SGD steps (None: full epochs)
     head_only: bool = False
     head_epochs: int = 5
     lr: float = 0.01
@@ -161,7 +162,7 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
             raise ValueError("fine-tuning needs the training split")
         t0 = time.perf_counter()
         hist = finetune(pruned, train_loader, epochs=config.finetune_epochs, lr=config.lr, augment=augment,
-                        bf16=config.bf16, progress=progress)
+                        bf16=config.bf16, max_steps=config.finetune_steps, progress=progress)
         m["seconds_finetune"] = time.perf_counter() - t0
         m["finetune_history"] = hist
         m["acc_finetuned"] = evaluate(pruned, test_loader)

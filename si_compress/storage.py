@@ -190,7 +190,8 @@ def _delta_index(nonzero: np.ndarray) -> np.ndarray:
     return np.asarray(out, dtype=np.int64)
 
 
-def _encode_sparse(codes: np.ndarray, nonzero: np.ndarray, bits: int, sparse: str) -> tuple[str, np.ndarray, np.ndarray, int]:
+def _encode_sparse(codes: np.ndarray, nonzero: np.ndarray, bits: int,
+                   sparse: str) -> tuple[str, np.ndarray, np.ndarray, int]:
     """(format, index bytes, packed code bytes, number of stored codes) for one flat tensor."""
     candidates = {}
     if sparse in ("auto", "dense"):
@@ -233,9 +234,9 @@ def _collect(model: nn.Module, *, bits: int | None, weight_format: str, method: 
     skip: set[str] = set()
     first, last = first_conv_last_linear(model)
     int8_layers = {}
-    if any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules()):
-        from .compress.int8 import int8_weights
+    from .compress.int8 import int8_weights, is_int8_model
 
+    if is_int8_model(model):
         int8_layers = int8_weights(model)
     for name, m in model.named_modules():
         key = f"{name}.weight" if name else "weight"
@@ -255,8 +256,8 @@ def _collect(model: nn.Module, *, bits: int | None, weight_format: str, method: 
             qweights[key] = _quantize_weight(m.weight, fmt=m.weight_format, bits=m.weight_bits,
                                              method=m.weight_method)
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            b = first_last_bits if (first_last_bits is not None and name in (first, last)) else bits
-            fmt = "int" if (name in (first, last) and first_last_bits is not None) else weight_format
+            edge = bits is not None and first_last_bits is not None and name in (first, last)
+            b, fmt = (first_last_bits, "int") if edge else (bits, weight_format)
             qweights[key] = _float_weight(m.weight) if b is None else _quantize_weight(
                 m.weight, fmt=fmt, bits=b, method=method)
     raw = {}
@@ -365,8 +366,8 @@ def save_packed(path, model: nn.Module, *, bits: int | None = 8, weight_format: 
     (their int8 codes and scales), ``FakeQuant*`` (their weight_bits / weight_format),
     ``ShiftAdd*`` (their power-of-two codes). Plain Conv2d / Linear use ``bits`` and
     ``weight_format`` ("int", "pot", "apot2"; ``bits=None``: float32), with per-channel scales
-    from ``method`` ("minmax" or "mse"); the first conv and last linear use ``first_last_bits``
-    "int" (None: as the rest). Fold BatchNorms first to store the folded model. ``sparse``:
+    from ``method`` ("minmax" or "mse"); when ``bits`` is set, the first conv and last linear use
+    ``first_last_bits`` "int" (None: as the rest). Fold BatchNorms first to store the folded model. ``sparse``:
     "auto", "dense", "bitmap" or "delta".
     """
     if not isinstance(model, nn.Module):

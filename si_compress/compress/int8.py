@@ -38,7 +38,9 @@ __all__ = [
     "INT8_METHODS",
     "check_fx_traceable",
     "int8_available",
+    "int8_weights",
     "is_int8_model",
+    "is_quantized_module",
     "load_int8",
     "quantize_int8",
     "save_int8",
@@ -57,6 +59,8 @@ def _quiet():
         warnings.filterwarnings("ignore", category=UserWarning, message=r".*quantize_per_tensor.*deprecated.*")
         warnings.filterwarnings("ignore", category=UserWarning, message=r".*_empty_affine_quantized.*")
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit.*")
+        # quantized ops read their (constant) scales as Python floats while tracing: expected here
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit.*")
         yield
 
@@ -189,9 +193,15 @@ def quantize_int8(model: nn.Module, calibration_data, *, method: str = "mse", pe
     return converted.eval()
 
 
+def is_quantized_module(m: nn.Module) -> bool:
+    """True for torch.ao quantized modules, fused ones (``torch.ao.nn.intrinsic.quantized``) included."""
+    mod = type(m).__module__
+    return mod.startswith("torch.ao.nn.") and ".quantized" in mod
+
+
 def is_int8_model(model: nn.Module) -> bool:
     """True when ``model`` holds torch.ao quantized modules (a :func:`quantize_int8` result)."""
-    return any(type(m).__module__.startswith("torch.ao.nn.quantized") for m in model.modules())
+    return any(is_quantized_module(m) for m in model.modules())
 
 
 def int8_weights(model: nn.Module) -> dict[str, dict]:
@@ -201,7 +211,7 @@ def int8_weights(model: nn.Module) -> dict[str, dict]:
     with _quiet():
         for name, m in model.named_modules():
             w = getattr(m, "weight", None)
-            if not (type(m).__module__.startswith("torch.ao.nn.quantized") and callable(w)):
+            if not (is_quantized_module(m) and callable(w)):
                 continue
             qw = w()
             if qw.qscheme() in (torch.per_channel_symmetric, torch.per_channel_affine):
