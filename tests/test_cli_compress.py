@@ -89,3 +89,14 @@ def test_pipeline_resnet_budget_counts_like_torch_pruning():
     assert got <= 0.6 * base
     assert plan.predicted["tp_macs"] == got
     assert all(d.name.endswith("conv1") for d in plan.layers)
+
+
+def test_compress_then_int8(digits_ckpt, tmp_path, capsys):
+    out_dir = tmp_path / "q"
+    code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
+                           "--out", out_dir, "--quiet", "--quant", "int8"], capsys)
+    assert code == 0, err
+    q = json.loads((out_dir / "metrics.json").read_text())["quant"]
+    assert q["kind"].startswith("int8") and q["size_on_disk_bytes"] < 0.3 * q["fp32_size_bytes"]
+    assert q["accuracy"]["quantized"] > 0.8
+    assert (out_dir / "model.int8.ts").exists() and "bits/weight" in out

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from ._common import ArgumentParser, CLIError, Progress, add_model_args, run_main
+from ._quant import add_quant_args
 
 PROG = "si-compress"
 
@@ -37,6 +38,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=0, help="test images for accuracy (0 = the whole split)")
     p.add_argument("--compensation", default="refit", choices=("refit", "refit+bn", "bn", "none"))
     p.add_argument("--finetune-epochs", type=int, default=0)
+    p.add_argument("--finetune-steps", type=int, default=None,
+                   help="stop fine-tuning after this many SGD steps (a fraction of an epoch on a slow CPU)")
     p.add_argument("--head-only", action="store_true",
                    help="no fine-tuning of conv weights: only the classifier head is trained (--head-epochs)")
     p.add_argument("--head-epochs", type=int, default=5)
@@ -47,6 +50,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--out", default="runs/compress")
     p.add_argument("--quiet", action="store_true")
+    add_quant_args(p)
     return p
 
 
@@ -82,6 +86,7 @@ def _body(argv) -> int:
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
                             allow_drop=not args.no_drop, round_to=args.round_to,
                             compensation=args.compensation, finetune_epochs=args.finetune_epochs,
+                            finetune_steps=args.finetune_steps,
                             head_only=args.head_only, head_epochs=args.head_epochs, lr=args.lr,
                             batch_size=args.batch_size, bf16=args.bf16, seed=args.seed)
     si_idx = balanced_indices(train.labels, min(args.si_samples, len(train)), seed=args.seed)
@@ -93,7 +98,7 @@ def _body(argv) -> int:
     test_loader = DL(preload(test.dataset, test_idx), batch_size=500)
     x0 = sample[0][0][None]
     train_loader = None
-    if args.finetune_epochs or args.head_only:
+    if args.finetune_epochs or args.head_only or getattr(args, "qat_epochs", 0) or getattr(args, "sparsity_epochs", 0):
         train_loader = DL(preload(train.dataset), batch_size=args.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(args.seed))
 
@@ -128,6 +133,10 @@ def _body(argv) -> int:
         seconds={k: v for k, v in m.items() if k.startswith("seconds")}, refit=m.get("refit"),
         finetune_history=m.get("finetune_history"),
     )
+    if args.quant:
+        from ._quant import apply_quant
+
+        metrics["quant"] = apply_quant(args, compressed, sample_loader, train_loader, test_loader)
     write_text(out / "plan.json", plan.to_json())
     save_compressed(out / "model.pt", compressed, plan, arch=loaded.arch, num_classes=loaded.num_classes,
                     input_shape=shape)
@@ -150,6 +159,13 @@ def _body(argv) -> int:
     print(f"MACs {base_macs / 1e6:.2f} M -> {m['macs'] / 1e6:.2f} M ({100 * metrics['macs_reduction']:.1f}% fewer), "
           f"params {base_params / 1e6:.3f} M -> {m['params'] / 1e6:.3f} M "
           f"({100 * metrics['params_reduction']:.1f}% fewer)")
+    q = metrics.get("quant")
+    if q:
+        qacc = q["accuracy"].get("quantized", q["accuracy"].get("pruned"))
+        print(f"{q['kind']}: {q['bits_per_weight']:.2f} bits/weight, {q['size_on_disk_bytes'] / 1024:.0f} KiB packed "
+              f"on disk ({100 * q['size_reduction']:.1f}% smaller than the compressed fp32 state dict), top-1 "
+              f"{100 * qacc:.2f}%" + (f", batch-128 speed-up vs compressed fp32 {q['latency']['batch128']['speedup']:.2f}x"
+                                       if q.get("latency") else ""))
     print(f"CPU latency speed-up vs base (same run, {metrics['threads']} threads): batch 1 "
           f"{lat['batch1']['speedup']:.2f}x, batch 128 {lat['batch128']['speedup']:.2f}x; wrote {out}/")
     return 0
