@@ -34,14 +34,30 @@ def render(name: str) -> str:
     return proc.stdout.strip()
 
 
+def example(name: str) -> str:
+    """The real stdout of a CLI run stored in a benchmark JSON, as a code block."""
+    import json
+
+    src = HERE / "results" / "analyze_resnet56-cifar10-jpeg.json"
+    if name != "analyze" or not src.exists():
+        return "_Not measured yet: run `python benchmarks/bench_analyze.py`._"
+    d = json.loads(src.read_text())
+    cmd = f"si-analyze ../shared/models/{d['model']} --data ../shared/data/cifar10-jpeg --samples {d['samples']}"
+    return f"```\n$ {cmd}\n{d['stdout'].rstrip()}\n```"
+
+
 def update(path: Path) -> None:
     text = path.read_text()
+    text_in = text
+    text = re.sub(r"<!-- example:(\w+) -->.*?<!-- /example:\1 -->",
+                  lambda m: f"<!-- example:{m.group(1)} -->\n{example(m.group(1))}\n<!-- /example:{m.group(1)} -->",
+                  text, flags=re.S)
 
     def sub(m):
         return f"<!-- table:{m.group(1)} -->\n{render(m.group(1))}\n<!-- /table:{m.group(1)} -->"
 
     new = re.sub(r"<!-- table:(\w+) -->.*?<!-- /table:\1 -->", sub, text, flags=re.S)
-    if new != text:
+    if new != text_in:
         tmp = path.with_suffix(".md.tmp")
         tmp.write_text(new)
         tmp.replace(path)

@@ -29,6 +29,7 @@ _SLACK = 8
 _BLOCK = 2048
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
+_DIRECT_WORK = 2 * 10**9   # multiply-adds below which uncertified rows are searched directly
 
 
 def available_backends() -> tuple[str, ...]:
@@ -109,10 +110,10 @@ def _group_rows(X: np.ndarray) -> _Groups:
 
 
 def _sqnorms(A: np.ndarray) -> np.ndarray:
+    from . import _numba as nb
+
     out = np.empty(A.shape[0], np.float64)
-    for s in range(0, A.shape[0], _BLOCK):
-        blk = A[s:s + _BLOCK].astype(np.float64)
-        out[s:s + _BLOCK] = np.einsum("ij,ij->i", blk, blk)
+    nb.row_sqnorms(A, out)
     return out
 
 
@@ -146,6 +147,12 @@ def _fallback64(Q, qrows, U, urows, qn, un, first, self_ids, need, rows):
     from . import _numba as nb
 
     d = Q.shape[1]
+    if rows.size * urows.size * d <= _DIRECT_WORK:
+        # a few rows: exact distances to every unique row, no screen needed
+        out_i = np.empty((rows.size, need), np.int64)
+        out_d = np.empty((rows.size, need), np.float64)
+        nb.exact_knn_rows(Q, qrows[rows], U, urows, first, self_ids[rows], need, out_i, out_d)
+        return out_i, out_d
     c64 = _gamma(d, _U64)
     out_i = np.empty((rows.size, need), np.int64)
     out_d = np.empty((rows.size, need), np.float64)

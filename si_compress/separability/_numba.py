@@ -443,3 +443,35 @@ def _finish_center(X, MT, xn, cn, c_tol, acc, i, out):
                 bd = s
                 best = c
     out[i] = best
+
+
+@njit(parallel=True, cache=True)
+def row_sqnorms(X, out):
+    """Squared row norms (n,) accumulated in float64."""
+    for i in prange(X.shape[0]):
+        s = 0.0
+        for t in range(X.shape[1]):
+            v = np.float64(X[i, t])
+            s += v * v
+        out[i] = s
+
+
+@njit(parallel=True, cache=True)
+def exact_knn_rows(Q, qrows, U, urows, first, self_ids, need, out_idx, out_dist):
+    """Exact float64 search of a few query rows against every unique row (no screen, no bound):
+    query i is Q[qrows[i]]; results ordered by (distance, first[u])."""
+    nb = qrows.shape[0]
+    m = urows.shape[0]
+    for i in prange(nb):
+        bd = np.full(need, np.inf)
+        bi = np.full(need, -1, np.int64)
+        bf = np.full(need, np.iinfo(np.int64).max, np.int64)
+        q = Q[qrows[i]]
+        for u in range(m):
+            if u == self_ids[i]:
+                continue
+            d = _sqdist(q, U[urows[u]])
+            _insert_sorted(bd, bi, bf, d, u, first[u])
+        for t in range(need):
+            out_idx[i, t] = bi[t]
+            out_dist[i, t] = bd[t]
