@@ -41,7 +41,8 @@ def table(path: Path) -> str:
         f"| {d['model']} | {d['samples']} | {len(rep['layers'])} | {d['wall_seconds']:.0f} s | "
         f"{d['peak_rss_bytes'] / 2**30:.2f} GiB | {last['si']:.3f} / {last['csi']:.3f} | {100 * rep['accuracy']:.2f}% |",
         "", f"Oracle check (plain numpy brute force on freshly captured features): {checks}.",
-        f"Command: `{d['command']}` (via `python benchmarks/bench_analyze.py`).",
+        f"Command: `si-analyze ../shared/models/{d['model']} --data ../shared/data/cifar10-jpeg --samples "
+        f"{d['samples']}` (run by `python benchmarks/bench_analyze.py`, which also does the oracle check).",
     ])
 
 

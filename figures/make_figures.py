@@ -153,10 +153,11 @@ def fig_compress_accuracy(data: dict, ax=None):
     """Top-1 of each method: pruned, after compensation, after fine-tuning (grouped bars)."""
     res = data["results"]
     names = list(res)
-    stages = [("acc_pruned", "pruned"), ("acc_compensated", "compensated (no training)"),
-              ("acc_finetuned", f"fine-tuned ({data['settings']['epochs']} ep)")]
+    steps = data["settings"].get("max_steps")
+    ft = f"fine-tuned ({steps} steps)" if steps else f"fine-tuned ({data['settings']['epochs']} ep)"
+    stages = [("acc_pruned", "pruned"), ("acc_compensated", "compensated (no training)"), ("acc_finetuned", ft)]
     if ax is None:
-        fig, ax = plt.subplots(figsize=(8, 4.2), constrained_layout=True)
+        fig, ax = plt.subplots(figsize=(8, 4.6), constrained_layout=True)
     else:
         fig = ax.figure
     x = np.arange(len(names))
@@ -170,7 +171,7 @@ def fig_compress_accuracy(data: dict, ax=None):
     ax.set_ylabel("top-1 on the JPEG test split (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"{data['settings']['model']}: SI plan vs baselines at the same MACs")
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)
     return fig, ax
 
 
