@@ -165,21 +165,10 @@ def nominal_bits_per_weight(model: nn.Module) -> float:
 # data helpers
 # --------------------------------------------------------------------------------------------
 def _batches(data, max_samples: int | None):
-    if isinstance(data, Tensor):
-        data = [data]
-    seen = 0
-    for item in data:
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        if not isinstance(x, Tensor):
-            raise TypeError(f"calibration data must yield tensors or (tensor, label) pairs; got {type(x).__name__}")
-        if max_samples is not None:
-            x = x[: max_samples - seen]
-        if x.shape[0] == 0:
-            break
-        seen += x.shape[0]
-        yield x
-        if max_samples is not None and seen >= max_samples:
-            break
+    """Input tensors from a tensor, a DataLoader or an iterable of x / (x, y), up to max_samples."""
+    from .compress.int8 import _batches as batches
+
+    return batches(data, max_samples)
 
 
 def _first_input(data) -> Tensor:
