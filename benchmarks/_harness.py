@@ -25,6 +25,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+# ../shared (real checkpoints and data), overridable like the tests' fixture
+SHARED = Path(os.environ.get("SI_COMPRESS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+
 MiB = 2**20
 GiB = 2**30
 

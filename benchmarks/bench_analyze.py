@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -24,9 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from _harness import machine_info, write_json_atomic  # noqa: E402
+from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-SHARED = Path(os.environ.get("SI_COMPRESS_SHARED", ROOT.parent / "shared"))
 
 
 def table(path: Path) -> str:

@@ -16,7 +16,6 @@ Writes benchmarks/results/compress_<arch>.json; --table prints the README table 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,8 @@ for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _harness import machine_info, write_json_atomic  # noqa: E402
+from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-SHARED = Path(os.environ.get("SI_COMPRESS_SHARED", ROOT.parent / "shared"))
 METHODS = ("si", "l1-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude")
 
 

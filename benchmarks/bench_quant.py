@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,9 +33,8 @@ for _p in (str(ROOT), str(HERE)):
     if _p not in sys.path:
         sys.path.insert(0, _p)
 
-from _harness import machine_info, write_json_atomic  # noqa: E402
+from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-SHARED = Path(os.environ.get("SI_COMPRESS_SHARED", ROOT.parent / "shared"))
 RESULT = HERE / "results" / "quant.json"
 SECTIONS = ("a", "b", "c", "d")
 
