@@ -1,16 +1,19 @@
 """SI compression of a CIFAR ResNet against fair baselines, through one executor.
 
 For the JPEG-fine-tuned ResNet-56 in ../shared/models (default), on the JPEG splits:
-  1. SI plan: block SI gains + per-filter SI curves on a class-balanced train sample, MACs budget
-     (--target-macs, counted as torch-pruning counts them);
-  2. baselines at the same MACs: L1 and random filter ranking with the SI plan's per-layer widths
-     and dropped blocks; uniform-ratio L1 pruning; torch-pruning's global magnitude pruner;
+  1. SI plan (the si-compress default): block SI gains + per-filter prefix-SI curves on a
+     class-balanced train sample decide which blocks go and how many filters each layer keeps
+     (multiples of 8; moves ranked per MAC and per measured CPU second saved), MACs budget
+     (--target-macs, counted as torch-pruning counts them); inside a layer L1 picks the filters;
+  2. ablations with the SI plan's widths and drops: single-filter-SI and random filter choice;
+     baselines at the same MACs: uniform-ratio L1 pruning; torch-pruning's global magnitude pruner;
   3. each one: apply (torch-pruning), accuracy on the whole test split before compensation, after
      least-squares compensation (no training), and after --epochs of fine-tuning (SGD, cosine);
-  4. CPU latency of the SI-compressed model at batch 1 and 128, as a ratio to the base in this run.
+  4. CPU latency of each compressed model at batch 1 and 128, as a ratio to the base in this run.
+The fine-tuned SI model is saved (si_compress format) to runs/compress/si_<arch>.pt for bench_quant.
 Writes benchmarks/results/compress_<arch>.json; --table prints the README table from it.
 
-  python benchmarks/bench_compress.py --epochs 1 --bf16     # ~1 h on 2 cores (11 min per fine-tuning epoch)
+  python benchmarks/bench_compress.py --epochs 2 --bf16     # ~35 min on 2 quiet cores
   python benchmarks/bench_compress.py --table
 """
 from __future__ import annotations
@@ -28,7 +31,11 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-METHODS = ("si", "l1-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude")
+METHODS = ("si", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude")
+
+
+def stem_of(model: str) -> str:
+    return Path(model).name.split("-")[0]
 
 
 def log(*a):
@@ -65,7 +72,8 @@ def run(args) -> dict:
                           generator=torch.Generator().manual_seed(args.seed))
     log(f"data ready in {time.perf_counter() - t0:.0f} s")
     x0 = sample[0][0][None]
-    cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, compensation=args.compensation,
+    cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, objective=args.objective,
+                         round_to=args.round_to, compensation=args.compensation,
                          finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
                          seed=args.seed)
     base_macs, base_params = count_tp(base, x0)
@@ -84,12 +92,17 @@ def run(args) -> dict:
     st = ev.structure
     mods = dict(base.named_modules())
     l1 = {u.conv: rank_filters("l1", weight=mods[u.conv].weight.detach().numpy(), curve=False) for u in st.convs}
+    from si_compress.structure import collect_filter_groups
+
+    groups, glabels = collect_filter_groups(base, sample_loader, [u.activation for u in st.convs], grid=cfg.grid)
+    sir = {u.conv: rank_filters("si", G=groups[u.activation], y=glabels, curve=False) for u in st.convs}
+    del groups
     rnd = {u.conv: rank_filters("random", weight=mods[u.conv].weight.detach().numpy(), seed=args.seed + i,
                                 curve=False) for i, u in enumerate(st.convs)}
     si_tp_macs = count_tp(apply_plan(
         base, plan, example_input=x0), x0)[0]
     ratio = si_tp_macs / base_macs
-    plans = {"si": plan, "l1-same-widths": plan_with_widths(plan, l1),
+    plans = {"si": plan, "si-ranked-same-widths": plan_with_widths(plan, sir),
              "random-same-widths": plan_with_widths(plan, rnd)}
     # uniform L1 and torch-pruning's pruner: the same torch-pruning MAC count as the SI plan
     lo_t, hi_t = 0.05, 1.0
@@ -118,7 +131,13 @@ def run(args) -> dict:
         m["macs_reduction"] = 1 - m["macs"] / base_macs
         m["params_reduction"] = 1 - m["params"] / base_params
         m["seconds_total"] = time.perf_counter() - t0
-        if name == "si" or args.latency_all:
+        if name == "si":
+            from si_compress.compress import save_compressed
+
+            save_path = ROOT / "runs" / "compress" / f"si_{stem_of(args.model)}.pt"
+            save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes)
+            m["saved_model"] = str(save_path.relative_to(ROOT))
+        if name == "si" or not args.latency_si_only:
             lat = {}
             for b in (1, 128):
                 tb = latency(base, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
@@ -146,16 +165,19 @@ def table(path: Path) -> str:
              f"{b['macs'] / 1e6:.1f} M MACs, {b['params'] / 1e6:.3f} M params. "
              f"Compensation: {d['settings']['compensation']}; fine-tuning: {ft}, SGD cosine, lr "
              f"{d['settings']['lr']}.", "",
-             f"| method | MACs | params | top-1 pruned | after compensation (no training) | after fine-tuning |",
-             "|---|---|---|---|---|---|"]
+             "| method | MACs | params | blocks dropped | top-1 pruned | after compensation (no training) "
+             "| after fine-tuning | CPU speed-up b1 / b128 |",
+             "|---|---|---|---:|---|---|---|---|"]
     for name, m in r.items():
         ft = "" if m.get("acc_finetuned") is None else f"{100 * m['acc_finetuned']:.2f}%"
+        lat = m.get("latency")
+        sp = f"{lat['batch1']['speedup']:.2f}x / {lat['batch128']['speedup']:.2f}x" if lat else ""
         lines.append(f"| {name} | -{100 * m['macs_reduction']:.1f}% | -{100 * m['params_reduction']:.1f}% | "
-                     f"{100 * m['acc_pruned']:.2f}% | {100 * m['acc_compensated']:.2f}% | {ft} |")
-    lat = r.get("si", {}).get("latency")
-    if lat:
-        lines += ["", f"SI-compressed CPU latency vs base (same run, {d['machine'].get('torch_threads', '?')} "
-                      f"threads): batch 1 {lat['batch1']['speedup']:.2f}x, batch 128 {lat['batch128']['speedup']:.2f}x."]
+                     f"{len(m.get('dropped_blocks', []))} | {100 * m['acc_pruned']:.2f}% | "
+                     f"{100 * m['acc_compensated']:.2f}% | {ft} | {sp} |")
+    lines += ["", f"Speed-up: base latency / compressed latency, eager PyTorch on the CPU, "
+                  f"{d['machine'].get('torch_threads', '?')} threads, median of {d['settings'].get('latency_repeats', 7)} "
+                  "runs, both models timed back to back in one run."]
     return "\n".join(lines)
 
 
@@ -163,7 +185,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet56-cifar10-jpeg.th")
     p.add_argument("--target-macs", type=float, default=0.5)
-    p.add_argument("--ranking", default="si")
+    p.add_argument("--ranking", default="l1")
+    p.add_argument("--objective", default="both", choices=("macs", "latency", "both"))
+    p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--compensation", default="refit")
     p.add_argument("--si-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=0)
@@ -175,13 +199,13 @@ def main(argv=None):
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--finetune-methods", nargs="+", default=["si", "uniform-l1", "tp-magnitude"], choices=METHODS,
                    help="methods that are also fine-tuned (--epochs); the others stop after compensation")
-    p.add_argument("--latency-all", action="store_true")
+    p.add_argument("--latency-si-only", action="store_true", help="time only the SI model (default: every method)")
     p.add_argument("--latency-repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--table", action="store_true")
     args = p.parse_args(argv)
-    stem = Path(args.model).name.split("-")[0]
+    stem = stem_of(args.model)
     args.out = args.out or HERE / "results" / f"compress_{stem}.json"
     if args.table:
         print(table(args.out))

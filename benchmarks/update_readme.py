@@ -21,6 +21,7 @@ TABLES = {
     "quant": ([sys.executable, str(HERE / "bench_quant.py"), "--table"], "quant.json"),
     "analyze": ([sys.executable, str(HERE / "bench_analyze.py"), "--table"], "analyze_resnet56-cifar10-jpeg.json"),
     "shiftadd": ([sys.executable, str(HERE / "bench_shiftadd.py"), "--table"], "shiftadd.json"),
+    "vgg": ([sys.executable, str(HERE / "bench_vgg.py"), "--table"], "vgg.json"),
 }
 
 

@@ -175,6 +175,54 @@ def fig_compress_accuracy(data: dict, ax=None):
     return fig, ax
 
 
+def fig_vgg_si_layers(data: dict, ax=None):
+    """SI and CSI per layer of the plain VGG (bench_vgg JSON), the cut after the SI peak marked."""
+    layers = data["layers"]
+    t = data.get("truncation") or {}
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(max(7.0, 0.45 * len(layers) + 3), 4.6), constrained_layout=True)
+    else:
+        fig = ax.figure
+    x = np.arange(len(layers))
+    names = [r["name"] for r in layers]
+    macs = np.array([r["macs"] for r in layers], dtype=float)
+    ax2 = ax.twinx()
+    ax2.bar(x, np.diff(np.concatenate(([0.0], macs))) / 1e6, color="0.88", width=0.8, zorder=0,
+            label="MACs added (M)")
+    ax2.set_ylabel("MACs added by the layer (millions)", color="0.4")
+    ax2.tick_params(axis="y", colors="0.4")
+    ax.set_zorder(ax2.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    ax.plot(x, [r["si"] for r in layers], "o-", color="C0", label="SI")
+    ax.plot(x, [r["csi"] for r in layers], "s-", color="C1", label="CSI (centre)")
+    cut = t.get("truncate_after")
+    if t:
+        ax.axhline(t["max_si"] - t["tol"], color="C0", lw=0.8, ls=":", label=f"max SI - tol ({t['tol']})")
+    if cut in names:
+        i = names.index(cut)
+        ax.axvline(i + 0.5, color="C3", lw=1.5, ls="--")
+        ax.axvspan(i + 0.5, len(layers) - 0.5, color="C3", alpha=0.08, lw=0)
+        ax.annotate(f"cut after {cut}\n-{100 * t['macs_saved'] / max(t['total_macs'], 1):.0f}% MACs",
+                    xy=(i + 0.6, 0.97), va="top", fontsize=8, color="C3")
+        if "head_input_si" in t:
+            ax.plot([i], [t["head_input_si"]], "*", ms=12, color="C3",
+                    label="SI of the truncated net's pooled head input")
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("separation index (fraction of samples)")
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.replace(":input", " (in)") for n in names], rotation=60, ha="right", fontsize=8)
+    ax.set_xlabel("layer (execution order)")
+    ax.grid(alpha=0.3)
+    tr = data.get("train", {})
+    ax.set_title(f"{data.get('arch', 'vgg')}: SI by layer ({data['data']['si_samples']} train images; "
+                 f"base {100 * data['base']['acc']:.1f}% top-1 after {tr.get('epochs_done', '?')} epochs)"
+                 + (" QUICK run" if data.get("quick") else ""), fontsize=10)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.3), ncol=3, frameon=False)
+    return fig, ax
+
+
 @dataclass(frozen=True)
 class Figure:
     json: str                 # file name under the results folder
@@ -190,6 +238,7 @@ FIGURES: dict[str, Figure] = {
     "resnet56_kept_filters": Figure("compress_resnet56.json", fig_compress_kept, "resnet56_kept_filters.png"),
     "resnet56_compress_accuracy": Figure("compress_resnet56.json", fig_compress_accuracy,
                                          "resnet56_compress_accuracy.png"),
+    "vgg_si_layers": Figure("vgg.json", fig_vgg_si_layers, "vgg_si_layers.png"),
 }
 
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .latency import latency  # noqa: F401  (re-exported: callers time models through the pipeline)
 from .plan import CompressionPlan
 
 COMPENSATIONS = ("refit+bn", "refit", "bn", "none")
@@ -22,10 +23,11 @@ COMPENSATIONS = ("refit+bn", "refit", "bn", "none")
 class CompressConfig:
     target_macs: float | None = 0.5     # fraction of base MACs to keep; None: threshold mode
     delta: float = 0.02
-    ranking: str = "si"
+    ranking: str = "l1"                # which filters inside a layer (widths and drops always come from SI)
     allow_drop: bool = True
     weighting: str = "gain"
-    round_to: int = 1
+    objective: str = "both"            # moves ranked per MACs, measured latency, or both (see planner)
+    round_to: int = 8                  # channel counts in multiples of 8: the fast CPU kernels need them
     grid: int = 4                      # per-filter pooled grid for filter SI
     order: int = 3
     compensation: str = "refit"
@@ -37,8 +39,12 @@ class CompressConfig:
     batch_size: int = 128
     bf16: bool = False
     seed: int = 0
+    truncate: bool = True               # plain chains: cut after the SI peak (planning/truncate.py)
+    truncate_tol: float = 0.01          # absolute SI tolerance of that peak
 
     def __post_init__(self):
+        if not (0.0 <= self.truncate_tol < 1.0):
+            raise ValueError(f"truncate_tol is an absolute SI tolerance in [0, 1); got {self.truncate_tol}")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}; got {self.compensation!r}")
         if self.finetune_epochs < 0 or self.head_epochs < 0:
@@ -48,16 +54,26 @@ class CompressConfig:
 @dataclass(frozen=True)
 class PlanEvidence:
     report: object                 # AnalysisReport of the block outputs on the SI sample
-    structure: object              # ModelStructure
+    structure: object              # ModelStructure the plan's filter decisions refer to (the truncated model's)
     rankings: dict                 # conv -> Ranking
     groups_labels: np.ndarray | None = None
+    truncation: object = None      # TruncationDecision for a plain chain, None for residual nets
+    base_structure: object = None  # ModelStructure of the whole (untruncated) model
 
 
 def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input, config: CompressConfig,
             progress=None) -> tuple[CompressionPlan, PlanEvidence]:
-    """Measure block SI and per-filter SI on ``sample_loader`` and plan with ``config``."""
+    """Measure block SI and per-filter SI on ``sample_loader`` and plan with ``config``.
+
+    Plain chains (a ``features`` Sequential, no residual blocks): with ``config.truncate`` the
+    chain is first cut after its SI peak (:func:`~si_compress.planning.choose_truncation`, tolerance
+    ``config.truncate_tol``); only the convs before the cut are ranked and pruned, the head is sized
+    from the SI/CSI of the truncated model's head input, and the MACs budget (a fraction of the
+    WHOLE model's MACs) applies to what remains: when the cut alone meets it, no filter is pruned.
+    """
     from .analysis import analyze
-    from .planning import PlannerConfig, block_si, plan_compression, rank_filters, size_head
+    from .compress import apply_plan, find_classifier
+    from .planning import PlannerConfig, block_si, choose_truncation, plan_compression, rank_filters, size_head
     from .structure import collect_filter_groups, prunable_structure
 
     structure = prunable_structure(model, example_input)
@@ -66,34 +82,76 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
                          "in 'features'; si-compress supports CIFAR ResNets, VGG-style chains and SmallCNN")
     report = analyze(model, sample_loader, order=config.order, max_dim=1024,
                      example_input=example_input, progress=progress)
-    t0 = time.perf_counter()
-    groups, labels = collect_filter_groups(model, sample_loader, [u.activation for u in structure.convs],
-                                           grid=config.grid)
-    weights = dict(model.named_modules())
-    rankings = {}
-    for i, u in enumerate(structure.convs):
-        rankings[u.conv] = rank_filters(config.ranking, G=groups[u.activation], y=labels,
-                                        weight=weights[u.conv].weight.detach().numpy(), seed=config.seed + i)
-        if progress is not None:
-            progress("filter SI", i + 1, len(structure.convs))
-    gains = block_si(report.layers, structure.blocks)
     final = report.layers[-1]
     head = size_head(final.si, final.csi, in_features=final.dim, num_classes=num_classes)
 
+    # Plain chains: cut after the SI peak; what follows is planned on the truncated model.
+    truncation = None
+    plan_model, plan_structure = model, structure
+    trunc_settings: dict = {}
+    if config.truncate and structure.chain and not structure.blocks:
+        recorded = {r.name for r in report.layers}
+        truncation = choose_truncation(report.layers, chain=[c for c in structure.chain if c in recorded],
+                                       total_macs=report.total_macs, tol=config.truncate_tol)
+        trunc_settings = dict(truncation=dict(truncation.to_dict(), applied=truncation.truncate_after is not None))
+        if truncation.truncate_after is not None:
+            plan_model = apply_plan(model, CompressionPlan(arch=arch, num_classes=num_classes,
+                                                           truncate_after=truncation.truncate_after),
+                                    example_input=example_input)
+            plan_structure = prunable_structure(plan_model, example_input)
+            head_name, _ = find_classifier(plan_model)
+            head_rep = analyze(plan_model, sample_loader, layers=[f"{head_name}:input"], order=config.order,
+                               max_dim=1024, example_input=example_input)
+            hin = head_rep.layers[-1]
+            head = size_head(hin.si, hin.csi, in_features=hin.dim, num_classes=num_classes)
+            trunc_settings["truncation"].update(head_input_si=hin.si, head_input_csi=hin.csi,
+                                                head_input_dim=hin.dim)
+
+    t0 = time.perf_counter()
+    labels = None
+    rankings = {}
+    if plan_structure.convs:
+        groups, labels = collect_filter_groups(plan_model, sample_loader,
+                                               [u.activation for u in plan_structure.convs], grid=config.grid)
+        weights = dict(plan_model.named_modules())
+        for i, u in enumerate(plan_structure.convs):
+            rankings[u.conv] = rank_filters(config.ranking, G=groups[u.activation], y=labels,
+                                            weight=weights[u.conv].weight.detach().numpy(), seed=config.seed + i)
+            if progress is not None:
+                progress("filter SI", i + 1, len(plan_structure.convs))
+    gains = block_si(report.layers, structure.blocks)
+    lat_table = None
+    if config.objective != "macs" and plan_structure.blocks and config.target_macs is not None:
+        from .latency import block_latency_table
+
+        lat_table = block_latency_table(plan_model, plan_structure, example_input, batch=128,
+                                        step=max(config.round_to, 8) if config.round_to > 1 else 8)
+    # The planner budgets a fraction of the structure it is given: rescale the whole model's budget.
+    scale = structure.total_macs / max(plan_structure.total_macs, 1)
+
     def make(target):
-        return plan_compression(
-            arch=arch, num_classes=num_classes, structure=structure, rankings=rankings, gains=gains,
-            config=PlannerConfig(target_macs=target, delta=config.delta, allow_drop=config.allow_drop,
-                                 round_to=config.round_to, weighting=config.weighting),
-            head=head, source=dict(si_samples=report.n_samples, filter_seconds=time.perf_counter() - t0),
+        ptarget = None if target is None else min(1.0, target * scale)
+        p = plan_compression(
+            arch=arch, num_classes=num_classes, structure=plan_structure, rankings=rankings, gains=gains,
+            config=PlannerConfig(target_macs=ptarget, delta=config.delta, allow_drop=config.allow_drop,
+                                 round_to=config.round_to, weighting=config.weighting,
+                                 objective=config.objective),
+            head=head, truncate_after=None if truncation is None else truncation.truncate_after,
+            source=dict(si_samples=report.n_samples, filter_seconds=time.perf_counter() - t0,
+                        **({} if lat_table is None else dict(latency_batch=128, latency_seconds={
+                            k: [round(v, 6) for v in t] for k, t in lat_table.items()}))),
+            latency=lat_table,
         )
+        if plan_structure is structure:
+            return p
+        return _replace_plan(p, predicted=dict(p.predicted, base_macs=int(structure.total_macs),
+                                               base_params=int(structure.total_params)),
+                             settings=dict(p.settings, target_macs=target, **trunc_settings))
 
     plan = make(config.target_macs)
     if config.target_macs is not None:
         # The planner budgets conv/linear MACs; metrics count as torch-pruning does (BN, ReLU, pooling
         # too). Tighten the planner's target until the torch-pruning count meets the budget.
-        from .compress import apply_plan
-
         base_tp, _ = count_tp(model, example_input)
         target = config.target_macs
         for _ in range(6):
@@ -102,11 +160,16 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
                 break
             target *= config.target_macs * base_tp / got
             plan = make(target)
-        plan = CompressionPlan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__},
-                                  "predicted": dict(plan.predicted, tp_base_macs=int(base_tp), tp_macs=int(got)),
-                                  "settings": dict(plan.settings, target_macs=config.target_macs,
-                                                   planner_target=target)})
-    return plan, PlanEvidence(report=report, structure=structure, rankings=rankings, groups_labels=labels)
+        plan = _replace_plan(plan, predicted=dict(plan.predicted, tp_base_macs=int(base_tp), tp_macs=int(got)),
+                             settings=dict(plan.settings, target_macs=config.target_macs, planner_target=target))
+    if trunc_settings and "truncation" not in plan.settings:
+        plan = _replace_plan(plan, settings=dict(plan.settings, **trunc_settings))
+    return plan, PlanEvidence(report=report, structure=plan_structure, rankings=rankings, groups_labels=labels,
+                              truncation=truncation, base_structure=structure)
+
+
+def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:
+    return CompressionPlan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, **changes})
 
 
 def count_tp(model, example_input) -> tuple[int, int]:
@@ -117,24 +180,16 @@ def count_tp(model, example_input) -> tuple[int, int]:
     return int(macs), int(params)
 
 
-def latency(model, batch: int, example_shape, *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median seconds of one forward pass at ``batch`` (inference mode, current threads)."""
-    x = torch.randn(batch, *example_shape)
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    return float(np.median(times))
-
-
 def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_loader, train_loader=None,
             config: CompressConfig, progress=None, augment=None) -> tuple[torch.nn.Module, dict]:
-    """Apply ``plan`` to a copy of ``base``, compensate, optionally fine-tune; accuracy at each stage."""
-    from .compress import apply_plan, evaluate, finetune, recalibrate_bn, refit_consumers, train_head
+    """Apply ``plan`` to a copy of ``base``, compensate, optionally fine-tune; accuracy at each stage.
+
+    A truncated chain (``plan.truncate_after``) has a new head: ``refit`` compensation fits it to
+    ``base``'s logits by least squares (``refit_head``), and it is then always trained on frozen
+    features (``train_head``, ``config.head_epochs``) on ``train_loader``, or on ``calib_loader``
+    when no training split is given (``m["head_data"]`` says which).
+    """
+    from .compress import apply_plan, evaluate, finetune, recalibrate_bn, refit_consumers, refit_head, train_head
 
     m = {}
     t0 = time.perf_counter()
@@ -148,13 +203,22 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         m["refit"] = {k: {kk: vv for kk, vv in v.items() if kk in ("before", "after")} for k, v in rep.items()}
     if config.compensation in ("bn", "refit+bn"):
         recalibrate_bn(pruned, calib_loader)
+    if plan.truncate_after is not None and config.compensation in ("refit", "refit+bn"):
+        # The cut chain's new head reads features the old head never saw: fit it (least squares)
+        # to the original network's logits on the calibration sample.
+        m.setdefault("refit", {})["head"] = refit_head(pruned, base, calib_loader)
     m["seconds_compensate"] = time.perf_counter() - t0
     m["acc_compensated"] = evaluate(pruned, test_loader)
-    if plan.head is not None and plan.head.kind == "mlp" or config.head_only:
-        if train_loader is None:
+    truncated = plan.truncate_after is not None
+    if (plan.head is not None and plan.head.kind == "mlp") or config.head_only or truncated:
+        # A truncated chain has a new (untrained) head: always train it. Without the training
+        # split it is trained on the calibration sample (recorded in m["head_data"]).
+        head_loader = train_loader if train_loader is not None or not truncated else calib_loader
+        if head_loader is None:
             raise ValueError("training the head needs the training split")
+        m["head_data"] = "train" if head_loader is train_loader else "calibration sample"
         t0 = time.perf_counter()
-        train_head(pruned, train_loader, epochs=config.head_epochs, lr=config.lr, seed=config.seed)
+        train_head(pruned, head_loader, epochs=config.head_epochs, lr=config.lr, seed=config.seed)
         m["seconds_head"] = time.perf_counter() - t0
         m["acc_head"] = evaluate(pruned, test_loader)
     if config.finetune_epochs and not config.head_only:

@@ -5,8 +5,10 @@ edit it, and the executor (``si_compress.compress``) applies it to the original 
 
 - ``dropped_blocks``: residual blocks replaced by their shortcut (identity, or the parameter-free
   option-A shortcut of a downsampling block);
-- ``truncate_after``: for a plain chain, the module after which the feature extractor is cut
-  (``None``: no truncation); a new head is attached to that layer's pooled output;
+- ``truncate_after``: for a plain chain, the module after which the feature extractor is cut,
+  as ``"features.<i>"`` (``features[:i + 1]`` is kept; ``None``: no truncation); a new head is
+  attached to that layer's pooled output (the SI planner cuts after the SI peak, see
+  ``planning/truncate.py``);
 - ``layers``: per conv, the output filters to keep (sorted indices into the original filters);
   a conv not listed is kept whole;
 - ``head``: ``linear`` (keep or re-fit one Linear) or ``mlp`` with one hidden layer of ``hidden``;

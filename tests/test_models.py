@@ -10,6 +10,7 @@ from torch import nn
 
 from si_compress.models import (
     VGG,
+    VGG16_CFG,
     CifarResNet,
     LoadedModel,
     ModelLoadError,
@@ -205,6 +206,29 @@ def test_arch_inference():
     assert infer_arch(vgg16_bn_cifar(num_classes=3).state_dict()) == ("vgg16_bn", 3)
     assert infer_arch(build_model("torchvision:resnet18").state_dict()) is None
     assert infer_arch({"foo.weight": torch.zeros(2)}) is None
+
+
+def test_narrow_and_pruned_vgg16_load_from_shapes(tmp_path):
+    half = vgg16_bn_cifar(num_classes=10, width_mult=0.5).eval()
+    assert infer_arch(half.state_dict()) == ("vgg16_bn_half", 10)
+    assert infer_arch(vgg16_bn_cifar(num_classes=4, width_mult=0.25).state_dict()) == ("vgg16_bn_quarter", 4)
+    # a checkpoint dict as benchmarks/bench_vgg.py writes it, reloaded with weights_only=True
+    path = tmp_path / "vgg.pt"
+    torch.save({"state_dict": half.state_dict(), "arch": "vgg16_bn_half", "config": half.config(),
+                "train": {"epochs_done": 1}}, path)
+    loaded = load_model(path)
+    assert (loaded.arch, loaded.num_classes, loaded.container) == ("vgg16_bn_half", 10, "state_dict")
+    assert _same_outputs(loaded.model, half)
+    assert isinstance(build_model("vgg16_bn_half"), VGG)
+    # other widths in VGG-16's layout (e.g. a pruned VGG): 'vgg', rebuilt from the shapes
+    it = iter(range(3, 16))
+    odd = VGG(cfg=[v if v == "M" else next(it) for v in VGG16_CFG], num_classes=7).eval()
+    assert infer_arch(odd.state_dict()) == ("vgg", 7)
+    torch.save(odd.state_dict(), path)
+    loaded = load_model(path)
+    assert loaded.arch == "vgg" and loaded.model.config() == odd.config() and _same_outputs(loaded.model, odd)
+    # a different layout is not guessed
+    assert infer_arch(VGG(cfg=(8, "M", 16), num_classes=3).state_dict()) is None
 
 
 def test_pruned_cifar_resnet_rebuilds_from_checkpoint_shapes(tmp_path):

@@ -72,8 +72,8 @@ class Progress:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint file (a state dict; a full pickle needs --trust-model)")
-    p.add_argument("--arch", help="architecture: resnet20/32/44/56/110, vgg16_bn, digits_cnn, "
-                   "torchvision:NAME (default: inferred from a CIFAR ResNet state dict)")
+    p.add_argument("--arch", help="architecture: resnet20/32/44/56/110, vgg16_bn, vgg16_bn_half, vgg16_bn_quarter, "
+                   "digits_cnn, torchvision:NAME (default: inferred from a CIFAR ResNet or VGG-16 state dict)")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: from the checkpoint)")
     p.add_argument("--trust-model", action="store_true",
                    help="allow a fully pickled model: this executes code from the file; use only for files you trust")

@@ -31,9 +31,20 @@ def build_parser() -> ArgumentParser:
                    help="fraction of the base MACs to keep (default 0.5); 1 with --delta for threshold mode")
     p.add_argument("--delta", type=float, default=None,
                    help="threshold mode: keep the shortest filter prefix reaching (1-delta) x max SI (no budget)")
-    p.add_argument("--ranking", default="si", choices=("si", "si-greedy", "l1", "random"))
+    p.add_argument("--ranking", default="l1", choices=("si", "si-greedy", "l1", "random"),
+                   help="which filters a layer keeps (default l1: measured best after compensation); how many "
+                        "filters per layer and which blocks go always come from the SI curves")
+    p.add_argument("--objective", default="both", choices=("macs", "latency", "both"),
+                   help="rank planner moves by SI lost per MAC saved, per measured CPU second saved, or per "
+                        "the mean of both fractions (default both)")
     p.add_argument("--no-drop", action="store_true", help="never drop whole blocks")
-    p.add_argument("--round-to", type=int, default=1, help="round kept filter counts up to a multiple of this")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="plain chains (VGG-style): do not cut the network after its SI peak")
+    p.add_argument("--truncate-tol", type=float, default=0.01,
+                   help="plain chains: cut after the first layer whose SI is within this of the max SI (default 0.01)")
+    p.add_argument("--round-to", type=int, default=8,
+                   help="kept filter counts in multiples of this (default 8, what fast CPU kernels need); "
+                        "a layer never goes below it: the block is dropped instead")
     p.add_argument("--si-samples", type=int, default=2000, help="class-balanced train sample for SI (default 2000)")
     p.add_argument("--eval-samples", type=int, default=0, help="test images for accuracy (0 = the whole split)")
     p.add_argument("--compensation", default="refit", choices=("refit", "refit+bn", "bn", "none"))
@@ -69,6 +80,8 @@ def _body(argv) -> int:
 
     if not (0 < args.target_macs <= 1):
         raise CLIError(f"--target-macs is the fraction of MACs to keep, in (0, 1]; got {args.target_macs}")
+    if not (0 <= args.truncate_tol < 1):
+        raise CLIError(f"--truncate-tol is an absolute SI tolerance in [0, 1); got {args.truncate_tol}")
     if args.si_samples < 20:
         raise CLIError(f"--si-samples must be >= 20; got {args.si_samples}")
     torch.manual_seed(args.seed)
@@ -84,11 +97,12 @@ def _body(argv) -> int:
     out = Path(args.out)
     config = CompressConfig(target_macs=None if args.delta is not None else args.target_macs,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
-                            allow_drop=not args.no_drop, round_to=args.round_to,
+                            allow_drop=not args.no_drop, round_to=args.round_to, objective=args.objective,
                             compensation=args.compensation, finetune_epochs=args.finetune_epochs,
                             finetune_steps=args.finetune_steps,
                             head_only=args.head_only, head_epochs=args.head_epochs, lr=args.lr,
-                            batch_size=args.batch_size, bf16=args.bf16, seed=args.seed)
+                            batch_size=args.batch_size, bf16=args.bf16, seed=args.seed,
+                            truncate=not args.no_truncate, truncate_tol=args.truncate_tol)
     si_idx = balanced_indices(train.labels, min(args.si_samples, len(train)), seed=args.seed)
     sample = preload(train.dataset, si_idx)
     DL = torch.utils.data.DataLoader

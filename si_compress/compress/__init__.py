@@ -1,10 +1,10 @@
 """Compression executor: apply a CompressionPlan, compensate, fine-tune, save and export.
 
 ``apply_plan(model, plan, example_input=...)`` returns a new, physically smaller model;
-``refit_consumers`` / ``recalibrate_bn`` compensate without training; ``finetune`` /
+``refit_consumers`` / ``refit_head`` / ``recalibrate_bn`` compensate without training; ``finetune`` /
 ``train_head`` train; ``save_compressed`` / ``load_compressed`` round-trip arch + plan + weights.
 """
-from .compensate import recalibrate_bn, refit_consumers
+from .compensate import recalibrate_bn, refit_consumers, refit_head
 from .export import export_onnx, export_torchscript, load_compressed, save_compressed
 from .finetune import bf16_supported, cifar_augment, evaluate, finetune, preload, train_head
 from .prune import TruncatedChain, apply_plan, find_classifier, plan_cost, rebuild
@@ -25,6 +25,7 @@ __all__ = [
     "rebuild",
     "recalibrate_bn",
     "refit_consumers",
+    "refit_head",
     "save_compressed",
     "train_head",
 ]

@@ -29,7 +29,7 @@ from torch import nn
 
 from ..plan import CompressionPlan
 
-__all__ = ["refit_consumers", "recalibrate_bn"]
+__all__ = ["refit_consumers", "refit_head", "recalibrate_bn"]
 
 _BN = (nn.BatchNorm2d,)
 
@@ -301,6 +301,60 @@ def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPla
     finally:
         for m, mode in modes:
             m.training = mode
+
+
+def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: float = 1e-4,
+               max_batches: int | None = None) -> dict:
+    """Least-squares fit, in place, of ``pruned``'s Linear classifier to ``original``'s logits.
+
+    For a truncated chain, whose new head reads features the old head never saw: on the
+    calibration inputs, ``min_{W, b} || F W^T + b - L ||^2 + lam ||W||^2`` with ``F`` the
+    pruned model's head input (N, C) and ``L`` the original model's logits (N, K); ``lam`` is
+    ``ridge`` x trace(F^T F) / C (the bias is not shrunk). No labels are used. Returns
+    ``{"before", "after", "rows"}`` (relative squared logit errors). A non-Linear head (an MLP)
+    is left alone and reported as ``{"skipped": reason}``.
+    """
+    from .prune import find_classifier
+
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0; got {ridge!r}")
+    _, head = find_classifier(pruned)
+    if not isinstance(head, nn.Linear):
+        return {"skipped": f"the head is a {type(head).__name__}, not a Linear"}
+    modes = [(m, m.training) for m in list(pruned.modules()) + list(original.modules())]
+    pruned.eval()
+    original.eval()
+    seen = {}
+    hook = head.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))
+    try:
+        with torch.no_grad():
+            feats, logits, preds = [], [], []
+            for x in _batches(calib_loader, max_batches):
+                preds.append(pruned(x))
+                feats.append(seen["x"].double())
+                logits.append(original(x).double())
+            F_, L = torch.cat(feats), torch.cat(logits)
+            if F_.ndim != 2 or L.shape[1] != head.out_features:
+                raise ValueError(f"refit_head: head input {tuple(F_.shape)} / original logits {tuple(L.shape)} "
+                                 f"do not fit a Linear({head.in_features}, {head.out_features})")
+            before = _rel_err([torch.cat(preds).double()], [L])
+            A = F_ if head.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64)], 1)
+            AtA, AtB = A.T @ A, A.T @ L
+            k = F_.shape[1]
+            AtA[:k, :k] += ridge * float(torch.trace(AtA[:k, :k])) / max(k, 1) * torch.eye(k, dtype=torch.float64)
+            try:
+                X = torch.linalg.solve(AtA, AtB)
+            except RuntimeError:  # singular even with the ridge (ridge=0 and dead features)
+                X = torch.linalg.lstsq(AtA, AtB).solution
+            head.weight.copy_(X[:k].T.to(head.weight.dtype))
+            if head.bias is not None:
+                head.bias.copy_(X[k].to(head.bias.dtype))
+            after = _rel_err([head(F_.to(head.weight.dtype)).double()], [L])
+    finally:
+        hook.remove()
+        for m, mode in modes:
+            m.training = mode
+    return {"before": before, "after": after, "rows": int(F_.shape[0])}
 
 
 def recalibrate_bn(model: nn.Module, loader, *, batches: int | None = None) -> nn.Module:

@@ -1,7 +1,8 @@
 """Architecture registry and safe checkpoint loading.
 
 ``build_model(arch, num_classes)`` builds a fresh network by name: the CIFAR ResNets
-(``resnet20`` ... ``resnet110``), ``vgg16_bn`` (CIFAR VGG-16-BN), or any torchvision classifier as
+(``resnet20`` ... ``resnet110``), ``vgg16_bn`` (CIFAR VGG-16-BN; ``vgg16_bn_half`` /
+``vgg16_bn_quarter`` with every width halved / quartered), or any torchvision classifier as
 ``torchvision:<name>`` (random weights). ``load_model(path)`` reads a checkpoint with
 ``torch.load(..., weights_only=True)`` (no code from the file runs), finds the state dict, strips a
 DataParallel ``module.`` prefix, infers the architecture when it can and loads strictly.
@@ -20,7 +21,7 @@ from torch import nn
 
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, CifarResNet, cifar_resnet
 from .small_cnn import SmallCNN
-from .vgg import VGG16_CFG, vgg16_bn_cifar
+from .vgg import VGG, VGG16_CFG, vgg16_bn_cifar
 
 __all__ = [
     "ModelLoadError",
@@ -89,6 +90,10 @@ def _resnet_builder(depth: int) -> Callable[[int], nn.Module]:
 for _depth in CIFAR_RESNET_DEPTHS:
     register_arch(f"resnet{_depth}", _resnet_builder(_depth))
 register_arch("vgg16_bn", lambda num_classes: vgg16_bn_cifar(num_classes))
+# Narrow VGG-16-BN (every width halved / quartered): small enough to train on a CPU.
+VGG16_NARROW = {"vgg16_bn_half": 0.5, "vgg16_bn_quarter": 0.25}
+for _name, _mult in VGG16_NARROW.items():
+    register_arch(_name, lambda num_classes, _m=_mult: vgg16_bn_cifar(num_classes, width_mult=_m))
 register_arch("digits_cnn", lambda num_classes: SmallCNN(in_channels=1, num_classes=num_classes))
 
 
@@ -180,11 +185,49 @@ def _cifar_resnet_config(state_dict: Mapping[str, torch.Tensor]) -> dict | None:
         return None
 
 
+_FEATURE_CONV = re.compile(r"^features\.(\d+)\.weight$")
+# Module indices of the convs in VGG(cfg=VGG16_CFG).features (conv, BN, ReLU per conv; 1 per 'M').
+_VGG16_CONV_POS: list[int] = []
+_pos = 0
+for _v in VGG16_CFG:
+    if _v != "M":
+        _VGG16_CONV_POS.append(_pos)
+    _pos += 1 if _v == "M" else 3
+
+
+def _vgg16_config(state_dict: Mapping[str, torch.Tensor]) -> dict | None:
+    """VGG constructor kwargs for a VGG-16-BN layout of ANY widths (narrow or pruned), or None.
+
+    The layout (where the max-pools sit, including the one after the last conv) cannot be read
+    from the weights alone; a state dict whose convs sit exactly where VGG-16's do is taken to
+    have VGG-16's layout.
+    """
+    head = state_dict.get("classifier.weight")
+    if not isinstance(head, torch.Tensor) or head.ndim != 2:
+        return None
+    convs = {}
+    for key, v in state_dict.items():
+        m = _FEATURE_CONV.match(key)
+        if m and isinstance(v, torch.Tensor) and v.ndim == 4:
+            convs[int(m.group(1))] = v
+    if sorted(convs) != _VGG16_CONV_POS:
+        return None
+    widths = [int(convs[i].shape[0]) for i in _VGG16_CONV_POS]
+    ins = [int(convs[i].shape[1]) for i in _VGG16_CONV_POS]
+    if ins[1:] != widths[:-1] or int(head.shape[1]) != widths[-1]:
+        return None
+    it = iter(widths)
+    cfg = ["M" if v == "M" else next(it) for v in VGG16_CFG]
+    return {"cfg": cfg, "num_classes": int(head.shape[0]), "in_channels": ins[0]}
+
+
 def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None:
     """(arch, num_classes) for a state dict with plain keys, or None if it is not recognised.
 
     CIFAR ResNets are recognised by counting ``layerS.B`` blocks (depth = 6n + 2) and the classes
-    from ``linear.weight``; the CIFAR VGG-16-BN by its ``features``/``classifier`` shapes.
+    from ``linear.weight``; the CIFAR VGG-16-BN by its ``features``/``classifier`` shapes: full
+    width is ``vgg16_bn``, half / quarter width ``vgg16_bn_half`` / ``vgg16_bn_quarter``, and any
+    other widths in VGG-16's layout (e.g. a pruned VGG) ``vgg`` (rebuilt from the shapes).
     """
     cfg = _cifar_resnet_config(state_dict)
     if cfg is not None:
@@ -197,6 +240,12 @@ def infer_arch(state_dict: Mapping[str, torch.Tensor]) -> tuple[str, int] | None
         convs = [v for k, v in state_dict.items() if k.startswith("features.") and k.endswith(".weight") and v.ndim == 4]
         if [int(v.shape[0]) for v in convs] == [c for c in VGG16_CFG if c != "M"]:
             return "vgg16_bn", int(head.shape[0])
+        vgg = _vgg16_config(state_dict)
+        if vgg is not None:
+            for name, mult in VGG16_NARROW.items():
+                if vgg["in_channels"] == 3 and vgg["cfg"] == list(vgg16_bn_cifar(width_mult=mult).cfg):
+                    return name, vgg["num_classes"]
+            return "vgg", vgg["num_classes"]
     return None
 
 
@@ -207,6 +256,11 @@ def _build_inferred(arch: str, state_dict: Mapping[str, torch.Tensor], num_class
     if cfg is not None:
         cfg["num_classes"] = num_classes
         return CifarResNet(**cfg)
+    if arch == "vgg":
+        cfg = _vgg16_config(state_dict)
+        if cfg is not None:
+            cfg["num_classes"] = num_classes
+            return VGG(**cfg)
     return build_model(arch, num_classes)
 
 
@@ -306,8 +360,10 @@ def _mismatch_message(model: nn.Module, sd: Mapping[str, torch.Tensor], arch: st
         parts.append(f"shape mismatches {_fmt_keys(shapes)}")
     msg = f"checkpoint does not match arch {arch}: " + "; ".join(parts)
     guess = infer_arch(sd)
-    if guess is not None and guess[0] not in (arch.lower(), "cifar_resnet"):
+    if guess is not None and guess[0] not in (arch.lower(), "cifar_resnet", "vgg"):
         msg += f"; did you mean --arch {guess[0]}?"
+    elif guess is not None and guess[0] == "vgg":
+        msg += "; it looks like a narrow or pruned VGG-16: omit --arch to rebuild it from the checkpoint's shapes"
     elif guess is not None:
         # Same block layout but other widths (or uneven stages): a pruned CIFAR ResNet.
         msg += "; it looks like a pruned CIFAR ResNet: omit --arch to rebuild it from the checkpoint's shapes"

@@ -38,15 +38,20 @@ class PlannerConfig:
     drop_gain: float = 0.0
     allow_drop: bool = True
     round_to: int = 1
-    min_keep: int = 1
+    min_keep: int | None = None       # fewest filters a kept conv keeps (None: round_to); below it, drop the block
     head_tau: float = 0.02
     weighting: str = "gain"           # filter-loss weight per block: "gain" (g_b) or "uniform" (mean gain)
+    objective: str = "macs"           # what a move saves: "macs", "latency" (measured) or "both" (mean of fractions)
 
     def __post_init__(self):
         if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
             raise ValueError(f"target_macs is the fraction of MACs to keep, in (0, 1]; got {self.target_macs}")
         if not (0.0 <= self.delta < 1.0):
             raise ValueError(f"delta must be in [0, 1); got {self.delta}")
+        if self.objective not in ("macs", "latency", "both"):
+            raise ValueError(f"objective must be 'macs', 'latency' or 'both'; got {self.objective!r}")
+        if self.min_keep is None:
+            object.__setattr__(self, "min_keep", self.round_to)
         if self.round_to < 1 or self.min_keep < 1:
             raise ValueError("round_to and min_keep must be >= 1")
 
@@ -99,9 +104,27 @@ def size_head(si: float, csi: float, *, in_features: int, num_classes: int, tau:
 def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[str, Ranking],
                      gains: dict[str, tuple[float, float]], config: PlannerConfig = PlannerConfig(),
                      head: HeadSpec | None = None, truncate_after: str | None = None,
-                     source: dict | None = None) -> CompressionPlan:
-    """Plan blocks to drop and filters to keep (see the module doc for the rules)."""
+                     source: dict | None = None, latency: dict[str, tuple[float, ...]] | None = None
+                     ) -> CompressionPlan:
+    """Plan blocks to drop and filters to keep (see the module doc for the rules).
+
+    ``latency`` (with ``config.objective == "latency"``): conv name -> measured seconds of its block
+    with k = 0..C inner filters (k = 0: dropped). Moves are then ranked by SI loss per second saved
+    (the stop rule stays the MACs budget); without a table for every unit, MACs are used.
+    """
     units = [u for u in structure.convs if u.conv in rankings]
+    lat = None
+    if config.objective != "macs" and latency and all(
+            u.conv in latency and len(latency[u.conv]) == u.out_channels + 1 for u in units):
+        lat = {u.conv: np.asarray(latency[u.conv], dtype=np.float64) for u in units}
+    base_lat = sum(t[-1] for t in lat.values()) if lat else 1.0
+    w_lat, w_macs = {"latency": (1.0, 0.0), "both": (0.5, 0.5)}.get(config.objective, (0.0, 1.0)) if lat else (0.0, 1.0)
+
+    def _saved(u, k_from, k_to):
+        """Resource saved by taking conv u from k_from to k_to filters (k_to = 0: block dropped)."""
+        macs = ((k_from - k_to) * u.macs_per_filter) / structure.total_macs
+        secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) / base_lat if lat else 0.0
+        return w_macs * macs + w_lat * secs
     unit_of_block = {u.block: u for u in units if u.block}
     width = {u.conv: u.out_channels for u in units}
     env = {u.conv: rankings[u.conv].envelope() for u in units}
@@ -152,12 +175,11 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                 new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
                 if new_k < k:
                     loss = wg * (e[k - 1] - e[new_k - 1]) / top
-                    cand = (loss / ((k - new_k) * u.macs_per_filter), 0, u.conv, new_k)
+                    cand = (loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k)
                     best = cand if best is None or cand[:3] < best[:3] else best
                 if config.allow_drop and u.block in gain and u.block in block_macs:
-                    saved = k * u.macs_per_filter
-                    if saved > 0:
-                        cand = (g * e[k - 1] / top / saved, 1, u.block, None)
+                    if k * u.macs_per_filter > 0:
+                        cand = (g * e[k - 1] / top / max(_saved(u, k, 0), 1e-15), 1, u.block, None)
                         best = cand if best is None or cand[:3] < best[:3] else best
             if best is None:
                 break
@@ -199,7 +221,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                        params=int(params)),
         settings=dict(target_macs=config.target_macs, delta=config.delta, drop_gain=config.drop_gain,
                       allow_drop=config.allow_drop, round_to=config.round_to, min_keep=config.min_keep,
-                      head_tau=config.head_tau, ranking=sorted({r.method for r in rankings.values()})),
+                      head_tau=config.head_tau, ranking=sorted({r.method for r in rankings.values()}),
+                      weighting=config.weighting, objective=config.objective if lat is not None else "macs"),
         source=dict(source or {}),
     )
 
