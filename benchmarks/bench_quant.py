@@ -307,8 +307,10 @@ def _pct(v):
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
-def table(path: Path) -> str:
+def table(path: Path, sections=SECTIONS) -> str:
+    """Markdown tables of the ``sections`` present in the JSON (a section still to run says so)."""
     r = json.loads(Path(path).read_text())
+    r = {k: v for k, v in r.items() if k not in SECTIONS or k in sections}
     lines = []
     if "a" in r:
         a = r["a"]
@@ -362,6 +364,12 @@ def table(path: Path) -> str:
                   f"{1e3 * d['latency_s']['batch128']['pruned_int8']:.0f} ms "
                   f"({d['speedup_vs_base']['batch128']:.2f}x) | - |",
                   ""]
+    for s in sections:
+        if s not in r or "skipped" in r[s]:
+            why = f" ({r[s]['skipped']})" if s in r else ""
+            cmd = f"python benchmarks/bench_quant.py --sections {s} --update" + \
+                (" --pruned runs/compress/si_resnet56.pt" if s == "d" else "")
+            lines += [f"_({s}) not measured yet{why}: run `{cmd}`._", ""]
     m = r.get("machine", {})
     lines.append(f"Machine: {m.get('cpu_model')}, {m.get('cpus_usable')} CPUs, "
                  f"torch {m.get('versions', {}).get('torch')}, "
@@ -388,8 +396,8 @@ def main(argv=None) -> int:
     p.add_argument("--table", action="store_true")
     p.add_argument("--update", action="store_true", help="keep the other sections already in --out")
     args = p.parse_args(argv)
-    if args.table:
-        print(table(args.out))
+    if args.table:  # --sections picks which tables to print
+        print(table(args.out, args.sections))
         return 0
     run(args)
     print(table(args.out))

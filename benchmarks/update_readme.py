@@ -15,20 +15,42 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
+PY = sys.executable
+R56, R20 = "resnet56-cifar10-jpeg.th", "resnet20-cifar10-jpeg.th"
+
+
+def _script(name: str, *args: str) -> list[str]:
+    return [PY, str(HERE / name), *args]
+
+
+# name -> (command printing the table, result JSON it needs (None: always run), command that makes the JSON)
 TABLES = {
-    "separability": ([sys.executable, str(HERE / "bench_separability.py"), "--table"], "separability.json"),
-    "compress": ([sys.executable, str(HERE / "bench_compress.py"), "--table"], "compress_resnet56.json"),
-    "quant": ([sys.executable, str(HERE / "bench_quant.py"), "--table"], "quant.json"),
-    "analyze": ([sys.executable, str(HERE / "bench_analyze.py"), "--table"], "analyze_resnet56-cifar10-jpeg.json"),
-    "shiftadd": ([sys.executable, str(HERE / "bench_shiftadd.py"), "--table"], "shiftadd.json"),
-    "vgg": ([sys.executable, str(HERE / "bench_vgg.py"), "--table"], "vgg.json"),
+    "report": (_script("report.py", "--table"), None, None),
+    "separability": (_script("bench_separability.py", "--table"), "separability.json", None),
+    "compress": (_script("bench_compress.py", "--table"), "compress_resnet56.json", None),
+    "quant": (_script("bench_quant.py", "--table"), "quant.json", None),
+    "quant_int8": (_script("bench_quant.py", "--table", "--sections", "a", "d"), "quant.json", None),
+    "quant_grid": (_script("bench_quant.py", "--table", "--sections", "c"), "quant.json", None),
+    "quant_pot": (_script("bench_quant.py", "--table", "--sections", "b"), "quant.json", None),
+    "analyze": (_script("bench_analyze.py", "--table", "--model", R56), f"analyze_{R56[:-3]}.json", None),
+    "analyze_resnet20": (_script("bench_analyze.py", "--table", "--model", R20), f"analyze_{R20[:-3]}.json",
+                         f"python benchmarks/bench_analyze.py --model {R20}"),
+    "layers_resnet56": (_script("bench_analyze.py", "--table", "--detail", "--model", R56), f"analyze_{R56[:-3]}.json",
+                        None),
+    "layers_resnet20": (_script("bench_analyze.py", "--table", "--detail", "--model", R20), f"analyze_{R20[:-3]}.json",
+                        f"python benchmarks/bench_analyze.py --model {R20}"),
+    "shiftadd": (_script("bench_shiftadd.py", "--table"), "shiftadd.json", None),
+    "vgg": (_script("bench_vgg.py", "--table"), "vgg.json", None),
+    # the command line that produced each result (from the settings recorded in its JSON)
+    **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
+       for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
 }
 
 
 def render(name: str) -> str:
-    cmd, result = TABLES[name]
-    if not (HERE / "results" / result).exists() or not Path(cmd[1]).exists():
-        return f"_Not measured yet: run `python benchmarks/{Path(cmd[1]).name}`._"
+    cmd, result, make = TABLES[name]
+    if not Path(cmd[1]).exists() or (result and not (HERE / "results" / result).exists()):
+        return f"_Not measured yet: run `{make or 'python benchmarks/' + Path(cmd[1]).name}`._"
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode:
         return f"_Table could not be rendered: {proc.stderr.strip().splitlines()[-1] if proc.stderr else 'error'}_"

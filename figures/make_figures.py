@@ -230,11 +230,13 @@ class Figure:
     out: str                  # PNG file name under the output folder
 
 
+# bench_analyze JSONs (one per analysed model): figure name prefix -> JSON file
+ANALYZED = {"resnet56": "analyze_resnet56-cifar10-jpeg.json", "resnet20": "analyze_resnet20-cifar10-jpeg.json"}
+
 FIGURES: dict[str, Figure] = {
     "si_speed": Figure("separability.json", fig_si_speed, "si_speed.png"),
-    "resnet56_si_layers": Figure("analyze_resnet56-cifar10-jpeg.json", fig_analysis_layers, "resnet56_si_layers.png"),
-    "resnet56_si_per_class": Figure("analyze_resnet56-cifar10-jpeg.json", fig_analysis_per_class,
-                                    "resnet56_si_per_class.png"),
+    **{f"{m}_{kind}": Figure(js, fn, f"{m}_{kind}.png") for m, js in ANALYZED.items()
+       for kind, fn in (("si_layers", fig_analysis_layers), ("si_per_class", fig_analysis_per_class))},
     "resnet56_kept_filters": Figure("compress_resnet56.json", fig_compress_kept, "resnet56_kept_filters.png"),
     "resnet56_compress_accuracy": Figure("compress_resnet56.json", fig_compress_accuracy,
                                          "resnet56_compress_accuracy.png"),

@@ -4,10 +4,13 @@ Filter counts are a poor proxy for speed on CPUs: a block's BatchNorm, ReLU and 
 its full-width output whatever its inner width, and odd channel counts miss the fast kernels. The
 planner can therefore rank its moves by *measured* seconds saved instead of MACs saved.
 
-``block_latency_table`` times each distinct block shape (input shape, stride, widths) once per
+``block_latency_table`` times each distinct block shape (input shape, stride, widths) per
 candidate inner width k (multiples of ``step`` plus the full width; k = 0 is the dropped block, i.e.
-its shortcut alone) at ``batch``, median of ``repeats`` after a warm-up, and linearly interpolates
-the widths in between. Result: conv name -> tuple of seconds for k = 0..C (index = inner width).
+its shortcut alone) at ``batch``. A plan must not depend on how busy the machine was: the
+configurations are timed round-robin (a busy spell hits all of them), each keeps its *fastest*
+of ``repeats`` rounds (the cost of the kernels themselves, not of the neighbours), times are made
+non-decreasing in k, and widths in between are interpolated linearly.
+Result: conv name -> tuple of seconds for k = 0..C (index = inner width).
 """
 from __future__ import annotations
 
@@ -51,7 +54,7 @@ def _with_width(block: nn.Module, k: int) -> nn.Module:
 
 
 def block_latency_table(model: nn.Module, structure, example_input, *, batch: int = 128, step: int = 8,
-                        repeats: int = 5) -> dict[str, tuple[float, ...]]:
+                        repeats: int = 9) -> dict[str, tuple[float, ...]]:
     """conv name -> seconds of its block with k inner filters, k = 0..C (see module doc).
 
     Only convs inside residual blocks with ``conv1``/``conv2``/``shortcut`` are timed (the conv1 of
@@ -71,16 +74,27 @@ def block_latency_table(model: nn.Module, structure, example_input, *, batch: in
     finally:
         for h in hooks:
             h.remove()
-    memo: dict[tuple, float] = {}
-    table = {}
+    configs: dict[tuple, tuple[nn.Module, torch.Tensor]] = {}
+    plan = []
     for u in units:
         blk = mods[u.block]
         key0 = (shapes[u.block], blk.conv1.stride, blk.conv2.out_channels, type(blk.shortcut).__name__)
-        C = u.out_channels
-        ks = sorted({0, C, *range(step, C, step)})
+        ks = sorted({0, u.out_channels, *range(step, u.out_channels, step)})
         for k in ks:
-            if key0 + (k,) not in memo:
-                memo[key0 + (k,)] = latency(_with_width(blk, k), batch, shapes[u.block], repeats=repeats)
-        ts = np.interp(np.arange(C + 1), ks, [memo[key0 + (k,)] for k in ks])
-        table[u.conv] = tuple(float(t) for t in ts)
+            if key0 + (k,) not in configs:
+                configs[key0 + (k,)] = (_with_width(blk, k), torch.randn(batch, *shapes[u.block]))
+        plan.append((u, key0, ks))
+    best = {key: np.inf for key in configs}
+    with torch.inference_mode():
+        for m, x in configs.values():  # warm-up: first calls allocate and pick kernels
+            m(x)
+        for _ in range(repeats):
+            for key, (m, x) in configs.items():
+                t = time.perf_counter()
+                m(x)
+                best[key] = min(best[key], time.perf_counter() - t)
+    table = {}
+    for u, key0, ks in plan:
+        ts = np.maximum.accumulate([best[key0 + (k,)] for k in ks])
+        table[u.conv] = tuple(float(t) for t in np.interp(np.arange(u.out_channels + 1), ks, ts))
     return table

@@ -146,3 +146,48 @@ def test_plan_json_round_trip_and_validation():
         CompressionPlan.from_json("{")
     with pytest.raises(ValueError, match="target_macs"):
         PlannerConfig(target_macs=1.5)
+
+
+def _two_block_case():
+    # two identical blocks (4 filters, 50 MACs each, 400 MACs per block) with the same SI curves
+    # and gains: under a MACs objective they tie; a latency table tells them apart.
+    blocks = (BlockUnit("b0", 200, False, 100), BlockUnit("b1", 200, False, 100))
+    convs = tuple(ConvUnit(f"{b.name}.conv1", f"{b.name}.conv2", f"{b.name}.relu1", 4, 50, 10, b.name) for b in blocks)
+    st = ModelStructure(blocks=blocks, convs=convs, chain=(), total_macs=400, total_params=200)
+    rk = {c.conv: _ranking([0.5, 0.6, 0.7, 0.8]) for c in convs}
+    gains = {"b0": (0.2, 0.3), "b1": (0.3, 0.4)}
+    return st, rk, gains
+
+
+def test_latency_objective_prefers_the_move_that_saves_measured_time():
+    st, rk, gains = _two_block_case()
+    # b0 is slow whatever its width (its full-width output dominates): filters there save no time,
+    # dropping it saves a lot; b1's time scales with its filters.
+    lat = {"b0.conv1": (0.0, 9.0, 9.0, 9.0, 10.0), "b1.conv1": (0.0, 1.0, 2.0, 3.0, 4.0)}
+    cfg = dict(target_macs=0.75, allow_drop=True, round_to=1)
+    by_macs = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
+                               config=PlannerConfig(**cfg), latency=lat)
+    by_time = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
+                               config=PlannerConfig(objective="latency", **cfg), latency=lat)
+    assert by_macs.settings["objective"] == "macs" and by_time.settings["objective"] == "latency"
+    assert by_macs.dropped_blocks == ()                          # filters are cheaper per MAC than a drop
+    assert by_time.dropped_blocks == ("b0",)                     # per second saved, dropping b0 wins
+    # an incomplete table falls back to MACs (recorded in the plan)
+    part = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(objective="both", **cfg), latency={"b0.conv1": lat["b0.conv1"]})
+    assert part.settings["objective"] == "macs" and part.dropped_blocks == ()
+
+
+def test_round_to_is_also_the_floor_below_which_a_block_is_dropped():
+    st, rk, gains = _two_block_case()
+    plan = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.5, round_to=2))
+    assert PlannerConfig(round_to=8).min_keep == 8 and PlannerConfig(round_to=8, min_keep=1).min_keep == 1
+    for d in plan.layers:
+        assert len(d.keep) % 2 == 0 and len(d.keep) >= 2
+    assert plan.predicted["macs"] <= 200
+
+
+def test_bad_objective_is_refused():
+    with pytest.raises(ValueError, match="objective must be"):
+        PlannerConfig(objective="speed")
