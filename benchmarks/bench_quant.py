@@ -11,6 +11,10 @@
     int4 fake-quant}, post-training (no fine-tuning) top-1 on --grid-samples test images and size.
 (d) SI pruning + int8 on ResNet-56: a model.pt written by si-compress (--pruned), quantized to int8:
     size, batch-128 speed-up and top-1 against the fp32 base.
+(e) percentile pruning with fine-tuning on ResNet-20: (1) the (c) grid again after --prune-ft-steps
+    SGD steps with the masks held; (2) the dynamic-threshold search (raise the percentile while the
+    fine-tuned accuracy holds within --prune-tolerance, bisect back when it drops), then int8 and
+    int4 of the model it accepts, with sizes on disk (packed low-bit weights + sparse format).
 Calibration images: a class-balanced sample of the train split. Writes benchmarks/results/quant.json;
 --table prints markdown tables from it.
 
@@ -36,7 +40,7 @@ for _p in (str(ROOT), str(HERE)):
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
 RESULT = HERE / "results" / "quant.json"
-SECTIONS = ("a", "b", "c", "d")
+SECTIONS = ("a", "b", "c", "d", "e")
 
 
 def log(*a):
@@ -211,6 +215,72 @@ def section_c(ctx, args) -> dict:
             "rows": rows}
 
 
+def section_e(ctx, args) -> dict:
+    from torch.utils.data import DataLoader, Subset
+
+    from si_compress.compress import cifar_augment, evaluate, finetune
+    from si_compress.quantize import (QuantConfig, dynamic_percentile_search, holding_masks, percentile_prune,
+                                      quantize_model)
+    from si_compress.storage import fp32_state_dict_bytes, save_packed
+
+    base = ctx["r20"]
+    idx = ctx["balanced_test"](args.grid_samples)
+    loader = DataLoader(Subset(ctx["test"].dataset, idx), batch_size=500)
+    tmp = Path(ctx["tmp"])
+    fp32_bytes = fp32_state_dict_bytes(base, tmp / "r20_fp32_e.pt")
+    acc_base = evaluate(base, loader)
+    train = ctx["train_loader"]()
+
+    def ft(model):
+        return finetune(model, train, epochs=1, lr=args.prune_ft_lr, max_steps=args.prune_ft_steps,
+                        augment=cifar_augment, bf16=True)
+
+    def quantized(model, tag):
+        out = {}
+        for bits, mode in ((8, "int8"), (4, "int4")):
+            res = quantize_model(model, QuantConfig(mode=mode, calibration=args.int8_calibration if bits == 8
+                                                    else args.act_calibration,
+                                                    calibration_samples=args.calib_samples), ctx["calib"])
+            rep = save_packed(tmp / f"e_{tag}_{bits}.siqp", res.model)
+            out[bits] = {"kind": res.kind, "acc_quant": evaluate(res.model, loader), "size_bytes": rep.size_bytes,
+                         "stored_bits_per_weight": rep.bits_per_weight, "stored_sparsity": rep.sparsity,
+                         "size_vs_fp32": rep.size_bytes / fp32_bytes}
+        return out
+
+    rows = []
+    for sparsity in (50, 70, 90):
+        t = time.perf_counter()
+        m = copy.deepcopy(base)
+        pr = percentile_prune(m, sparsity, hold=False)
+        acc_pruned = evaluate(m, loader)
+        with holding_masks(m, pr):
+            ft(m)
+        acc_ft = evaluate(m, loader)
+        q = quantized(m, f"grid{sparsity}")
+        for bits in (8, 4):
+            rows.append({"sparsity_pct": sparsity, "bits": bits, "weight_sparsity": pr.sparsity,
+                         "acc_fp32_pruned": acc_pruned, "acc_fp32_finetuned": acc_ft, **q[bits]})
+        log(f"(e) sparsity {sparsity}%: pruned {acc_pruned:.4f} -> fine-tuned {acc_ft:.4f}; int8 "
+            f"{q[8]['acc_quant']:.4f} {q[8]['size_bytes']} B, int4 {q[4]['acc_quant']:.4f} {q[4]['size_bytes']} B "
+            f"({time.perf_counter() - t:.0f} s)")
+    t = time.perf_counter()
+    search = dynamic_percentile_search(base, eval_fn=lambda m: evaluate(m, loader), finetune_fn=ft,
+                                       start=50.0, step=10.0, tolerance=args.prune_tolerance, min_step=2.5,
+                                       max_trials=args.prune_trials, baseline=acc_base,
+                                       progress=lambda r: log(f"(e) search {r}"))
+    q = quantized(search.model, "search")
+    dyn = {"percentile": search.percentile, "sparsity": search.sparsity, "acc_fp32": search.accuracy,
+           "history": list(search.history), "seconds": time.perf_counter() - t,
+           "int8": q[8], "int4": q[4]}
+    log(f"(e) search accepted {search.percentile}% ({search.sparsity:.3f} sparse) at {search.accuracy:.4f}; "
+        f"int8 {q[8]['acc_quant']:.4f} {q[8]['size_bytes']} B; int4 {q[4]['acc_quant']:.4f} {q[4]['size_bytes']} B")
+    return {"model": "resnet20-cifar10-jpeg", "test_images": len(idx), "acc_fp32": acc_base,
+            "fp32_state_dict_bytes": fp32_bytes, "pruning": "global magnitude, masks held while fine-tuning",
+            "finetune": {"steps": args.prune_ft_steps, "batch_size": 128, "lr": args.prune_ft_lr,
+                         "schedule": "cosine, SGD nesterov m=0.9", "augment": "cifar_augment", "bf16": True},
+            "tolerance": args.prune_tolerance, "rows": rows, "dynamic": dyn}
+
+
 def section_d(ctx, args) -> dict:
     from si_compress.compress import evaluate, load_compressed
     from si_compress.pipeline import count_tp
@@ -294,7 +364,7 @@ def run(args) -> dict:
         result.update({"machine": machine_info(), "threads": torch.get_num_threads(),
                        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "calibration_split": "train (class-balanced sample)"})
-        funcs = {"a": section_a, "b": section_b, "c": section_c, "d": section_d}
+        funcs = {"a": section_a, "b": section_b, "c": section_c, "d": section_d, "e": section_e}
         for s in args.sections:
             t = time.perf_counter()
             result[s] = funcs[s](ctx, args)
@@ -348,6 +418,29 @@ def table(path: Path, sections=SECTIONS) -> str:
                          f"{_pct(row['acc_quant'])} | {row['size_bytes'] / 1024:.0f} KiB | "
                          f"{row['stored_bits_per_weight']:.2f} |")
         lines.append("")
+    if "e" in r and "skipped" not in r["e"]:
+        e = r["e"]
+        f = e["finetune"]
+        lines += [f"### (e) percentile pruning x bits after fine-tuning, ResNet-20-jpeg, {e['test_images']} test images",
+                  "", f"fp32: {_pct(e['acc_fp32'])}, {e['fp32_state_dict_bytes'] / 1024:.0f} KiB. Each sparsity: global "
+                  f"magnitude pruning, then {f['steps']} SGD steps of batch {f['batch_size']} "
+                  f"({f['steps'] * f['batch_size'] / 50000:.2f} epoch, lr {f['lr']}, cosine) with the masks held, then "
+                  "int8 (x86 kernels) / int4 (fake-quant), stored as packed weights + sparse index.", "",
+                  "| sparsity | bits | top-1 pruned | top-1 fine-tuned | top-1 quantized | size | bits/weight |",
+                  "|---|---|---|---|---|---|---|"]
+        for row in e["rows"]:
+            lines.append(f"| {row['sparsity_pct']}% | {row['bits']} | {_pct(row['acc_fp32_pruned'])} | "
+                         f"{_pct(row['acc_fp32_finetuned'])} | {_pct(row['acc_quant'])} | "
+                         f"{row['size_bytes'] / 1024:.0f} KiB | {row['stored_bits_per_weight']:.2f} |")
+        dyn = e["dynamic"]
+        trials = ", ".join(f"{h['percentile']:g}% {'ok' if h['accepted'] else 'dropped'} ({_pct(h['accuracy'])})"
+                           for h in dyn["history"])
+        lines += ["", f"Dynamic threshold (tolerance {100 * e['tolerance']:.1f} pt): trials {trials}; accepted "
+                      f"{dyn['percentile']:g}% ({100 * dyn['sparsity']:.1f}% of weights zero) at "
+                      f"{_pct(dyn['acc_fp32'])}; then int8 {_pct(dyn['int8']['acc_quant'])}, "
+                      f"{dyn['int8']['size_bytes'] / 1024:.0f} KiB; int4 {_pct(dyn['int4']['acc_quant'])}, "
+                      f"{dyn['int4']['size_bytes'] / 1024:.0f} KiB (fp32 {e['fp32_state_dict_bytes'] / 1024:.0f} KiB).",
+                  ""]
     if "d" in r and "skipped" not in r["d"]:
         d = r["d"]
         lines += ["### (d) SI pruning + int8, ResNet-56-jpeg, full JPEG test split", "",
@@ -381,6 +474,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--pruned", default=None, help="model.pt written by si-compress (section d)")
+    p.add_argument("--prune-ft-steps", type=int, default=150, help="(e) SGD steps of batch 128 per fine-tuning")
+    p.add_argument("--prune-ft-lr", type=float, default=0.01)
+    p.add_argument("--prune-tolerance", type=float, default=0.01, help="(e) accuracy the search may lose (0.01 = 1 pt)")
+    p.add_argument("--prune-trials", type=int, default=6)
     p.add_argument("--test-samples", type=int, default=0, help="0: the full test split (smoke runs: fewer)")
     p.add_argument("--calib-samples", type=int, default=512)
     p.add_argument("--int8-calibration", default="mse", choices=("minmax", "percentile", "mse"))

@@ -415,15 +415,27 @@ def rows_d(results: Path) -> list[Row]:
          + f"; at {worst['sparsity_pct']}% sparsity {pts(-100 * (fp - worst['acc_quant']))} ({c.get('pruning', '')}); "
            f"ResNet-20, a {c['test_images']:,}-image subset")
     out = [Row(claim, pub, ours, v, "quant", "c.rows[*]")]
-    ft = [r for r in rows_ if r.get("acc_finetuned") is not None]
+    e = (q or {}).get("e")
     claim = "D. percentile pruning x uniform quantization: after fine-tuning"
-    if not ft:
-        out.append(Row(claim, pub, "not measured yet: bench_quant.py (c) has no fine-tuning step",
-                       "gap: only the post-training grid is measured", "quant"))
+    if not e or "rows" not in e:
+        out.append(Row(claim, pub, missing("quant") + " (section e)", "-", "quant"))
     else:
-        cells = "; ".join(f"{r['sparsity_pct']}%/{r['bits']}b {pct(r['acc_finetuned'], 1)}" for r in ft)
-        out.append(Row(claim, pub, cells, "measured (no published numbers transcribed to compare)", "quant",
-                       "c.rows[*].acc_finetuned"))
+        fp_e = e["acc_fp32"]
+        cells = "; ".join(f"{r['sparsity_pct']}%/{r['bits']}b {pct(r['acc_quant'], 1)} {r['size_bytes'] / 1024:.0f} KiB"
+                          for r in e["rows"])
+        ok = [r for r in e["rows"] if 100 * (fp_e - r["acc_quant"]) <= tol]
+        best = min(ok, key=lambda r: r["size_bytes"]) if ok else None
+        dyn = e["dynamic"]
+        steps = e["finetune"]["steps"]
+        out.append(Row(claim, pub,
+                       f"{e['model']}, {steps} SGD steps ({steps * 128 / 50000:.2f} epoch) per sparsity, masks held: "
+                       f"{cells}; dynamic threshold accepted {dyn['percentile']:g}% at {pct(dyn['acc_fp32'])}, "
+                       f"int8 {pct(dyn['int8']['acc_quant'])} {dyn['int8']['size_bytes'] / 1024:.0f} KiB",
+                       "measured (no published numbers transcribed to compare): " +
+                       (f"smallest within {tol:g} pt of fp32 after fine-tuning: {best['sparsity_pct']}% / "
+                        f"{best['bits']} bit, {best['size_bytes'] / 1024:.0f} KiB ({red(1 - best['size_vs_fp32'])})"
+                        if best else f"no cell within {tol:g} pt of fp32 after fine-tuning"),
+                       "quant", "e.rows[*], e.dynamic"))
     return out
 
 

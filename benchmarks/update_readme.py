@@ -30,7 +30,7 @@ TABLES = {
     "compress": (_script("bench_compress.py", "--table"), "compress_resnet56.json", None),
     "quant": (_script("bench_quant.py", "--table"), "quant.json", None),
     "quant_int8": (_script("bench_quant.py", "--table", "--sections", "a", "d"), "quant.json", None),
-    "quant_grid": (_script("bench_quant.py", "--table", "--sections", "c"), "quant.json", None),
+    "quant_grid": (_script("bench_quant.py", "--table", "--sections", "c", "e"), "quant.json", None),
     "quant_pot": (_script("bench_quant.py", "--table", "--sections", "b"), "quant.json", None),
     "analyze": (_script("bench_analyze.py", "--table", "--model", R56), f"analyze_{R56[:-3]}.json", None),
     "analyze_resnet20": (_script("bench_analyze.py", "--table", "--model", R20), f"analyze_{R20[:-3]}.json",
