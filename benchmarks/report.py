@@ -143,7 +143,12 @@ def command(key: str, d: dict | None) -> str:
                 cmd += f" {flag} {a[k]}"
         dd = d.get("d")
         if dd and "skipped" not in dd:
-            cmd += f" --pruned {dd.get('pruned_path')}"
+            pruned = Path(str(dd.get("pruned_path")))
+            try:  # print the path relative to the repository, where the benchmark saved it
+                pruned = pruned.relative_to(Path(__file__).resolve().parent.parent)
+            except ValueError:
+                pass
+            cmd += f" --pruned {pruned}"
         return cmd
     if key == "shiftadd":
         cmd = "python benchmarks/bench_shiftadd.py"
@@ -566,8 +571,10 @@ def rows_g(results: Path) -> list[Row]:
     if po:
         st2, a2 = _stage(po)
         dd = 100 * (a - a2)
-        v = (f"truncation {'helps' if dd > 0 else 'hurts' if dd < 0 else 'ties'}: {pts(dd)} vs pruning alone "
-             f"({st} vs {st2})")
+        tol = TOL["acc_points"]
+        verdict = ("helps" if dd > tol else "hurts" if dd < -tol
+                   else f"makes no measurable difference (|difference| <= {tol:g} pts)")
+        v = f"truncation {verdict}: {pts(dd)} vs pruning alone ({st} vs {st2})"
     else:
         v = "no prune-only comparison in the JSON"
     lat = tr.get("latency")

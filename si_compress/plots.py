@@ -1,6 +1,8 @@
 """Figures of an AnalysisReport. Each function takes an optional ``ax`` and returns (fig, ax)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 
@@ -50,7 +52,9 @@ def si_layers_figure(report, ax=None):
     ax.set_xlabel("layer (execution order)")
     ax.grid(alpha=0.3)
     title = report.model.get("name") or report.model.get("arch") or "model"
-    ax.set_title(f"{title}: separation by layer ({report.n_samples} samples, {report.data.get('name', '')})")
+    data_name = Path(str(report.data.get("name", ""))).name  # a folder's name, not its absolute path
+    ax.set_title(f"{title}: separation by layer\n({report.n_samples} samples, {data_name} {report.data.get('split') or ''})"
+                 .replace(" )", ")"))
     h1, l1 = ax.get_legend_handles_labels()
     h2, l2 = ax2.get_legend_handles_labels()
     ax.legend(h1 + h2, l1 + l2, loc="lower right", fontsize=8)
