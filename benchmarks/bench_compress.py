@@ -135,7 +135,8 @@ def run(args) -> dict:
             from si_compress.compress import save_compressed
 
             save_path = ROOT / "runs" / "compress" / f"si_{stem_of(args.model)}.pt"
-            save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes)
+            save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes,
+                            base=base)
             m["saved_model"] = str(save_path.relative_to(ROOT))
         if name == "si" or not args.latency_si_only:
             lat = {}

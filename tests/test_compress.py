@@ -322,3 +322,22 @@ def test_torchscript_and_onnx_match_torch(tmp_path, compressed):
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": x3.numpy()})[0]           # batch 3: the batch axis is dynamic
     np.testing.assert_allclose(out, model(x3).detach().numpy(), atol=1e-4, rtol=0)
+
+
+def test_reload_when_the_base_is_narrower_than_its_named_arch(tmp_path):
+    # An already-pruned base (inner widths 5/6/7...) still carries the name of its depth; the saved
+    # file must rebuild *that* base, not the named arch's default widths.
+    register_arch(TINY_ARCH, tiny_resnet, overwrite=True)
+    base = CifarResNet(num_blocks=(2, 2, 2), width=(8, 16, 32), block_widths=((5, 6), (7, 16), (9, 32)),
+                       num_classes=10).eval()
+    plan = plan_of(layer("layer3.1.conv1", 32, range(0, 32, 2)))
+    small = apply_plan(base, plan, example_input=X1)
+    path = save_compressed(tmp_path / "m.pt", small, plan, arch=TINY_ARCH, num_classes=10, base=base)
+    loaded, _ = load_compressed(path)
+    x = data(3)
+    assert torch.equal(loaded(x), small(x))
+    assert loaded.layer1[0].conv1.out_channels == 5
+    # without the base config the named arch's widths are rebuilt and the weights do not fit
+    path2 = save_compressed(tmp_path / "m2.pt", small, plan, arch=TINY_ARCH, num_classes=10)
+    with pytest.raises(ValueError, match="do not fit"):
+        load_compressed(path2)

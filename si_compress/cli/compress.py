@@ -152,7 +152,7 @@ def _body(argv) -> int:
 
         metrics["quant"] = apply_quant(args, compressed, sample_loader, train_loader, test_loader)
     write_text(out / "plan.json", plan.to_json())
-    save_compressed(out / "model.pt", compressed, plan, arch=loaded.arch, num_classes=loaded.num_classes,
+    save_compressed(out / "model.pt", compressed, plan, arch=loaded.arch, num_classes=loaded.num_classes, base=model,
                     input_shape=shape)
     write_json(out / "metrics.json", metrics)
     fig, _ = plots.kept_filters_figure(plan)

@@ -25,12 +25,14 @@ FORMAT_VERSION = 1
 
 
 def save_compressed(path, model: nn.Module, plan: CompressionPlan, *, arch: str, num_classes: int,
-                    input_shape=None) -> Path:
+                    input_shape=None, base: nn.Module | None = None) -> Path:
     """Atomically write ``model``'s weights with the ``plan`` that shaped it.
 
     ``arch``/``num_classes``: the BASE model (``build_model(arch, num_classes)``) the plan applies to.
     ``input_shape``: one sample's shape (C, H, W) used to re-trace the plan on load; default
     ``(model.in_channels or 3, 32, 32)`` (any size the network accepts gives the same skeleton).
+    ``base``: the base model itself; a CIFAR ResNet / VGG stores its constructor config, so a base
+    whose widths are not the named arch's (an already-pruned or narrow checkpoint) rebuilds too.
     """
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan; got {type(plan).__name__}")
@@ -43,11 +45,21 @@ def save_compressed(path, model: nn.Module, plan: CompressionPlan, *, arch: str,
         "num_classes": int(num_classes),
         "input_shape": [int(s) for s in input_shape],
         "plan": plan.to_dict(),
+        "base": _base_spec(base),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def _base_spec(base: nn.Module | None) -> dict | None:
+    from ..models.cifar_resnet import CifarResNet
+    from ..models.vgg import VGG
+
+    if isinstance(base, (CifarResNet, VGG)):
+        return {"class": type(base).__name__, "config": base.config()}
+    return None
 
 
 def load_compressed(path) -> tuple[nn.Module, CompressionPlan]:
@@ -72,7 +84,7 @@ def load_compressed(path) -> tuple[nn.Module, CompressionPlan]:
         shape = tuple(int(s) for s in obj.get("input_shape", (3, 32, 32)))
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path} is missing an entry of a compressed model: {exc}") from None
-    model = rebuild(arch, num_classes, plan, example_input=torch.zeros(1, *shape))
+    model = rebuild(arch, num_classes, plan, example_input=torch.zeros(1, *shape), base=obj.get("base"))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

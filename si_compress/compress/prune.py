@@ -298,10 +298,22 @@ def plan_cost(model: nn.Module, plan: CompressionPlan, *, example_input: torch.T
     return model_cost(apply_plan(model, plan, example_input=example_input), example_input)
 
 
-def rebuild(arch: str, num_classes: int, plan: CompressionPlan, *, example_input: torch.Tensor) -> nn.Module:
+def rebuild(arch: str, num_classes: int, plan: CompressionPlan, *, example_input: torch.Tensor,
+            base: dict | None = None) -> nn.Module:
     """The compressed architecture of ``plan`` on a fresh ``build_model(arch, num_classes)`` (random
-    weights, eval mode): the skeleton a saved compressed state dict loads into."""
+    weights, eval mode): the skeleton a saved compressed state dict loads into. ``base``
+    (``{"class": "CifarResNet" | "VGG", "config": {...}}``) rebuilds the base from its constructor
+    config instead, for bases whose widths are not the named arch's."""
     from ..models import build_model
+    from ..models.cifar_resnet import CifarResNet
+    from ..models.vgg import VGG
 
-    return apply_plan(build_model(arch, num_classes), plan, example_input=example_input)
+    if base:
+        classes = {"CifarResNet": CifarResNet, "VGG": VGG}
+        if base.get("class") not in classes or not isinstance(base.get("config"), dict):
+            raise ValueError(f"unknown base model spec {base!r}; expected a CifarResNet or VGG config")
+        model = classes[base["class"]](**base["config"])
+    else:
+        model = build_model(arch, num_classes)
+    return apply_plan(model, plan, example_input=example_input)
 
