@@ -178,19 +178,27 @@ def section_b(ctx, args) -> dict:
                          "acc_fp32_same_images": acc_fp32_sub, "seconds_eval": sa_s, "kernel_check": check}}
 
 
-def section_c(ctx, args) -> dict:
+def _r20_grid_setup(ctx, args):
+    """ResNet-20 and its evaluation subset for the pruning x bits grids (c) and (e):
+    (base, test indices, loader, tmp dir, fp32 state-dict bytes, fp32 top-1)."""
     from torch.utils.data import DataLoader, Subset
 
     from si_compress.compress import evaluate
-    from si_compress.quantize import QuantConfig, percentile_prune, quantize_model
-    from si_compress.storage import fp32_state_dict_bytes, save_packed
+    from si_compress.storage import fp32_state_dict_bytes
 
     base = ctx["r20"]
     idx = ctx["balanced_test"](args.grid_samples)
     loader = DataLoader(Subset(ctx["test"].dataset, idx), batch_size=500)
     tmp = Path(ctx["tmp"])
-    fp32_bytes = fp32_state_dict_bytes(base, tmp / "r20_fp32.pt")
-    acc_base = evaluate(base, loader)
+    return base, idx, loader, tmp, fp32_state_dict_bytes(base, tmp / "r20_fp32.pt"), evaluate(base, loader)
+
+
+def section_c(ctx, args) -> dict:
+    from si_compress.compress import evaluate
+    from si_compress.quantize import QuantConfig, percentile_prune, quantize_model
+    from si_compress.storage import save_packed
+
+    base, idx, loader, tmp, fp32_bytes, acc_base = _r20_grid_setup(ctx, args)
     rows = []
     for sparsity in (0, 50, 70, 90):
         pruned = copy.deepcopy(base)
@@ -216,19 +224,12 @@ def section_c(ctx, args) -> dict:
 
 
 def section_e(ctx, args) -> dict:
-    from torch.utils.data import DataLoader, Subset
-
     from si_compress.compress import cifar_augment, evaluate, finetune
     from si_compress.quantize import (QuantConfig, dynamic_percentile_search, holding_masks, percentile_prune,
                                       quantize_model)
-    from si_compress.storage import fp32_state_dict_bytes, save_packed
+    from si_compress.storage import save_packed
 
-    base = ctx["r20"]
-    idx = ctx["balanced_test"](args.grid_samples)
-    loader = DataLoader(Subset(ctx["test"].dataset, idx), batch_size=500)
-    tmp = Path(ctx["tmp"])
-    fp32_bytes = fp32_state_dict_bytes(base, tmp / "r20_fp32_e.pt")
-    acc_base = evaluate(base, loader)
+    base, idx, loader, tmp, fp32_bytes, acc_base = _r20_grid_setup(ctx, args)
     train = ctx["train_loader"]()
 
     def ft(model):
