@@ -15,6 +15,10 @@ Decisions
     drop block b (k filters left):          g_b * E_b[k] / E_b[C]
   with E_b the running max of b's prefix-SI curve (best SI with <= k filters) and g_b clipped
   at a small positive floor. Widths and drops thus come from the SI curves, not a uniform ratio.
+  ``objective`` says what "saved" means: MACs (default), measured seconds of the block at each
+  width (a latency table from ``si_compress.latency``), or the mean of the two fractions; the
+  stop rule is always the MACs budget. Widths move in steps of ``round_to`` and never go below
+  ``min_keep`` (default ``round_to``): below that only dropping the block remains.
 - Head: linear if the final features' CSI >= SI - tau (class means already separate as well as
   neighbours do); otherwise an MLP with the smallest hidden width whose hidden-layer CSI reaches SI.
 """
