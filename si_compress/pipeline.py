@@ -125,7 +125,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
         from .latency import block_latency_table
 
         lat_table = block_latency_table(plan_model, plan_structure, example_input, batch=128,
-                                        step=max(config.round_to, 8) if config.round_to > 1 else 8)
+                                        step=max(config.round_to, 8))
     # The planner budgets a fraction of the structure it is given: rescale the whole model's budget.
     scale = structure.total_macs / max(plan_structure.total_macs, 1)
 
