@@ -149,12 +149,7 @@ def _fit_conv(conv: nn.Conv2d, bn, inputs, residuals, *, ridge: float, max_rows:
         AtB += P.T @ Z
         used += P.shape[0]
     k = D - int(fit_bias)
-    lam = ridge * float(torch.trace(AtA[:k, :k])) / max(k, 1)
-    AtA[:k, :k] += lam * torch.eye(k, dtype=torch.float64)  # the bias column is not shrunk
-    try:
-        X = torch.linalg.solve(AtA, AtB)
-    except RuntimeError:  # singular even with the ridge (e.g. ridge=0 and dead inputs)
-        X = torch.linalg.lstsq(AtA, AtB).solution
+    X = _ridge_solve(AtA, AtB, k, ridge)
     W = X[:k].T.reshape(out, conv.in_channels, *conv.kernel_size)
     v = valid.nonzero().flatten()
     conv.weight[v] = W[v].to(conv.weight.dtype)
@@ -165,6 +160,17 @@ def _fit_conv(conv: nn.Conv2d, bn, inputs, residuals, *, ridge: float, max_rows:
         else:
             bn.running_mean[v] = (mu[v] - c[v]).to(bn.running_mean.dtype)
     return used
+
+
+def _ridge_solve(AtA: torch.Tensor, AtB: torch.Tensor, k: int, ridge: float) -> torch.Tensor:
+    """Solve the normal equations (AtA + lam I_k) X = AtB in place of AtA, lam = ridge x trace/k over
+    the first k (weight) columns; a trailing bias column is not shrunk."""
+    lam = ridge * float(torch.trace(AtA[:k, :k])) / max(k, 1)
+    AtA[:k, :k] += lam * torch.eye(k, dtype=torch.float64)
+    try:
+        return torch.linalg.solve(AtA, AtB)
+    except RuntimeError:  # singular even with the ridge (e.g. ridge=0 and dead inputs)
+        return torch.linalg.lstsq(AtA, AtB).solution
 
 
 def _rel_err(preds, targets) -> float:
@@ -341,11 +347,7 @@ def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: f
             A = F_ if head.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64)], 1)
             AtA, AtB = A.T @ A, A.T @ L
             k = F_.shape[1]
-            AtA[:k, :k] += ridge * float(torch.trace(AtA[:k, :k])) / max(k, 1) * torch.eye(k, dtype=torch.float64)
-            try:
-                X = torch.linalg.solve(AtA, AtB)
-            except RuntimeError:  # singular even with the ridge (ridge=0 and dead features)
-                X = torch.linalg.lstsq(AtA, AtB).solution
+            X = _ridge_solve(AtA, AtB, k, ridge)
             head.weight.copy_(X[:k].T.to(head.weight.dtype))
             if head.bias is not None:
                 head.bias.copy_(X[k].to(head.bias.dtype))
