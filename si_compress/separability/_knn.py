@@ -25,11 +25,12 @@ from ._numpy import knn_numpy
 
 BACKENDS = ("auto", "numba", "faiss", "numpy")
 _ENV = "SI_COMPRESS_BACKEND"
-_SLACK = 8
+_SLACK = 16
 _BLOCK = 2048
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
 _DIRECT_WORK = 2 * 10**9   # multiply-adds below which uncertified rows are searched directly
+_IN_PLACE_UNIQUE = 0.9     # screen float32 input in place when >= 90% of its rows are unique
 
 
 def available_backends() -> tuple[str, ...]:
@@ -86,11 +87,18 @@ class _Groups:
     members: np.ndarray   # (n,) sample indices grouped by unique row, ascending within a group
 
 
+def _hash_keys(d: int) -> np.ndarray:
+    """d fixed odd 64-bit multipliers for ``row_hashes`` (seeded: hashes are reproducible)."""
+    return np.random.default_rng(0x51C0).integers(0, 2**63, size=d, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+
+
 def _group_rows(X: np.ndarray) -> _Groups:
     from . import _numba as nb
 
-    n = X.shape[0]
-    h = nb.row_hashes(X)
+    n, d = X.shape
+    bits = np.uint32 if X.dtype == np.float32 else np.uint64
+    sign = np.uint64(1) << np.uint64(8 * X.dtype.itemsize - 1)
+    h = nb.row_hashes(X.view(bits), _hash_keys(d), sign)
     order = np.lexsort((np.arange(n), h))
     gid, m = nb.group_equal_rows(X, order, h)
     # renumber groups by their lowest member so unique rows keep sample order
@@ -117,7 +125,8 @@ def _sqnorms(A: np.ndarray) -> np.ndarray:
     return out
 
 
-def _screen_numba(Q32, U32, qn32, un32, kp, symmetric):
+def _screen_numba(Q32, U32, qn32, un32, cmap, kp, symmetric):
+    """Top-kp screened rows of U32 per query row; row j of U32 is reported as cmap[j] (-1: never)."""
     from . import _numba as nb
 
     nq, m = Q32.shape[0], U32.shape[0]
@@ -128,10 +137,10 @@ def _screen_numba(Q32, U32, qn32, un32, kp, symmetric):
         for j0 in range(i0 if symmetric else 0, m, _BLOCK):
             j1 = min(j0 + _BLOCK, m)
             G = Q32[i0:i1] @ U32[j0:j1].T
-            nb.topk_update(G, qn32[i0:i1], un32[j0:j1], j0, topd[i0:i1], topi[i0:i1])
+            nb.topk_update(G, qn32[i0:i1], un32[j0:j1], cmap[j0:j1], topd[i0:i1], topi[i0:i1])
             if symmetric and j0 != i0:
                 # the transposed block serves rows j0:j1: half the GEMM work of a plain search
-                nb.topk_update_cols(G, qn32[i0:i1], un32[j0:j1], i0, topd[j0:j1], topi[j0:j1])
+                nb.topk_update_cols(G, qn32[i0:i1], un32[j0:j1], cmap[i0:i1], topd[j0:j1], topi[j0:j1])
     return topi, topd
 
 
@@ -204,7 +213,8 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     qrows = urows if self_search else np.arange(query.shape[0], dtype=np.int64)
     nq_rows = qrows.size
     need = min(k, m - 1) if self_search else min(k, m)
-    un = _sqnorms(ref)[urows]
+    n_all = _sqnorms(ref)
+    un = n_all[urows]
     qn = un if self_search else _sqnorms(Q)
     self_ids = np.arange(m, dtype=np.int64) if self_search else np.full(nq_rows, -1, np.int64)
 
@@ -214,19 +224,31 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
         kp = min(m, need + (1 if self_search else 0) + _SLACK)
         c32 = _gamma(ref.shape[1], _U32)
         if np.isfinite(c32):
-            # the float32 screen needs one float32 copy of the unique rows, unless ref is already
-            # float32 without duplicates
-            U32 = ref if (m == ref.shape[0] and ref.dtype == np.float32) else \
-                np.ascontiguousarray(ref[urows], dtype=np.float32)
-            Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
-            if backend == "faiss":
-                cand, cd = _screen_faiss(Q32, U32, kp)
+            # The float32 screen runs on the unique rows. The numba screen reads float32 input
+            # in place when duplicates are few (they are skipped as candidates; a gathered copy
+            # would cost more than the rows it saves); otherwise it takes a float32 copy.
+            in_place = backend == "numba" and ref.dtype == np.float32 and m >= _IN_PLACE_UNIQUE * ref.shape[0]
+            if in_place:
+                U32, u32n = ref, n_all.astype(np.float32)
+                cmap = np.full(ref.shape[0], -1, np.int64)
+                cmap[urows] = np.arange(m)
             else:
-                cand, cd = _screen_numba(Q32, U32, qn.astype(np.float32), un.astype(np.float32), kp, self_search)
-            del U32, Q32
-            worst = cd[:, kp - 1].astype(np.float64)
+                U32 = ref if (m == ref.shape[0] and ref.dtype == np.float32) else \
+                    np.ascontiguousarray(ref[urows], dtype=np.float32)
+                u32n, cmap = un.astype(np.float32), np.arange(m, dtype=np.int64)
+            if backend == "faiss":
+                Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
+                cand, cd = _screen_faiss(Q32, U32, kp)
+            elif self_search:
+                cand, cd = _screen_numba(U32, U32, u32n, u32n, cmap, kp, True)
+                if in_place:
+                    cand, cd = cand[urows], cd[urows]
+            else:
+                Q32 = Q if Q.dtype == np.float32 else Q.astype(np.float32)
+                cand, cd = _screen_numba(Q32, U32, qn.astype(np.float32), u32n, cmap, kp, False)
+            del U32
             ok = np.empty(nq_rows, np.bool_)
-            nb.refine(Q, qrows, ref, urows, qn, cand, worst, groups.rep, self_ids, need, kp == m, c32, nbr, nbr_d, ok)
+            nb.refine(Q, qrows, ref, urows, qn, cand, cd, groups.rep, self_ids, need, kp == m, c32, nbr, nbr_d, ok)
             bad = np.nonzero(~ok)[0]
         else:
             bad = np.arange(nq_rows)

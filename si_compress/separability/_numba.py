@@ -14,15 +14,15 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-_HASH_MUL = np.uint64(0x9E3779B97F4A7C15)
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def topk_update(G, qn, un, col0, topd, topi):
+def topk_update(G, qn, un, cmap, topd, topi):
     """Merge one block of approximate distances into the running sorted top-k lists.
 
-    G (bq, bu) float32 Gram block; qn (bq,), un (bu,) float32 squared norms; col0 the global
-    index of the block's first column; topd/topi (bq, k) sorted ascending, updated in place.
+    G (bq, bu) float32 Gram block; qn (bq,), un (bu,) float32 squared norms; cmap (bu,) the id
+    stored for each column (-1: not a candidate, e.g. a duplicate row); topd/topi (bq, k)
+    sorted ascending, updated in place.
     """
     bq, bu = G.shape
     k = topd.shape[1]
@@ -31,21 +31,22 @@ def topk_update(G, qn, un, col0, topd, topi):
         nr = qn[r]
         for c in range(bu):
             d = nr + un[c] - 2.0 * G[r, c]
-            if d < worst:
+            if d < worst and cmap[c] >= 0:
                 pos = k - 1
                 while pos > 0 and topd[r, pos - 1] > d:
                     topd[r, pos] = topd[r, pos - 1]
                     topi[r, pos] = topi[r, pos - 1]
                     pos -= 1
                 topd[r, pos] = d
-                topi[r, pos] = col0 + c
+                topi[r, pos] = cmap[c]
                 worst = topd[r, k - 1]
 
 
 @njit(parallel=True, cache=True, fastmath=False)
-def topk_update_cols(G, rn, cn, row0, topd, topi):
+def topk_update_cols(G, rn, cn, rmap, topd, topi):
     """``topk_update`` for the transposed block without transposing it: column c of G (bq, bu)
-    is a query (norm cn[c], lists topd/topi[c]) against the rows r (norms rn, global row0 + r).
+    is a query (norm cn[c], lists topd/topi[c]) against the rows r (norms rn, stored id rmap[r],
+    -1: not a candidate).
     Columns are taken 16 at a time so each read of G is a contiguous 64-byte run.
     """
     bq, bu = G.shape
@@ -61,18 +62,25 @@ def topk_update_cols(G, rn, cn, row0, topd, topi):
             nr = rn[r]
             for c in range(c0, c1):
                 d = nr + cn[c] - 2.0 * G[r, c]
-                if d < worst[c - c0]:
+                if d < worst[c - c0] and rmap[r] >= 0:
                     pos = k - 1
                     while pos > 0 and topd[c, pos - 1] > d:
                         topd[c, pos] = topd[c, pos - 1]
                         topi[c, pos] = topi[c, pos - 1]
                         pos -= 1
                     topd[c, pos] = d
-                    topi[c, pos] = row0 + r
+                    topi[c, pos] = rmap[r]
                     worst[c - c0] = topd[c, k - 1]
 
 
-@njit(cache=True, inline="always")
+# Float64 sums of squared differences run in vector lanes (reassociation allowed, so the loop
+# vectorises: 6x faster than a sequential sum). The lane order is fixed by the compiled code and
+# does not depend on where a row lies in memory (tested), so equal inputs give equal sums and
+# integer-valued data is summed exactly.
+_FP = {"reassoc", "contract"}
+
+
+@njit(cache=True, fastmath=_FP)
 def _sqdist(a, b):
     s = 0.0
     for t in range(a.shape[0]):
@@ -98,30 +106,40 @@ def _insert_sorted(bd, bi, bf, d, u, f):
 
 
 @njit(parallel=True, cache=True)
-def refine(Q, qrows, U, urows, qnorm, cand, cand_worst, first, self_ids, need, screened_all, c_tol,
+def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, screened_all, c_tol,
            out_idx, out_dist, ok):
     """Exact float64 re-ranking of screened candidates, with a certificate.
 
     Query i is row Q[qrows[i]], unique row u is U[urows[u]] (no gathered copy of the data), in
     their input dtype (converted exactly to float64); qnorm (nq,) float64
-    squared norms; cand (nq, k') candidate rows of U (-1 = empty); cand_worst (nq,) the largest
-    approximate distance kept by the screen; first (m,) lowest sample index of each unique row
+    squared norms; cand (nq, k') candidate rows of U (-1 = empty) and cand_d (nq, k') their
+    screened distances, ascending; first (m,) lowest sample index of each unique row
     (tie-break key); self_ids (nq,) the unique row to exclude, -1 for none. Writes the ``need``
     best (distance, first) candidates to out_idx/out_dist and ok[i] = the result is provably
-    exact: every unscreened row u has true distance > the need-th distance, because its screened
-    value was >= cand_worst and the screen errs by at most c_tol * (n_q + n_u), where
-    n_u <= (sqrt(n_q) + sqrt(D_need))^2 for any row that could tie.
+    exact: every unscreened row u has true distance > the need-th distance D, because its
+    screened value was >= the largest one kept and the screen errs by at most
+    c_tol * (n_q + n_u), where n_u <= (sqrt(n_q) + sqrt(D))^2 for any row that could tie.
+    The same bound ends the re-ranking early: once a screened value exceeds D by more than
+    the error bound, neither it nor any later candidate can enter the list.
     """
     nq, kp = cand.shape
     for i in prange(nq):
         bd = np.full(need, np.inf)
         bi = np.full(need, -1, np.int64)
         bf = np.full(need, np.iinfo(np.int64).max, np.int64)
+        q = Q[qrows[i]]
         for t in range(kp):
             u = cand[i, t]
-            if u < 0 or u == self_ids[i]:
+            if u < 0:
+                break
+            if u == self_ids[i]:
                 continue
-            d = _sqdist(Q[qrows[i]], U[urows[u]])
+            dk = bd[need - 1]
+            if dk < np.inf:
+                reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
+                if np.float64(cand_d[i, t]) - c_tol * (qnorm[i] + reach * reach) > dk:
+                    break
+            d = _sqdist(q, U[urows[u]])
             _insert_sorted(bd, bi, bf, d, u, first[u])
         for t in range(need):
             out_idx[i, t] = bi[t]
@@ -132,7 +150,7 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_worst, first, self_ids, need, s
             dk = bd[need - 1]
             reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
             tol = c_tol * (qnorm[i] + reach * reach)
-            ok[i] = bi[need - 1] >= 0 and np.float64(cand_worst[i]) - tol > dk
+            ok[i] = bi[need - 1] >= 0 and np.float64(cand_d[i, kp - 1]) - tol > dk
 
 
 @njit(parallel=True, cache=True)
@@ -216,27 +234,25 @@ def expand(nbr, nbr_dist, offsets, members, query_group, query_sample, k, out):
             out[q, t] = ci[t] if t < cnt else -1
 
 
-@njit(cache=True, inline="always")
-def _f64_bits(v):
-    a = np.empty(1, np.float64)
-    a[0] = v
-    return a.view(np.uint64)[0]
-
-
 @njit(parallel=True, cache=True)
-def row_hashes(X):
-    """64-bit hash per row of the float values (-0.0 hashed as 0.0, so equal values hash equally)."""
-    n, d = X.shape
+def row_hashes(B, K, sign):
+    """64-bit hash per row: sum_t bits(x_t) * K[t] mod 2^64.
+
+    B (n, d) the rows' bit patterns (uint32 for float32, uint64 for float64 data); K (d,) odd
+    uint64 multipliers; sign the bit pattern of -0.0 (uint64). -0.0 is hashed as 0.0, so equal values hash equally. Integer arithmetic mod
+    2^64 is associative, so the sum vectorises and equal rows hash equally at any address;
+    two rows that differ in one value never collide (an odd K[t] times a nonzero difference
+    of fewer than 64 bits is nonzero mod 2^64), and rows hashing equally are compared in full.
+    """
+    n, d = B.shape
     out = np.empty(n, np.uint64)
     for i in prange(n):
-        h = np.uint64(1469598103934665603)
+        h = np.uint64(0)
         for t in range(d):
-            v = np.float64(X[i, t])
-            if v == 0.0:
-                v = 0.0
-            bits = _f64_bits(v)
-            h = (h ^ bits) * _HASH_MUL
-            h ^= h >> np.uint64(29)
+            b = np.uint64(B[i, t])
+            if b == sign:
+                b = np.uint64(0)  # -0.0
+            h += b * K[t]
         out[i] = h
     return out
 
@@ -447,31 +463,54 @@ def _finish_center(X, MT, xn, cn, c_tol, acc, i, out):
 
 @njit(parallel=True, cache=True)
 def row_sqnorms(X, out):
-    """Squared row norms (n,) accumulated in float64."""
+    """Squared row norms (n,) accumulated in float64 (vector lanes, as ``_sqdist``)."""
     for i in prange(X.shape[0]):
-        s = 0.0
-        for t in range(X.shape[1]):
-            v = np.float64(X[i, t])
-            s += v * v
-        out[i] = s
+        out[i] = _sqnorm(X[i])
+
+
+@njit(cache=True, fastmath=_FP)
+def _sqnorm(a):
+    s = 0.0
+    for t in range(a.shape[0]):
+        v = np.float64(a[t])
+        s += v * v
+    return s
 
 
 @njit(parallel=True, cache=True)
 def exact_knn_rows(Q, qrows, U, urows, first, self_ids, need, out_idx, out_dist):
     """Exact float64 search of a few query rows against every unique row (no screen, no bound):
-    query i is Q[qrows[i]]; results ordered by (distance, first[u])."""
+    query i is Q[qrows[i]]; results ordered by (distance, first[u]).
+
+    The unique rows are split into a fixed number of chunks searched in parallel, every query
+    against each row while it is in cache (the data is read once, not once per query); the
+    chunks' lists are then merged. The (distance, key) order is total, so the result does not
+    depend on the chunking.
+    """
     nb = qrows.shape[0]
     m = urows.shape[0]
+    nch = max(1, min(64, m // 16))
+    pd = np.full((nch, nb, need), np.inf)
+    pi = np.full((nch, nb, need), -1, np.int64)
+    pf = np.full((nch, nb, need), np.iinfo(np.int64).max, np.int64)
+    for ch in prange(nch):
+        u0 = ch * m // nch
+        u1 = (ch + 1) * m // nch
+        for u in range(u0, u1):
+            row = U[urows[u]]
+            for i in range(nb):
+                if u == self_ids[i]:
+                    continue
+                d = _sqdist(Q[qrows[i]], row)
+                _insert_sorted(pd[ch, i], pi[ch, i], pf[ch, i], d, u, first[u])
     for i in prange(nb):
         bd = np.full(need, np.inf)
         bi = np.full(need, -1, np.int64)
         bf = np.full(need, np.iinfo(np.int64).max, np.int64)
-        q = Q[qrows[i]]
-        for u in range(m):
-            if u == self_ids[i]:
-                continue
-            d = _sqdist(q, U[urows[u]])
-            _insert_sorted(bd, bi, bf, d, u, first[u])
+        for ch in range(nch):
+            for t in range(need):
+                if pi[ch, i, t] >= 0:
+                    _insert_sorted(bd, bi, bf, pd[ch, i, t], pi[ch, i, t], pf[ch, i, t])
         for t in range(need):
             out_idx[i, t] = bi[t]
             out_dist[i, t] = bd[t]
