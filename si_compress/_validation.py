@@ -9,11 +9,13 @@ import numbers
 import numpy as np
 
 
-def check_features(X, *, name: str = "X", min_samples: int = 2) -> np.ndarray:
+def check_features(X, *, name: str = "X", min_samples: int = 2, check_finite: bool = True) -> np.ndarray:
     """Return ``X`` as a C-contiguous float32 (if given float32) or float64 array (n_samples, n_features).
 
     Raises TypeError for non-numeric input and ValueError for wrong ndim, too few samples,
     zero features or non-finite values. The caller's array is never modified.
+    ``check_finite=False`` skips the NaN/Inf scan for a caller that detects non-finite values in
+    its own first pass over X (a non-finite squared row norm) and then calls ``check_finite``.
     """
     try:
         arr = np.asarray(X)
@@ -38,6 +40,14 @@ def check_features(X, *, name: str = "X", min_samples: int = 2) -> np.ndarray:
     # of a large feature matrix; everything else becomes float64.
     dtype = np.float32 if arr.dtype == np.float32 else np.float64
     arr = np.ascontiguousarray(arr, dtype=dtype)
+    if check_finite:
+        raise_if_not_finite(arr, name)
+    return arr
+
+
+def raise_if_not_finite(arr: np.ndarray, name: str = "X") -> None:
+    """ValueError naming the first NaN/Inf of a 2-D array (scanned in chunks: no full-size mask)."""
+    n, d = arr.shape
     step = max(1, (16 * 2**20) // max(1, d))
     for start in range(0, n, step):
         chunk = arr[start:start + step]
@@ -48,7 +58,6 @@ def check_features(X, *, name: str = "X", min_samples: int = 2) -> np.ndarray:
                 f"{name} contains NaN or infinite values (first at row {start + bad[0]}, column {bad[1]}); "
                 "remove or impute them before computing separation indices"
             )
-    return arr
 
 
 def check_labels(y, n_samples: int, *, name: str = "y", min_classes: int = 2) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +80,17 @@ def check_labels(y, n_samples: int, *, name: str = "y", min_classes: int = 2) ->
         raise ValueError(f"{name} contains NaN or infinite labels; every sample needs a class label")
     if arr.dtype == object and any(v is None for v in arr):
         raise ValueError(f"{name} contains None labels; every sample needs a class label")
-    try:
-        classes, codes = np.unique(arr, return_inverse=True)
-    except TypeError as exc:
-        raise TypeError(f"{name} labels must be mutually comparable (all numbers or all strings): {exc}") from None
+    if arr.dtype.kind in "iu" and arr.size and 0 <= arr.min() and arr.max() <= 4 * arr.shape[0] + 1024:
+        # small non-negative integer labels (the usual case): a counting table instead of a sort
+        small = arr.astype(np.intp, copy=False)
+        present = np.bincount(small) > 0
+        classes = np.flatnonzero(present).astype(arr.dtype)
+        codes = (np.cumsum(present) - 1)[small]
+    else:
+        try:
+            classes, codes = np.unique(arr, return_inverse=True)
+        except TypeError as exc:
+            raise TypeError(f"{name} labels must be mutually comparable (all numbers or all strings): {exc}") from None
     if classes.shape[0] < min_classes:
         raise ValueError(
             f"{name} has {classes.shape[0]} class(es) ({classes[:5].tolist()}); separation indices need "

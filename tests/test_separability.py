@@ -70,10 +70,21 @@ def test_duplicates_are_neighbours_excluded_by_index():
         assert nearest_neighbors(X, 2, backend=b)[3].tolist() == [0, 1]
 
 
-def test_negative_zero_equals_zero():
-    X = np.array([[0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [3.0, 3.0]])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_negative_zero_equals_zero(dtype):
+    X = np.array([[0.0, 1.0], [-0.0, 1.0], [0.0, 1.0], [3.0, 3.0]], dtype)
     for b in ALL:
         assert nearest_neighbors(X, 1, backend=b)[:3, 0].tolist() == [1, 0, 0]
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_float32_with_few_duplicates_screened_in_place(rng, k):
+    # >= 90% unique float32 rows: the screen reads X in place and skips the duplicates; more
+    # rows than one screening block
+    X = rng.integers(0, 6, size=(2500, 6)).astype(np.float32) + rng.random((2500, 6), np.float32)
+    X[::40] = X[3]
+    X[1::53] = 0.0
+    np.testing.assert_array_equal(knn(X, k, backend="numba"), knn_numpy(X.astype(np.float64), None, k))
 
 
 # ---------------------------------------------------------------- known answers and invariances
@@ -201,6 +212,51 @@ def test_csi_fast_equals_numpy_tie_free_and_ties(rng):
     y2 = np.array([0, 1, 1, 0])  # centres: class0 = 0.5, class1 = 1.5; x=1 ties
     pcs = sic.center_separation_index_per_sample(X2, y2)
     assert pcs.tolist() == [1.0, 1.0, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("n_classes", [2, 3, 5, 7, 10, 12, 23])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_csi_blockings_equal_numpy(rng, n_classes, dtype):
+    # 5- and 10-mean blocks, padded means, odd row counts (a row pair at the block end)
+    n = 1001
+    y = rng.integers(0, n_classes, n)
+    X = (rng.standard_normal((n, 37)) + 0.3 * rng.standard_normal((n_classes, 37))[y]).astype(dtype)
+    fast = sic.center_separation_index_per_sample(X, y)
+    assert fast.tolist() == sic.center_separation_index_per_sample(X, y, backend="numpy").tolist()
+
+
+def test_csi_near_ties_are_decided_exactly():
+    # rows exactly between two means (in float64) go to the lower class; rows a hair off to
+    # the nearer one: both need the float64 recheck, the float32 screen cannot tell
+    mu = np.array([[0.0, 0.0], [1.0, 0.0], [0.5, 5.0]])
+    base = np.repeat(mu, 2, axis=0)                         # each mean from two symmetric rows
+    base = base + np.array([[-0.25, 0], [0.25, 0]] * 3)
+    probe = np.array([[0.5, 0.0], [0.5 + 2**-30, 0.0], [0.5 - 2**-30, 0.0]])
+    X = np.vstack([base, np.tile(base, (50, 1)), probe])
+    # the probes belong to the far class 2 (their x offsets cancel in its mean)
+    y = np.concatenate([np.repeat([0, 1, 2], 2), np.tile(np.repeat([0, 1, 2], 2), 50), [2, 2, 2]])
+    from si_compress.separability.csi import nearest_center
+
+    got = nearest_center(X, y)[-3:]
+    assert got.tolist() == nearest_center(X, y, backend="numpy")[-3:].tolist() == [0, 1, 0]
+
+
+def test_csi_nan_found_in_the_first_pass():
+    X = np.ones((50, 4), np.float32)
+    X[37, 2] = np.nan
+    with pytest.raises(ValueError, match="row 37, column 2"):
+        center_separation_index(X, np.arange(50) % 2)
+
+
+def test_integer_labels_fast_path_matches_unique(rng):
+    from si_compress._validation import check_labels
+
+    for y in (rng.integers(0, 7, 500), rng.integers(5, 9, 500).astype(np.uint8),
+              np.array([3, 1000, 3, 7], np.int32), np.array([-1, 2, 2, -1])):
+        codes, classes = check_labels(y, y.size)
+        ref_classes, ref_codes = np.unique(y, return_inverse=True)
+        assert codes.tolist() == ref_codes.tolist() and classes.tolist() == ref_classes.tolist()
+        assert classes.dtype == ref_classes.dtype
 
 
 def test_csi_per_class_and_centers(rng):

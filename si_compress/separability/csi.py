@@ -2,56 +2,68 @@
 
 With class means mu_c = mean{x_i : y_i = c} (each sample counts in its own class mean), the
 per-sample CSI is 1[ argmin_c ||x_i - mu_c||_2 == y_i ] (ties to the lowest class in sorted
-label order) and CSI is its mean. Cost: two passes over X (class sums and norms; then the n x C
-float64 dot products, in Numba); rows whose two nearest centres are within the rounding bound
-are re-checked with direct float64 differences, so the result equals the brute force exactly.
-Memory O(16 * C * d) beyond the input: X is never copied.
+label order) and CSI is its mean. Cost: two passes over X, each near memory speed (class sums
+and the NaN check; then the n x C dot products in X's precision, in Numba); rows whose two
+nearest centres are within the rounding bound are re-checked with direct float64 differences,
+so the result equals the float64 brute force. Memory O(16 * C * d) beyond the input: X is never
+copied.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .._validation import check_features, check_labels
-from ._knn import _U64, _gamma, resolve_backend
+from .._validation import check_features, check_labels, raise_if_not_finite
+from ._knn import _U32, _U64, _gamma, resolve_backend
 from ._numpy import nearest_center_numpy
 from .si import ClassScores, class_means
 
 
 
 def class_centers(X: np.ndarray, codes: np.ndarray, n_classes: int) -> np.ndarray:
-    """Class means (C, d) float64; sums accumulate in float64 in sample order within a class."""
-    return _sums_norms(X, codes, n_classes)[0]
+    """Class means (C, d) float64; sums accumulate in float64 (fixed row chunks, each in sample order)."""
+    from . import _numba_csi as nc
+
+    sums = np.empty((n_classes, X.shape[1]), np.float64)
+    counts = np.empty(n_classes, np.int64)
+    nc.class_sums(X, codes, n_classes, sums, counts)
+    return sums / counts[:, None]
 
 
-def _sums_norms(X, codes, n_classes):
-    from . import _numba as nb
+def _nearest_center_fast(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """Screen every n x C distance in X's precision (one pass over X, no copy), then decide the
+    rows whose two nearest means are within the rounding bound from float64 differences.
 
-    sums = np.zeros((n_classes, X.shape[1]), np.float64)
-    norms = np.empty(X.shape[0], np.float64)
-    nb.class_sums_and_norms(X, codes, n_classes, sums, norms)
-    counts = np.bincount(codes, minlength=n_classes)
-    return sums / counts[:, None], norms
+    Bound: with u the unit roundoff of X's dtype, x . fl(mu) is off x . mu by <= u |x||mu|, and
+    the dot product by <= gamma_d |x||mu| (any summation order), so e_c = |mu|^2 - 2 x . mu errs
+    by <= 2 (gamma_d + 2u) |x||mu| plus the float64 error of |mu|^2; the screened |x|^2 is at
+    least (1 - gamma_d) |x|^2. Each bound carries a 1% margin for the float64 arithmetic on it.
+    """
+    from . import _numba_csi as nc
 
-
-def _nearest_center_fast(X: np.ndarray, centers: np.ndarray, xn: np.ndarray) -> np.ndarray:
-    """Float64 dot-product screen of all n x C distances (one pass over X, no copy), exact
-    float64 recheck of rows whose two nearest centres are within the rounding bound."""
-    from . import _numba as nb
-
-    cn = np.einsum("ij,ij->i", centers, centers)
+    n, d = X.shape
     C = centers.shape[0]
-    Cp = -(-C // 8) * 8  # pad centres to whole SIMD vectors; the padding is never a candidate
-    MT = np.zeros((X.shape[1], Cp))
-    MT[:, :C] = centers.T
-    out = np.empty(X.shape[0], np.int64)
-    nb.nearest_center(X, MT, xn, cn, _gamma(X.shape[1], _U64), out)
+    u = _U32 if X.dtype == np.float32 else _U64
+    g = _gamma(d, u)
+    c_dot = 1.01 * 2.0 * (g + 2.0 * u)
+    c_sq = 1.01 / (1.0 - g)
+    c_norm = 1.01 * _gamma(d, _U64)
+    cn = np.einsum("ij,ij->i", centers, centers)
+    cblock = nc.center_block(C)
+    M = np.empty((-(-C // cblock) * cblock, d), X.dtype)
+    M[:C] = centers
+    M[C:] = M[0]  # padding rows: computed, never read
+    out = np.empty(n, np.int64)
+    kernel = nc.nearest_center10 if cblock == 10 else nc.nearest_center5
+    kernel(X, M, centers, cn, c_dot, c_sq, c_norm, out)
     return out
 
 
 def _prepare(X, y, backend):
-    Xv = check_features(X)
-    codes, classes = check_labels(y, Xv.shape[0])
     backend = resolve_backend(backend)
+    # the fast path finds NaN/Inf in its first pass (a non-finite class sum) instead of
+    # scanning X once more up front
+    Xv = check_features(X, check_finite=backend == "numpy")
+    codes, classes = check_labels(y, Xv.shape[0])
     if backend == "numpy":
         Xd = Xv.astype(np.float64, copy=False)
         order = np.argsort(codes, kind="stable")
@@ -60,8 +72,11 @@ def _prepare(X, y, backend):
         centers = np.add.reduceat(Xd[order], starts, axis=0) / counts[:, None]
         nearest = nearest_center_numpy(Xd, centers)
     else:
-        centers, xn = _sums_norms(Xv, codes, classes.size)
-        nearest = _nearest_center_fast(Xv, centers, xn)
+        centers = class_centers(Xv, codes, classes.size)
+        if not np.isfinite(centers).all():
+            raise_if_not_finite(Xv)
+            raise ValueError("X has values too large to sum in float64; rescale the features")
+        nearest = _nearest_center_fast(Xv, centers)
     return codes, classes, nearest
 
 
@@ -78,7 +93,8 @@ def center_separation_index_per_sample(X, y, *, backend: str = "auto") -> np.nda
 
 def center_separation_index(X, y, *, backend: str = "auto") -> float:
     """CSI in [0, 1]: fraction of samples whose nearest class mean is their own class's mean."""
-    return float(center_separation_index_per_sample(X, y, backend=backend).mean())
+    codes, _, nearest = _prepare(X, y, backend)
+    return np.count_nonzero(nearest == codes) / codes.size
 
 
 def center_separation_index_per_class(X, y, *, backend: str = "auto") -> ClassScores:
