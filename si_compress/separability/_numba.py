@@ -295,19 +295,35 @@ def group_equal_rows(X, order, hashes):
 
 
 @njit(parallel=True, cache=True)
-def gram_to_sqdist(F, sq, D, c):
-    """In place: Gram matrix D = F F^T -> squared distances sq_i + sq_j - 2 D[i, j], clamped at 0.
+def gram_to_sqdist(F, sq, T, i0, D, c, nn):
+    """Rows i0 : i0 + len(T) of one group's squared distances, and each row's nearest other row.
 
-    Entries within the GEMM's rounding bound c * (sq_i + sq_j) of 0 are recomputed from float64
-    differences: duplicate rows get exactly 0, so their ties still go to the lowest index.
+    T (b, n) the Gram rows F[i0:i0+b] F^T; writes D[r, j] = sq_i + sq_j - 2 T[r, j]
+    (i = i0 + r). Entries within the GEMM's rounding bound c * (sq_i + sq_j) of 0 are recomputed
+    from float64 differences: duplicate rows get exactly 0, so their ties still go to the lowest
+    index. nn[r] = argmin_{j != i} D[r, j], ties to the lowest j (the first selection step),
+    read while the row is in cache.
     """
-    n = D.shape[0]
-    for i in prange(n):
+    b, n = T.shape
+    for r in prange(b):
+        i = i0 + r
+        si = sq[i]
+        near_zero = 0
+        for j in range(n):   # branch-free, so it vectorises
+            v = si + sq[j] - 2.0 * T[r, j]
+            D[r, j] = v
+            near_zero += v <= c * (si + sq[j])
+        if near_zero:
+            for j in range(n):
+                if D[r, j] <= c * (si + sq[j]):
+                    D[r, j] = 0.0 if j == i else _sqdist(F[i], F[j])
+        best = np.inf
+        bj = -1
         for j in range(n):
-            v = sq[i] + sq[j] - 2.0 * D[i, j]
-            if v <= c * (sq[i] + sq[j]):
-                v = 0.0 if j == i else _sqdist(F[i], F[j])
-            D[i, j] = v
+            if j != i and D[r, j] < best:
+                best = D[r, j]
+                bj = j
+        nn[r] = bj
 
 
 @njit(parallel=True, cache=True)

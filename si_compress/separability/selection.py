@@ -47,19 +47,30 @@ def group_distance_matrices(Gv: np.ndarray) -> np.ndarray:
     Entries within the GEMM's rounding bound of 0 are recomputed from differences, so duplicate
     rows are exactly 0 apart (their ties must go to the lowest index, not to rounding noise).
     """
+    return _group_distances_and_nn(Gv)[0]
+
+
+def _group_distances_and_nn(Gv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``group_distance_matrices`` plus nn (n_groups, n): each sample's nearest other sample in
+    each group alone (ties to the lowest index), found in the same pass as the conversion.
+
+    One Gram matrix per group (BLAS syrk) goes to a scratch buffer reused for every group (no
+    fresh pages to fault in, likely still in cache); Numba converts it into the group's slice.
+    """
     from . import _numba as nb
     from ._knn import _U64, _gamma
 
     n, ng, gd = Gv.shape
     D = np.empty((ng, n, n), np.float64)
-    c = _gamma(gd, _U64)
+    nn = np.empty((ng, n), np.int64)
+    c = 2.0 * _gamma(gd, _U64)
+    T = np.empty((n, n), np.float64)
     for g in range(ng):
         F = np.ascontiguousarray(Gv[:, g, :], dtype=np.float64)
         sq = np.einsum("ij,ij->i", F, F)
-        Dg = D[g]
-        np.matmul(F, F.T, out=Dg)
-        nb.gram_to_sqdist(F, sq, Dg, 2.0 * c)
-    return D
+        np.matmul(F, F.T, out=T)
+        nb.gram_to_sqdist(F, sq, T, 0, D[g], c, nn[g])
+    return D, nn
 
 
 def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int = 4 * 2**30) -> SelectionResult:
@@ -84,14 +95,18 @@ def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int
             f"forward_select needs {need / 2**30:.2f} GiB for {n} samples x {ng} groups "
             f"(limit {max_memory_bytes / 2**30:.2f} GiB); use fewer samples or groups, or raise max_memory_bytes"
         )
-    D_all = group_distance_matrices(Gv)
+    D_all, nn0 = _group_distances_and_nn(Gv)
     D_run = np.zeros((n, n), np.float64)
     remaining = np.arange(ng, dtype=np.int64)
     order = np.empty(k, np.int64)
     si = np.empty(k, np.float64)
     for step in range(k):
-        hits = np.empty((n, remaining.size), np.bool_)
-        nb.selection_step(D_run, D_all, remaining, codes, hits)
+        if step == 0:
+            # each group alone: its nearest neighbours came with its distances
+            hits = codes[nn0.T] == codes[:, None]
+        else:
+            hits = np.empty((n, remaining.size), np.bool_)
+            nb.selection_step(D_run, D_all, remaining, codes, hits)
         scores = hits.mean(axis=0)
         best = int(np.argmax(scores))  # first maximum = lowest group index (remaining is ascending)
         order[step] = remaining[best]
