@@ -295,85 +295,116 @@ def group_equal_rows(X, order, hashes):
 
 
 @njit(parallel=True, cache=True)
-def gram_to_sqdist(F, sq, T, i0, D, c, nn):
-    """Rows i0 : i0 + len(T) of one group's squared distances, and each row's nearest other row.
+def gram_to_sqdist(Gv, sq, D, Dbits, c, nn):
+    """In place: per-group Gram matrices D[g] = F_g F_g^T -> squared distances, and each
+    sample's nearest other sample in each group.
 
-    T (b, n) the Gram rows F[i0:i0+b] F^T; writes D[r, j] = sq_i + sq_j - 2 T[r, j]
-    (i = i0 + r). Entries within the GEMM's rounding bound c * (sq_i + sq_j) of 0 are recomputed
-    from float64 differences: duplicate rows get exactly 0, so their ties still go to the lowest
-    index. nn[r] = argmin_{j != i} D[r, j], ties to the lowest j (the first selection step),
-    read while the row is in cache.
+    Gv (n, n_groups, group_dim) the groups (F_g = Gv[:, g]); sq (n_groups, n) squared norms;
+    D (n_groups, n, n) float64, Dbits the same memory as int64. D[g, i, j] becomes
+    sq_gi + sq_gj - 2 D[g, i, j]; entries within the GEMM's rounding bound c * (sq_gi + sq_gj)
+    of 0 are recomputed from float64 differences (duplicate rows get exactly 0, so their ties
+    still go to the lowest index). nn[g, i] = argmin_{j != i} D[g, i, j], ties to the lowest j
+    (the first selection step), read while the row is in cache.
     """
-    b, n = T.shape
-    for r in prange(b):
-        i = i0 + r
-        si = sq[i]
+    ng, n, _ = D.shape
+    for gi in prange(ng * n):
+        g = gi // n
+        i = gi % n
+        si = sq[g, i]
         near_zero = 0
         for j in range(n):   # branch-free, so it vectorises
-            v = si + sq[j] - 2.0 * T[r, j]
-            D[r, j] = v
-            near_zero += v <= c * (si + sq[j])
+            v = si + sq[g, j] - 2.0 * D[g, i, j]
+            D[g, i, j] = v
+            near_zero += v <= c * (si + sq[g, j])
         if near_zero:
             for j in range(n):
-                if D[r, j] <= c * (si + sq[j]):
-                    D[r, j] = 0.0 if j == i else _sqdist(F[i], F[j])
-        best = np.inf
-        bj = -1
-        for j in range(n):
-            if j != i and D[r, j] < best:
-                best = D[r, j]
-                bj = j
-        nn[r] = bj
+                if D[g, i, j] <= c * (si + sq[g, j]):
+                    D[g, i, j] = 0.0 if j == i else _sqdist(Gv[i, g], Gv[j, g])
+        nn[g, i] = _argmin_row_bits(Dbits[g], i, i)
+
+
+@njit(cache=True, inline="always")
+def _argmin_row_bits(Bits, r, skip):
+    """argmin_{j != skip} of row r of a non-negative float64 matrix given as its int64 bits
+    (integer order of the bits is numeric order for doubles >= +0.0), ties to the lowest j.
+    Two integer min reductions, both vectorised (float min reductions are not)."""
+    n = Bits.shape[1]
+    big = np.iinfo(np.int64).max
+    bk = big
+    for j in range(n):
+        bk = min(bk, Bits[r, j] if j != skip else big)
+    bj = n
+    for j in range(n):
+        bj = min(bj, j if (Bits[r, j] == bk) & (j != skip) else n)
+    return bj
+
+
+@njit(cache=True, inline="always")
+def _argmin_full(D_run, D_all, g, i, S, Sbits):
+    """argmin_{j != i} D_run[i, j] + D_all[g, i, j], ties to the lowest j, in three vectorised
+    passes: the sums into S, the smallest bit pattern (for the non-negative doubles here,
+    integer order of the bits is numeric order, and integer min reductions vectorise where
+    float ones do not), then the first j holding it."""
+    n = S.shape[0]
+    for j in range(n):
+        S[j] = D_run[i, j] + D_all[g, i, j]
+    S[i] = np.inf
+    bk = Sbits[0]
+    for j in range(n):
+        bk = min(bk, Sbits[j])
+    bj = n
+    for j in range(n):
+        bj = min(bj, j if Sbits[j] == bk else n)
+    return bj
 
 
 @njit(parallel=True, cache=True)
-def selection_step(D_run, D_all, cands, codes, hits):
+def selection_step(D_run, D_run_bits, D_all, g_add, cands, codes, hits):
     """hits[i, c] = does the nearest other sample of i under D_run + D_all[cands[c]] share i's label.
+
+    First adds the group chosen by the previous step, D_run += D_all[g_add] (g_add < 0: none),
+    one row at a time so the row is in cache for the scans below. D_run_bits is D_run viewed
+    as int64.
 
     Exact, with pruning that never changes the answer: distances only grow when a group is
     added, so only j with D_run[i, j] <= max_c (D_run[i, nn] + D_all[c, i, nn]) (nn: i's current
-    nearest neighbour) can win; they are scanned in increasing D_run order and a candidate's scan
-    stops once D_run[i, j] exceeds its best sum. Ties go to the lowest j.
+    nearest neighbour) can win. When that leaves more than a quarter of the samples (the early
+    steps), every candidate is scanned in full with vectorised passes; otherwise the survivors
+    are scanned in increasing D_run order and a candidate's scan stops once D_run[i, j] exceeds
+    its best sum. Ties go to the lowest j. Every distance here is a sum of non-negative float64
+    squared distances (never -0.0, never NaN).
     """
     n = D_run.shape[0]
     nc = cands.shape[0]
     for i in prange(n):
-        row = D_run[i]
-        nn = -1
-        best = np.inf
-        for j in range(n):
-            if j != i and row[j] < best:
-                best = row[j]
-                nn = j
+        if g_add >= 0:
+            for j in range(n):
+                D_run[i, j] += D_all[g_add, i, j]
+        nn = _argmin_row_bits(D_run_bits, i, i)
         bound = 0.0
         for c in range(nc):
-            b = row[nn] + D_all[cands[c], i, nn]
+            b = D_run[i, nn] + D_all[cands[c], i, nn]
             if b > bound:
                 bound = b
-        idx = np.empty(n, np.int64)
         m = 0
         for j in range(n):
-            if j != i and row[j] <= bound:
+            m += (j != i) & (D_run[i, j] <= bound)
+        if 4 * m > n:
+            S = np.empty(n)
+            Sbits = S.view(np.int64)
+            for c in range(nc):
+                hits[i, c] = codes[_argmin_full(D_run, D_all, cands[c], i, S, Sbits)] == codes[i]
+            continue
+        idx = np.empty(m, np.int64)
+        m = 0
+        for j in range(n):
+            if j != i and D_run[i, j] <= bound:
                 idx[m] = j
                 m += 1
-        if m == n - 1:
-            # nothing pruned (e.g. the first step): a plain scan in j order
-            for c in range(nc):
-                dg = D_all[cands[c], i]
-                bv = np.inf
-                bj = n
-                for j in range(n):
-                    if j != i:
-                        v = row[j] + dg[j]
-                        if v < bv:
-                            bv = v
-                            bj = j
-                hits[i, c] = codes[bj] == codes[i]
-            continue
-        idx = idx[:m]
+        row = D_run[i]
         idx = idx[np.argsort(row[idx], kind="mergesort")]
         for c in range(nc):
-            dg = D_all[cands[c], i]
+            g = cands[c]
             bv = np.inf
             bj = n
             for t in range(m):
@@ -381,7 +412,7 @@ def selection_step(D_run, D_all, cands, codes, hits):
                 r = row[j]
                 if r > bv:
                     break
-                v = r + dg[j]
+                v = r + D_all[g, i, j]
                 if v < bv or (v == bv and j < bj):
                     bv = v
                     bj = j

@@ -54,24 +54,24 @@ def _group_distances_and_nn(Gv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``group_distance_matrices`` plus nn (n_groups, n): each sample's nearest other sample in
     each group alone (ties to the lowest index), found in the same pass as the conversion.
 
-    One Gram matrix per group (BLAS) goes to a scratch buffer reused for every group (no
-    fresh pages to fault in, likely still in cache); Numba converts it into the group's slice.
+    All Gram matrices first (BLAS), then one Numba pass converts them in place: alternating
+    BLAS and Numba calls per group leaves each library's idle threads spinning against the
+    other's on a small machine (measured 2x slower).
     """
     from . import _numba as nb
     from ._knn import _U64, _gamma
 
     n, ng, gd = Gv.shape
     D = np.empty((ng, n, n), np.float64)
-    nn = np.empty((ng, n), np.int64)
-    c = 2.0 * _gamma(gd, _U64)
-    T = np.empty((n, n), np.float64)
+    sq = np.empty((ng, n), np.float64)
     for g in range(ng):
         F = np.ascontiguousarray(Gv[:, g, :], dtype=np.float64)
-        sq = np.einsum("ij,ij->i", F, F)
+        sq[g] = np.einsum("ij,ij->i", F, F)
         # a plain GEMM with a transposed copy: numpy's F @ F.T takes syrk and then mirrors the
         # triangle, which at this shape costs more than the half of the flops it saves
-        np.matmul(F, np.ascontiguousarray(F.T), out=T)
-        nb.gram_to_sqdist(F, sq, T, 0, D[g], c, nn[g])
+        np.matmul(F, np.ascontiguousarray(F.T), out=D[g])
+    nn = np.empty((ng, n), np.int64)
+    nb.gram_to_sqdist(Gv, sq, D, D.view(np.int64), 2.0 * _gamma(gd, _U64), nn)
     return D, nn
 
 
@@ -81,8 +81,9 @@ def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int
     Ties go to the lowest group index; distance ties to the lowest sample index (as in
     ``separation_index``). The result equals recomputing the SI of every candidate
     concatenation from scratch (same float64 sums, same order).
-    Memory: all per-group distance matrices are kept, 8 * n^2 * (n_groups + 1) bytes plus
-    n * n_groups bytes of per-step hits; a problem above ``max_memory_bytes`` is refused with the
+    Memory: all per-group distance matrices are kept, 8 * n^2 * (n_groups + 1) bytes (with
+    the running sum) plus 17 * n * n_groups bytes (squared norms, first-step neighbours and
+    per-step hits); a problem above ``max_memory_bytes`` is refused with the
     number it would need (select from fewer samples or groups).
     """
     from . import _numba as nb
@@ -91,7 +92,7 @@ def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int
     n, ng, gd = Gv.shape
     codes, _ = check_labels(y, n)
     k = ng if max_groups is None else min(check_positive_int(max_groups, "max_groups"), ng)
-    need = 8 * n * n * (ng + 1) + n * ng
+    need = 8 * n * n * (ng + 1) + 17 * n * ng
     if need > max_memory_bytes:
         raise ValueError(
             f"forward_select needs {need / 2**30:.2f} GiB for {n} samples x {ng} groups "
@@ -107,13 +108,13 @@ def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int
             # each group alone: its nearest neighbours came with its distances
             hits = codes[nn0.T] == codes[:, None]
         else:
+            # D_run += D_all[order[step - 1]] happens inside, row by row
             hits = np.empty((n, remaining.size), np.bool_)
-            nb.selection_step(D_run, D_all, remaining, codes, hits)
+            nb.selection_step(D_run, D_run.view(np.int64), D_all, order[step - 1], remaining, codes, hits)
         scores = hits.mean(axis=0)
         best = int(np.argmax(scores))  # first maximum = lowest group index (remaining is ascending)
         order[step] = remaining[best]
         si[step] = scores[best]
-        D_run += D_all[remaining[best]]
         remaining = np.delete(remaining, best)
     return SelectionResult(order=order, si=si)
 
@@ -152,6 +153,6 @@ def prefix_si(G, y, order) -> np.ndarray:
     out = np.empty(order.size, np.float64)
     for t, g in enumerate(order):
         D_run += group_distance_matrices(Gv[:, g:g + 1, :])[0]
-        nb.selection_step(D_run, zero_d, np.zeros(1, np.int64), codes, hits)
+        nb.selection_step(D_run, D_run.view(np.int64), zero_d, -1, np.zeros(1, np.int64), codes, hits)
         out[t] = hits.mean()
     return out
