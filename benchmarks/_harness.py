@@ -34,11 +34,14 @@ GiB = 2**30
 
 # ----------------------------------------------------------------------------------- timing
 def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, *,
-                budget_s: float | None = None, long_call_s: float | None = None) -> dict:
+                budget_s: float | None = None, long_call_s: float | None = None,
+                min_total_s: float = 0.0, max_calls: int = 1000) -> dict:
     """Median wall time of ``fn()`` in seconds and the value of its last call.
 
     ``warmup`` untimed calls come first (the first one also compiles/imports). Timed calls stop
-    early once their total exceeds ``budget_s`` (at least one is always taken). A warm-up call
+    early once their total exceeds ``budget_s`` (at least one is always taken). Calls shorter
+    than a millisecond are noisy: timing goes on past ``repeats`` until the timed calls add up
+    to ``min_total_s`` (at most ``max_calls`` calls), as timeit's autorange does. A warm-up call
     longer than ``long_call_s`` is itself counted as a timed sample and ends the warm-up: a call
     that long is not changed by warm caches or JIT (it is noted as ``warmup_counted``).
     Returns {"median_s", "times_s", "value", "warmup_counted"}.
@@ -54,7 +57,7 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1, *,
             times.append(dt)
             warmup_counted = True
             break
-    while len(times) < max(1, repeats):
+    while len(times) < max(1, repeats) or (sum(times) < min_total_s and len(times) < max_calls):
         if times and budget_s is not None and sum(times) >= budget_s:
             break
         t0 = time.perf_counter()

@@ -60,6 +60,7 @@ ZERO_FRAC = 0.005     # fraction of all-zero rows (dead activations): exact dupl
 SIGNAL = 1.4          # class-mean scale * d^(1/4): keeps SI in the 0.7-0.9 range for every d
 BASE = 0.5            # shared positive feature mean (zero rows would otherwise be everyone's hub)
 ORDER = 5
+MIN_TOTAL_S = 0.2     # sub-millisecond calls are repeated until their times add up to this
 
 FULL = {
     "si": {"n": [2000, 5000, 10000, 20000], "d": [64, 1024, 4096]},
@@ -325,7 +326,7 @@ def run_grid(section: str, args, grid: dict) -> dict:
                     continue
                 try:
                     tm = median_time(factory(), args.repeats, args.warmup, budget_s=args.budget_s,
-                                     long_call_s=args.long_call_s)
+                                     long_call_s=args.long_call_s, min_total_s=MIN_TOTAL_S)
                 except MemoryError as exc:
                     case["methods"][name] = {"status": "error", "reason": f"MemoryError: {exc}"}
                     continue

@@ -85,7 +85,12 @@ def check_labels(y, n_samples: int, *, name: str = "y", min_classes: int = 2) ->
         small = arr.astype(np.intp, copy=False)
         present = np.bincount(small) > 0
         classes = np.flatnonzero(present).astype(arr.dtype)
-        codes = (np.cumsum(present) - 1)[small]
+        if present.all():
+            # labels 0..C-1, all present, are their own codes: a read-only view, no copy
+            codes = small.view()
+            codes.flags.writeable = False
+        else:
+            codes = (np.cumsum(present) - 1)[small]
     else:
         try:
             classes, codes = np.unique(arr, return_inverse=True)
@@ -96,7 +101,7 @@ def check_labels(y, n_samples: int, *, name: str = "y", min_classes: int = 2) ->
             f"{name} has {classes.shape[0]} class(es) ({classes[:5].tolist()}); separation indices need "
             f"at least {min_classes} classes"
         )
-    return codes.astype(np.int64).reshape(-1), classes
+    return codes.astype(np.int64, copy=False).reshape(-1), classes
 
 
 def check_order(order, n_samples: int, *, name: str = "order") -> int:

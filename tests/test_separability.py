@@ -306,6 +306,18 @@ def test_forward_select_equals_naive_recompute(rng):
     np.testing.assert_allclose(res.si, scores)
 
 
+def test_forward_select_float32_post_relu_equals_naive(rng):
+    # float32 groups with many exact zeros (duplicate rows within a group) over enough samples
+    # that both step kernels run: the full scans early, the sorted scans later
+    G = np.maximum(rng.standard_normal((400, 12, 3)), 0).astype(np.float32)
+    G[::7, ::2] = 0.0
+    y = rng.integers(0, 4, 400)
+    res = forward_select(G, y)
+    order, scores = _naive_forward_select(G, y, 12)
+    assert res.order.tolist() == order
+    np.testing.assert_allclose(res.si, scores)
+
+
 def test_forward_select_integer_data_and_max_groups(rng):
     G = rng.integers(0, 3, size=(120, 8, 2)).astype(float)
     y = rng.integers(0, 4, 120)

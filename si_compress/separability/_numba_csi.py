@@ -233,7 +233,8 @@ def _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, out):
         for r in range(m):
             e = cn[c] - 2.0 * np.float64(acc[c, r])
             lt = e < be[r]   # selects, not branches: which mean wins is unpredictable
-            be2[r] = be[r] if lt else min(e, be2[r])
+            e2 = e if e < be2[r] else be2[r]
+            be2[r] = be[r] if lt else e2
             best[r] = c if lt else best[r]
             be[r] = e if lt else be[r]
     for r in range(m):
