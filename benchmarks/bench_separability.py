@@ -61,6 +61,10 @@ SIGNAL = 1.4          # class-mean scale * d^(1/4): keeps SI in the 0.7-0.9 rang
 BASE = 0.5            # shared positive feature mean (zero rows would otherwise be everyone's hub)
 ORDER = 5
 MIN_TOTAL_S = 0.2     # sub-millisecond calls are repeated until their times add up to this
+# Pause before timing each method: the previous method's thread pool (torch, Numba, BLAS) spins
+# for a while after its last call and, on 2 cores, slows the next method's short calls by up to
+# 10x (seen on the reference at d = 64, in both directions).
+SETTLE_S = 0.5
 
 FULL = {
     "si": {"n": [2000, 5000, 10000, 20000], "d": [64, 1024, 4096]},
@@ -325,7 +329,9 @@ def run_grid(section: str, args, grid: dict) -> dict:
                     case["methods"][name] = {"status": "skipped", "reason": reason}
                     continue
                 try:
-                    tm = median_time(factory(), args.repeats, args.warmup, budget_s=args.budget_s,
+                    fn = factory()
+                    time.sleep(SETTLE_S)
+                    tm = median_time(fn, args.repeats, args.warmup, budget_s=args.budget_s,
                                      long_call_s=args.long_call_s, min_total_s=MIN_TOTAL_S)
                 except MemoryError as exc:
                     case["methods"][name] = {"status": "error", "reason": f"MemoryError: {exc}"}

@@ -217,7 +217,7 @@ def test_csi_fast_equals_numpy_tie_free_and_ties(rng):
 @pytest.mark.parametrize("n_classes", [2, 3, 5, 7, 10, 12, 23])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_csi_blockings_equal_numpy(rng, n_classes, dtype):
-    # 5- and 10-mean blocks, padded means, odd row counts (a row pair at the block end)
+    # one or more 10-mean blocks, padded means, odd row counts (a row pair at the block end)
     n = 1001
     y = rng.integers(0, n_classes, n)
     X = (rng.standard_normal((n, 37)) + 0.3 * rng.standard_normal((n_classes, 37))[y]).astype(dtype)

@@ -4,14 +4,16 @@ Semantics (shared by every backend, see ``knn``): Euclidean distance in float64;
 search each sample is excluded by index only; ties are broken by the lowest sample index.
 
 The fast backends ("numba", "faiss") never build an n x n matrix:
-- identical rows are grouped first (post-ReLU features are full of all-zero rows), so ties at
-  distance 0 are resolved by index exactly and the search runs over unique rows only;
-- a float32 screen keeps the k' = k + slack closest unique rows per query ("numba": BLAS Gram
-  blocks + a Numba top-k merge, using the symmetry of a self search to do half the GEMM work;
-  "faiss": ``faiss.knn``);
-- the candidates are re-ranked in float64 and a rounding-error bound certifies that no
-  unscreened row could be as close; the few rows it cannot certify are searched again with a
-  float64 screen and the same exact re-ranking.
+- identical rows are grouped first (an integer hash of each row's bits, then full
+  comparison; post-ReLU features are full of all-zero rows), so ties at distance 0 are
+  resolved by index exactly and the search runs over unique rows only;
+- a float32 screen keeps the k' = k + 1 + 16 closest unique rows per query ("numba": BLAS
+  Gram blocks + a Numba top-k merge, using the symmetry of a self search to do half the GEMM
+  work, reading float32 input in place when duplicates are few; "faiss": ``faiss.knn``);
+- the candidates are re-ranked in float64, in screened order, stopping once the screen's
+  rounding-error bound rules out every later one; the same bound certifies that no unscreened
+  row could be as close; the few rows it cannot certify are searched again exactly (all rows
+  of the data, each read once for all of them) or, when many, with a float64 screen.
 Memory: O(n * k' + block^2) beyond the input (block = 2048 rows).
 """
 from __future__ import annotations

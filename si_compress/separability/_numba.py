@@ -242,10 +242,10 @@ def row_hashes(B, K, sign):
     """64-bit hash per row: sum_t bits(x_t) * K[t] mod 2^64.
 
     B (n, d) the rows' bit patterns (uint32 for float32, uint64 for float64 data); K (d,) odd
-    uint64 multipliers; sign the bit pattern of -0.0 (uint64). -0.0 is hashed as 0.0, so equal values hash equally. Integer arithmetic mod
-    2^64 is associative, so the sum vectorises and equal rows hash equally at any address;
-    two rows that differ in one value never collide (an odd K[t] times a nonzero difference
-    of fewer than 64 bits is nonzero mod 2^64), and rows hashing equally are compared in full.
+    uint64 multipliers; sign the bit pattern of -0.0 (uint64), hashed as 0.0 so that equal
+    values hash equally. Integer arithmetic mod 2^64 is associative, so the sum vectorises and
+    equal rows hash equally at any address. Two rows differing in one value never collide (an
+    odd K[t] is invertible mod 2^64); rows hashing equally are compared in full anyway.
     """
     n, d = B.shape
     out = np.empty(n, np.uint64)

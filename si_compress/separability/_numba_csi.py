@@ -2,8 +2,8 @@
 
 1. ``class_sums``: float64 class sums and counts (one read of X).
 2. ``nearest_center``: dot products of every row with every class mean in the input's own
-   precision (float32 data: float32 products, float32 means), two rows against ten (or five)
-   means at a time so each load feeds many multiply-adds; a row whose runner-up mean is within the
+   precision (float32 data: float32 products, float32 means), two rows against ten means at a
+   time so each load feeds twenty multiply-adds; a row whose runner-up mean is within the
    rounding bound of the best is decided again from float64 differences, so the answer is
    the float64 one. The row norms the bound needs come out of the same loop.
 """
@@ -15,12 +15,7 @@ from numba import njit, prange
 from ._numba import _FP, _sqdist
 
 NCHUNKS = 16   # fixed row chunks of the class sums: the result does not depend on the thread count
-
-
-def center_block(n_classes: int) -> int:
-    """Means per dot-product block: 5 for up to 5 classes, else 10 (the means are padded to a
-    multiple of it; two rows against ten means is the fastest blocking measured)."""
-    return 5 if n_classes <= 5 else 10
+CBLOCK = 10    # means per dot-product block (two rows against ten means: the fastest measured)
 
 
 # The hot loops index the 2-D arrays directly instead of taking row views: a view bumps the
@@ -66,51 +61,10 @@ def _add_chunks(part, sums, t0, t1):
 
 
 @njit(cache=True, fastmath=_FP, inline="always")
-def _dots_2x5(X, i, j, M, c0, zero, acc, r):
-    """acc[c0 + k, r] = X[i] . M[c0 + k] and acc[c0 + k, r + 1] = X[j] . M[c0 + k] for k < 5,
-    accumulated in the dtype of ``zero``; also |X[i]|^2, |X[j]|^2 into acc[-1] (two more lanes
-    of work, cheaper than a branch in the loop)."""
-    a0 = a1 = a2 = a3 = a4 = zero
-    b0 = b1 = b2 = b3 = b4 = zero
-    qa = qb = zero
-    for t in range(X.shape[1]):
-        p = X[i, t]
-        q = X[j, t]
-        m = M[c0, t]
-        a0 += p * m
-        b0 += q * m
-        m = M[c0 + 1, t]
-        a1 += p * m
-        b1 += q * m
-        m = M[c0 + 2, t]
-        a2 += p * m
-        b2 += q * m
-        m = M[c0 + 3, t]
-        a3 += p * m
-        b3 += q * m
-        m = M[c0 + 4, t]
-        a4 += p * m
-        b4 += q * m
-        qa += p * p
-        qb += q * q
-    acc[c0, r] = a0
-    acc[c0 + 1, r] = a1
-    acc[c0 + 2, r] = a2
-    acc[c0 + 3, r] = a3
-    acc[c0 + 4, r] = a4
-    acc[c0, r + 1] = b0
-    acc[c0 + 1, r + 1] = b1
-    acc[c0 + 2, r + 1] = b2
-    acc[c0 + 3, r + 1] = b3
-    acc[c0 + 4, r + 1] = b4
-    last = acc.shape[0] - 1
-    acc[last, r] = qa
-    acc[last, r + 1] = qb
-
-
-@njit(cache=True, fastmath=_FP, inline="always")
 def _dots_2x10(X, i, j, M, c0, zero, acc, r):
-    """``_dots_2x5`` for ten means: each load of a row feeds twenty multiply-adds."""
+    """acc[c0 + k, r] = X[i] . M[c0 + k] and acc[c0 + k, r + 1] = X[j] . M[c0 + k] for k < 10,
+    accumulated in the dtype of ``zero``; also |X[i]|^2, |X[j]|^2 into acc[-1] (two more lanes
+    of work, cheaper than a branch in the loop). Each load of a row feeds twenty multiply-adds."""
     a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = a8 = a9 = zero
     b0 = b1 = b2 = b3 = b4 = b5 = b6 = b7 = b8 = b9 = zero
     qa = qb = zero
@@ -174,20 +128,20 @@ def _dots_2x10(X, i, j, M, c0, zero, acc, r):
     acc[last, r + 1] = qb
 
 
-_NEAREST_DOC = """Nearest class mean of each row of X (n, d), ties to the lowest mean, exact in float64.
-
-    M (C', d) the means rounded to X's dtype, padded with copies to a multiple of the block
-    (10 or 5) rows; centers (C, d) float64 means; cn (C,) their float64 squared norms. The
-    screened value e_c = |mu_c|^2 - 2 x.mu_c (|x|^2 is common to all c) errs by at most
-    B = c_dot * |x| max|mu| + c_norm * max|mu|^2, with |x|^2 <= c_sq * (its screened value);
-    a row whose best e_c is not ahead of the runner-up by more than 2B is decided by
-    sum_t (x_t - mu_ct)^2 in float64.
-    """
 _RB = 256   # rows per block
 
 
 @njit(parallel=True, cache=True, fastmath=_FP)
-def nearest_center10(X, M, centers, cn, c_dot, c_sq, c_norm, out):
+def nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, out):
+    """Nearest class mean of each row of X (n, d), ties to the lowest mean, exact in float64.
+
+    M (C', d) the means rounded to X's dtype, padded with copies to a multiple of CBLOCK rows;
+    centers (C, d) float64 means; cn (C,) their float64 squared norms. The screened value
+    e_c = |mu_c|^2 - 2 x.mu_c (|x|^2 is common to all c) errs by at most
+    B = c_dot * |x| max|mu| + c_norm * max|mu|^2, with |x|^2 <= c_sq * (its screened value);
+    a row whose best e_c is not ahead of the runner-up by more than 2B is decided by
+    sum_t (x_t - mu_ct)^2 in float64.
+    """
     zero = M[0, 0] - M[0, 0]
     n = X.shape[0]
     for blk in prange((n + _RB - 1) // _RB):
@@ -195,26 +149,9 @@ def nearest_center10(X, M, centers, cn, c_dot, c_sq, c_norm, out):
         r1 = min(r0 + _RB, n)
         acc = np.empty((M.shape[0] + 1, _RB + 1), M.dtype)
         for i in range(r0, r1, 2):
-            for c0 in range(0, M.shape[0], 10):
+            for c0 in range(0, M.shape[0], CBLOCK):
                 _dots_2x10(X, i, min(i + 1, r1 - 1), M, c0, zero, acc, i - r0)
         _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, out)
-
-
-@njit(parallel=True, cache=True, fastmath=_FP)
-def nearest_center5(X, M, centers, cn, c_dot, c_sq, c_norm, out):
-    zero = M[0, 0] - M[0, 0]
-    n = X.shape[0]
-    for blk in prange((n + _RB - 1) // _RB):
-        r0 = blk * _RB
-        r1 = min(r0 + _RB, n)
-        acc = np.empty((M.shape[0] + 1, _RB + 1), M.dtype)
-        for i in range(r0, r1, 2):
-            for c0 in range(0, M.shape[0], 5):
-                _dots_2x5(X, i, min(i + 1, r1 - 1), M, c0, zero, acc, i - r0)
-        _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, out)
-
-
-nearest_center10.__doc__ = nearest_center5.__doc__ = _NEAREST_DOC
 
 
 @njit(cache=True, fastmath=_FP, inline="always")

@@ -48,13 +48,11 @@ def _nearest_center_fast(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     c_sq = 1.01 / (1.0 - g)
     c_norm = 1.01 * _gamma(d, _U64)
     cn = np.einsum("ij,ij->i", centers, centers)
-    cblock = nc.center_block(C)
-    M = np.empty((-(-C // cblock) * cblock, d), X.dtype)
+    M = np.empty((-(-C // nc.CBLOCK) * nc.CBLOCK, d), X.dtype)
     M[:C] = centers
     M[C:] = M[0]  # padding rows: computed, never read
     out = np.empty(n, np.int64)
-    kernel = nc.nearest_center10 if cblock == 10 else nc.nearest_center5
-    kernel(X, M, centers, cn, c_dot, c_sq, c_norm, out)
+    nc.nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, out)
     return out
 
 
