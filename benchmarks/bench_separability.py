@@ -681,6 +681,10 @@ def render_table(payload: dict) -> str:
                  + (f" ({', '.join(flags)})" if flags else "")
                  + f", {fmt_bytes(mi.get('mem_total_bytes'))} RAM; threads {mi.get('threads', {})}; "
                  + ", ".join(f"{k} {v}" for k, v in mi.get("versions", {}).items()) + ".")
+    lines.append("")
+    lines.append(f"Times are medians of at least `--repeats` calls after a warm-up call; calls under a "
+                 f"millisecond are repeated until they add up to {MIN_TOTAL_S} s, and each method starts "
+                 f"after a {SETTLE_S} s pause (the previous method's idle threads spin for a while).")
     if any(s.get("meta", {}).get("quick") for s in S.values()):
         lines.append("")
         lines.append("**Quick run** (`--quick`): small sizes, few repeats; not the acceptance measurement.")

@@ -79,8 +79,12 @@ def forward_select(G, y, *, max_groups: int | None = None, max_memory_bytes: int
     """Greedy forward selection: each step adds the group maximising the SI of the chosen set.
 
     Ties go to the lowest group index; distance ties to the lowest sample index (as in
-    ``separation_index``). The result equals recomputing the SI of every candidate
-    concatenation from scratch (same float64 sums, same order).
+    ``separation_index``). Squared distances are float64 and add over groups, so the result is
+    that of recomputing the SI of every candidate concatenation from scratch (tested against
+    that recompute, and identical in the benchmark at n=2000, 64 x 64); per-group distances
+    come from a float64 GEMM with the entries near 0 recomputed from differences, so only
+    near-ties at float64 rounding level could be ordered differently than by a sum of
+    differences.
     Memory: all per-group distance matrices are kept, 8 * n^2 * (n_groups + 1) bytes (with
     the running sum) plus 17 * n * n_groups bytes (squared norms, first-step neighbours and
     per-step hits); a problem above ``max_memory_bytes`` is refused with the
