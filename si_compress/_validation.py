@@ -42,7 +42,20 @@ def check_features(X, *, name: str = "X", min_samples: int = 2, check_finite: bo
     arr = np.ascontiguousarray(arr, dtype=dtype)
     if check_finite:
         raise_if_not_finite(arr, name)
+        raise_if_too_large(arr, name)
     return arr
+
+
+MAX_ABS = 1e150   # squared distances of larger values overflow float64
+
+
+def raise_if_too_large(arr: np.ndarray, name: str = "X") -> None:
+    """ValueError if float64 values are so large that squared distances overflow (float32 cannot)."""
+    if arr.dtype == np.float64 and arr.size and max(-arr.min(), arr.max()) > MAX_ABS:
+        raise ValueError(
+            f"{name} has values larger than {MAX_ABS:g} in magnitude: their squared distances overflow "
+            "float64; rescale the features (e.g. divide by their largest absolute value)"
+        )
 
 
 def raise_if_not_finite(arr: np.ndarray, name: str = "X") -> None:

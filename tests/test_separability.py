@@ -419,3 +419,42 @@ def test_single_group_and_prefix_si_match_direct(rng):
         assert curve[k] == separation_index(G[:, order[:k + 1]].reshape(90, -1), y, backend="numpy")
     with pytest.raises(ValueError, match="distinct group indices"):
         prefix_si(G, y, [0, 0])
+
+
+# ---------------------------------------------------------------- extreme magnitudes (review)
+def test_tiny_values_underflow_is_covered_by_the_bounds():
+    # float32 values around 1e-22: products underflow, so the screens' relative bounds alone
+    # would certify wrong neighbours / means (found in review)
+    R = np.array([5.9294103e-22, 2.6009744e-22, 8.3988150e-22, 5.0949590e-22, 5.1088889e-22,
+                  7.5303021e-22], np.float32)[:, None]
+    for b in FAST:
+        np.testing.assert_array_equal(knn(R, 1, backend=b), knn_numpy(R.astype(np.float64), None, 1))
+    X = np.array([3.2973172e-22, 7.8842869e-22, 3.0319484e-22, 4.5349788e-22, 1.3404169e-22,
+                  4.0311300e-22], np.float32)[:, None]
+    y = np.array([0, 0, 0, 1, 1, 1])
+    assert center_separation_index(X, y) == center_separation_index(X, y, backend="numpy")
+    rng = np.random.default_rng(5)
+    for scale in (1e-19, 1e-21, 1e-22):
+        Z = (rng.random((60, 3)) * scale).astype(np.float32)
+        yz = rng.integers(0, 3, 60)
+        assert sic.center_separation_index_per_sample(Z, yz).tolist() == \
+            sic.center_separation_index_per_sample(Z, yz, backend="numpy").tolist()
+        np.testing.assert_array_equal(knn(Z, 2), knn_numpy(Z.astype(np.float64), None, 2))
+
+
+def test_csi_huge_float32_values_are_rechecked():
+    # float32 dot products overflow to inf: the screen must hand the rows to the float64 recheck
+    X = np.array([[1e20], [1e20], [3e20], [3e20]], np.float32)
+    y = np.array([0, 0, 1, 1])
+    assert center_separation_index(X, y) == center_separation_index(X, y, backend="numpy") == 1.0
+
+
+def test_float64_values_too_large_are_refused():
+    X = np.array([[1e160, 0.0], [0.0, 1.0], [1.0, 1.0], [2.0, 0.0]])
+    y = [0, 1, 0, 1]
+    with pytest.raises(ValueError, match="rescale"):
+        separation_index(X, y)
+    with pytest.raises(ValueError, match="rescale"):
+        center_separation_index(X, y)
+    with pytest.raises(ValueError, match="rescale"):
+        forward_select(X[:, :, None], y)

@@ -7,9 +7,10 @@ The fast backends ("numba", "faiss") never build an n x n matrix:
 - identical rows are grouped first (an integer hash of each row's bits, then full
   comparison; post-ReLU features are full of all-zero rows), so ties at distance 0 are
   resolved by index exactly and the search runs over unique rows only;
-- a float32 screen keeps the k' = k + 1 + 16 closest unique rows per query ("numba": BLAS
-  Gram blocks + a Numba top-k merge, using the symmetry of a self search to do half the GEMM
-  work, reading float32 input in place when duplicates are few; "faiss": ``faiss.knn``);
+- a float32 screen keeps the k' = k + 16 closest unique rows per query (k + 1 + 16 in a self
+  search, where the query itself is among them). "numba": BLAS Gram blocks + a Numba top-k
+  merge, using the symmetry of a self search to do half the GEMM work, reading float32 input
+  in place when duplicates are few; "faiss": ``faiss.knn``;
 - the candidates are re-ranked in float64, in screened order, stopping once the screen's
   rounding-error bound rules out every later one; the same bound certifies that no unscreened
   row could be as close; the few rows it cannot certify are searched again exactly (all rows
@@ -31,6 +32,8 @@ _SLACK = 16
 _BLOCK = 2048
 _U32 = 2.0 ** -24
 _U64 = 2.0 ** -53
+_TINY32 = 2.0 ** -149   # smallest subnormal: the absolute rounding error of an underflowing product
+_TINY64 = 2.0 ** -1074
 _DIRECT_WORK = 2 * 10**9   # multiply-adds below which uncertified rows are searched directly
 _IN_PLACE_UNIQUE = 0.9     # screen float32 input in place when >= 90% of its rows are unique
 
@@ -79,6 +82,12 @@ def resolve_backend(backend: str, d: int | None = None) -> str:
 def _gamma(d: int, u: float) -> float:
     nu = (d + 16) * u
     return np.inf if nu >= 0.5 else 3.0 * nu / (1.0 - nu)
+
+
+def _abs_tol(d: int, tiny: float) -> float:
+    """Absolute part of a screened squared distance's error: each of the d products (and the
+    two norms) may underflow, rounding by up to tiny / 2; doubled for -2 q.u, with slack."""
+    return 4.0 * (d + 4) * tiny
 
 
 @dataclass(frozen=True)
@@ -180,7 +189,7 @@ def _fallback64(Q, qrows, U, urows, qn, un, first, self_ids, need, rows):
         valid = sid >= 0
         D[np.nonzero(valid)[0], sid[valid]] = np.inf
         kth = np.partition(D, need - 1, axis=1)[:, need - 1]
-        tol = c64 * (qn[r] + un.max())
+        tol = c64 * (qn[r] + un.max()) + _abs_tol(d, _TINY64)
         mask = D <= (kth + 2.0 * tol)[:, None]
         counts = mask.sum(axis=1)
         offs = np.zeros(r.size + 1, np.int64)
@@ -250,7 +259,8 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
                 cand, cd = _screen_numba(Q32, U32, qn.astype(np.float32), u32n, cmap, kp, False)
             del U32
             ok = np.empty(nq_rows, np.bool_)
-            nb.refine(Q, qrows, ref, urows, qn, cand, cd, groups.rep, self_ids, need, kp == m, c32, nbr, nbr_d, ok)
+            nb.refine(Q, qrows, ref, urows, qn, cand, cd, groups.rep, self_ids, need, kp == m, c32,
+                      _abs_tol(ref.shape[1], _TINY32), nbr, nbr_d, ok)
             bad = np.nonzero(~ok)[0]
         else:
             bad = np.arange(nq_rows)

@@ -109,7 +109,7 @@ def _insert_sorted(bd, bi, bf, d, u, f):
 
 
 @njit(parallel=True, cache=True)
-def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, screened_all, c_tol,
+def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, screened_all, c_tol, a_tol,
            out_idx, out_dist, ok):
     """Exact float64 re-ranking of screened candidates, with a certificate.
 
@@ -121,9 +121,11 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, scree
     best (distance, first) candidates to out_idx/out_dist and ok[i] = the result is provably
     exact: every unscreened row u has true distance > the need-th distance D, because its
     screened value was >= the largest one kept and the screen errs by at most
-    c_tol * (n_q + n_u), where n_u <= (sqrt(n_q) + sqrt(D))^2 for any row that could tie.
-    The same bound ends the re-ranking early: once a screened value exceeds D by more than
-    the error bound, neither it nor any later candidate can enter the list.
+    c_tol * (n_q + n_u) + a_tol (a_tol: the absolute error of products that underflow), where
+    n_u <= (sqrt(n_q) + sqrt(D))^2 for any row that could tie. The same bound ends the
+    re-ranking early: once a screened value exceeds D by more than the error bound, neither it
+    nor any later candidate can enter the list (not used when every row was screened: those
+    small searches re-rank every candidate).
     """
     nq, kp = cand.shape
     for i in prange(nq):
@@ -138,9 +140,9 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, scree
             if u == self_ids[i]:
                 continue
             dk = bd[need - 1]
-            if dk < np.inf:
+            if dk < np.inf and not screened_all:
                 reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
-                if np.float64(cand_d[i, t]) - c_tol * (qnorm[i] + reach * reach) > dk:
+                if np.float64(cand_d[i, t]) - (c_tol * (qnorm[i] + reach * reach) + a_tol) > dk:
                     break
             d = _sqdist(q, U[urows[u]])
             _insert_sorted(bd, bi, bf, d, u, first[u])
@@ -152,7 +154,7 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, scree
         else:
             dk = bd[need - 1]
             reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
-            tol = c_tol * (qnorm[i] + reach * reach)
+            tol = c_tol * (qnorm[i] + reach * reach) + a_tol
             ok[i] = bi[need - 1] >= 0 and np.float64(cand_d[i, kp - 1]) - tol > dk
 
 
@@ -443,14 +445,16 @@ def exact_knn_rows(Q, qrows, U, urows, first, self_ids, need, out_idx, out_dist)
     """Exact float64 search of a few query rows against every unique row (no screen, no bound):
     query i is Q[qrows[i]]; results ordered by (distance, first[u]).
 
-    The unique rows are split into a fixed number of chunks searched in parallel, every query
-    against each row while it is in cache (the data is read once, not once per query); the
-    chunks' lists are then merged. The (distance, key) order is total, so the result does not
-    depend on the chunking.
+    The unique rows are split into chunks searched in parallel, every query against each row
+    while it is in cache (the data is read once, not once per query); the chunks' lists are
+    then merged. The (distance, key) order is total, so the result does not depend on the
+    chunking. Scratch: 24 * chunks * n_query * need bytes, chunks chosen to keep it <= 32 MiB
+    (a single chunk beyond that, the size of the output itself).
     """
     nb = qrows.shape[0]
     m = urows.shape[0]
-    nch = max(1, min(64, m // 16))
+    # per-chunk lists cost 24 * nch * nb * need bytes: at most 32 MiB (or one chunk's worth)
+    nch = max(1, min(64, m // 16, (32 * 2**20) // max(1, 24 * nb * need)))
     pd = np.full((nch, nb, need), np.inf)
     pi = np.full((nch, nb, need), -1, np.int64)
     pf = np.full((nch, nb, need), np.iinfo(np.int64).max, np.int64)

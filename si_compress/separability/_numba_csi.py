@@ -132,15 +132,16 @@ _RB = 256   # rows per block
 
 
 @njit(parallel=True, cache=True, fastmath=_FP)
-def nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, out):
+def nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, a_tol, out):
     """Nearest class mean of each row of X (n, d), ties to the lowest mean, exact in float64.
 
     M (C', d) the means rounded to X's dtype, padded with copies to a multiple of CBLOCK rows;
     centers (C, d) float64 means; cn (C,) their float64 squared norms. The screened value
     e_c = |mu_c|^2 - 2 x.mu_c (|x|^2 is common to all c) errs by at most
-    B = c_dot * |x| max|mu| + c_norm * max|mu|^2, with |x|^2 <= c_sq * (its screened value);
-    a row whose best e_c is not ahead of the runner-up by more than 2B is decided by
-    sum_t (x_t - mu_ct)^2 in float64.
+    B = c_dot * |x| max|mu| + c_norm * max|mu|^2 + a_tol * (d + sqrt(d) |x|), with
+    |x|^2 <= c_sq * (its screened value + d * a_tol) (a_tol: the absolute rounding of values
+    that underflow); a row whose best e_c is not ahead of the runner-up by more than 2B (or
+    whose screened values overflowed) is decided by sum_t (x_t - mu_ct)^2 in float64.
     """
     zero = M[0, 0] - M[0, 0]
     n = X.shape[0]
@@ -151,11 +152,11 @@ def nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, out):
         for i in range(r0, r1, 2):
             for c0 in range(0, M.shape[0], CBLOCK):
                 _dots_2x10(X, i, min(i + 1, r1 - 1), M, c0, zero, acc, i - r0)
-        _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, out)
+        _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, a_tol, out)
 
 
 @njit(cache=True, fastmath=_FP, inline="always")
-def _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, out):
+def _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, a_tol, out):
     """Rows r0:r1 from their dot products acc (C' + 1, >= r1 - r0), stored mean-major so the
     comparisons run across rows in vector lanes."""
     C = cn.shape[0]
@@ -174,12 +175,15 @@ def _decide_block(X, r0, r1, acc, centers, cn, c_dot, c_sq, c_norm, out):
             be2[r] = be[r] if lt else e2
             best[r] = c if lt else best[r]
             be[r] = e if lt else be[r]
+    d = X.shape[1]
+    sqrt_d = np.sqrt(d)
     for r in range(m):
-        bound = c_dot * np.sqrt(c_sq * np.float64(acc[last, r])) * rc_max + pc_max
-        if be2[r] - be[r] <= 2.0 * bound:
-            out[r0 + r] = _exact_nearest(X, r0 + r, centers)
-        else:
+        rx = np.sqrt(c_sq * (np.float64(acc[last, r]) + d * a_tol))
+        bound = c_dot * rx * rc_max + pc_max + a_tol * (d + sqrt_d * rx)
+        if be2[r] - be[r] > 2.0 * bound:   # False for NaN (overflowed dot products): recheck
             out[r0 + r] = best[r]
+        else:
+            out[r0 + r] = _exact_nearest(X, r0 + r, centers)
 
 
 @njit(cache=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validation import check_features, check_labels, raise_if_not_finite
-from ._knn import _U32, _U64, _gamma, resolve_backend
+from .._validation import check_features, check_labels, raise_if_not_finite, raise_if_too_large
+from ._knn import _TINY32, _TINY64, _U32, _U64, _gamma, resolve_backend
 from ._numpy import nearest_center_numpy
 from .si import ClassScores, class_means
 
@@ -36,13 +36,16 @@ def _nearest_center_fast(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     Bound: with u the unit roundoff of X's dtype, x . fl(mu) is off x . mu by <= u |x||mu|, and
     the dot product by <= gamma_d |x||mu| (any summation order), so e_c = |mu|^2 - 2 x . mu errs
     by <= 2 (gamma_d + 2u) |x||mu| plus the float64 error of |mu|^2; the screened |x|^2 is at
-    least (1 - gamma_d) |x|^2. Each bound carries a 1% margin for the float64 arithmetic on it.
+    least (1 - gamma_d) |x|^2. Values that underflow round by up to half the smallest
+    subnormal t instead: each of the d products, each rounded mean (t/2 |x|_1 <= t/2 sqrt(d)|x|)
+    and the squared norm add absolute terms, covered by a_tol (d + sqrt(d) |x|), a_tol = 2t. Each
+    bound carries a 1% margin for the float64 arithmetic on it.
     """
     from . import _numba_csi as nc
 
     n, d = X.shape
     C = centers.shape[0]
-    u = _U32 if X.dtype == np.float32 else _U64
+    u, tiny = (_U32, _TINY32) if X.dtype == np.float32 else (_U64, _TINY64)
     g = _gamma(d, u)
     c_dot = 1.01 * 2.0 * (g + 2.0 * u)
     c_sq = 1.01 / (1.0 - g)
@@ -52,7 +55,7 @@ def _nearest_center_fast(X: np.ndarray, centers: np.ndarray) -> np.ndarray:
     M[:C] = centers
     M[C:] = M[0]  # padding rows: computed, never read
     out = np.empty(n, np.int64)
-    nc.nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, out)
+    nc.nearest_center(X, M, centers, cn, c_dot, c_sq, c_norm, 1.01 * 2.0 * (tiny + _TINY64), out)
     return out
 
 
@@ -73,7 +76,7 @@ def _prepare(X, y, backend):
         centers = class_centers(Xv, codes, classes.size)
         if not np.isfinite(centers).all():
             raise_if_not_finite(Xv)
-            raise ValueError("X has values too large to sum in float64; rescale the features")
+        raise_if_too_large(Xv)   # a min/max pass, for float64 input only (float32 cannot overflow)
         nearest = _nearest_center_fast(Xv, centers)
     return codes, classes, nearest
 

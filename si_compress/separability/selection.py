@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validation import check_labels, check_positive_int
+from .._validation import check_labels, check_positive_int, raise_if_too_large
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,7 @@ def check_groups(G, *, name: str = "G") -> np.ndarray:
     arr = np.ascontiguousarray(arr, dtype=np.float32 if arr.dtype == np.float32 else np.float64)
     if not np.isfinite(arr).all():
         raise ValueError(f"{name} contains NaN or infinite values; remove or impute them first")
+    raise_if_too_large(arr.reshape(n, -1), name)
     return arr
 
 
