@@ -92,16 +92,26 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def _minflt() -> int:
+    """Minor page faults of this process so far (first touches of fresh memory pages)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def measure_in_child(prepared: Callable[[], object], repeats: int = 1) -> dict:
-    """Run in the child: peak extra memory of ``prepared()`` over the baseline, and its times."""
+    """Run in the child: peak extra memory of ``prepared()`` over the baseline, and the time and
+    minor page faults of each of ``repeats`` calls (the first call is the one whose peak is measured)."""
     baseline_rss = (_status_kib("VmRSS") or 0) * 1024
     method = "clear_refs" if _reset_hwm() and _status_kib("VmHWM") is not None else "ru_maxrss"
     before_max = _maxrss_bytes()
-    times = []
+    times, faults = [], []
     value = None
+    f0 = _minflt()
     t0 = time.perf_counter()
     value = prepared()
     times.append(time.perf_counter() - t0)
+    faults.append(_minflt() - f0)
     if method == "clear_refs":
         peak = (_status_kib("VmHWM") or 0) * 1024
         extra = peak - baseline_rss
@@ -112,11 +122,13 @@ def measure_in_child(prepared: Callable[[], object], repeats: int = 1) -> dict:
         else:  # the warm-up's own peak was higher: this call's peak is hidden
             extra, method = None, "ru_maxrss (hidden by an earlier higher peak)"
     for _ in range(max(0, repeats - 1)):  # further calls: timing only
+        f0 = _minflt()
         t0 = time.perf_counter()
         value = prepared()
         times.append(time.perf_counter() - t0)
+        faults.append(_minflt() - f0)
     return {"peak_extra_bytes": None if extra is None else int(max(0, extra)), "baseline_rss_bytes": int(baseline_rss),
-            "peak_rss_bytes": int(peak), "memory_method": method, "times_s": times,
+            "peak_rss_bytes": int(peak), "memory_method": method, "times_s": times, "minor_faults": faults,
             "median_s": statistics.median(times), "value": _jsonable(value)}
 
 
