@@ -142,19 +142,54 @@ def test_knn_equals_oracle_integer_data_with_many_ties(rng, backend, k):
 
 
 @pytest.mark.parametrize("backend", FAST)
-def test_knn_many_blocks_and_high_dim(rng, backend):
-    # more rows than one screening block (2048) and a dimension where float32 GEMM errors matter
-    X = rng.standard_normal((4500, 300)).astype(np.float32)
-    X[100:400] = 0.0  # post-ReLU style all-zero rows
+@pytest.mark.parametrize("d, k, zero_rows", [(300, 3, 300), (300, 1, 300), (40, 1, 300), (40, 2, 20)])
+def test_knn_many_blocks_and_high_dim(rng, backend, d, k, zero_rows):
+    # more rows than one screening block (2048); d=300 reuses each off-diagonal block transposed
+    # and float32 GEMM errors matter, d=40 computes both blocks; order 1 keeps fewer spare
+    # candidates; 20 zero rows (> 90% unique) make the numba screen read X in place
+    X = rng.standard_normal((4500, d)).astype(np.float32)
+    X[100:100 + zero_rows] = 0.0  # post-ReLU style all-zero rows
     X[1000:1010] = X[7]
-    idx = rng.choice(4500, size=300, replace=False)
-    ours = knn(X, 3, backend=backend)[idx]
+    idx = np.concatenate(([0, 7, 100, 1000, 4499], rng.choice(4500, size=300, replace=False)))
+    ours = knn(X, k, backend=backend)[idx]
     Xd = X.astype(np.float64)
     # oracle for the chosen rows only: sorted by (distance, index), self excluded
     for r, i in enumerate(idx):
-        d = ((Xd - Xd[i]) ** 2).sum(1)
-        d[i] = np.inf
-        np.testing.assert_array_equal(ours[r], np.argsort(d, kind="stable")[:3])
+        dist = ((Xd - Xd[i]) ** 2).sum(1)
+        dist[i] = np.inf
+        np.testing.assert_array_equal(ours[r], np.argsort(dist, kind="stable")[:k])
+
+
+@pytest.mark.parametrize("kp", [1, 3, 6, 18])
+def test_topk_update_equals_plain_insertion(rng, kp):
+    # the vectorised pre-check may skip a run of columns only when the plain loop would not
+    # have changed the lists: compare with that loop, over two blocks (lists already filled),
+    # a width that is not a multiple of the run length, and non-candidate columns
+    from si_compress.separability import _numba as nb
+
+    bq, bu = 37, 64 * 5 + 21
+    qn = rng.random(bq).astype(np.float32) * 4
+    un = rng.random(bu).astype(np.float32) * 4
+    cmap = np.arange(bu, dtype=np.int64) * 3
+    cmap[::7] = -1
+    topd = np.full((bq, kp), np.inf, np.float32)
+    topi = np.full((bq, kp), -1, np.int64)
+    want_d, want_i = topd.copy(), topi.copy()
+    for _ in range(2):
+        G = (rng.random((bq, bu)) * 2).astype(np.float32)
+        G[:, 100:110] = G[:, 5:6]  # equal distances: the first one seen stays ahead
+        nb.topk_update(G, qn, un, cmap, topd, topi)
+        for r in range(bq):
+            for c in range(bu):
+                dist = np.float64(qn[r] + un[c]) - 2.0 * np.float64(G[r, c])
+                if dist < want_d[r, -1] and cmap[c] >= 0:
+                    pos = kp - 1
+                    while pos > 0 and want_d[r, pos - 1] > dist:
+                        want_d[r, pos], want_i[r, pos] = want_d[r, pos - 1], want_i[r, pos - 1]
+                        pos -= 1
+                    want_d[r, pos], want_i[r, pos] = dist, cmap[c]
+    np.testing.assert_array_equal(topi, want_i)
+    np.testing.assert_array_equal(topd, want_d)
 
 
 @pytest.mark.parametrize("backend", FAST)

@@ -7,10 +7,12 @@ The fast backends ("numba", "faiss") never build an n x n matrix:
 - identical rows are grouped first (an integer hash of each row's bits, then full
   comparison; post-ReLU features are full of all-zero rows), so ties at distance 0 are
   resolved by index exactly and the search runs over unique rows only;
-- a float32 screen keeps the k' = k + 16 closest unique rows per query (k + 1 + 16 in a self
-  search, where the query itself is among them). "numba": BLAS Gram blocks + a Numba top-k
-  merge, using the symmetry of a self search to do half the GEMM work, reading float32 input
-  in place when duplicates are few; "faiss": ``faiss.knn``;
+- a float32 screen keeps the k' = k + s closest unique rows per query (k + 1 + s in a self
+  search, where the query itself is among them; s = 16 spare candidates, 4 for k = 1 at
+  d <= 1024, see ``_slack``). "numba": BLAS Gram blocks + a Numba top-k merge, using the
+  symmetry of a self search to do half the GEMM work from d = 256 (below, a second GEMM is
+  cheaper than merging a block by columns), reading float32 input in place when duplicates
+  are few; "faiss": ``faiss.knn``;
 - the candidates are re-ranked in float64, in screened order, stopping once the screen's
   rounding-error bound rules out every later one; the same bound certifies that no unscreened
   row could be as close; the few rows it cannot certify are searched again exactly (all rows
@@ -36,6 +38,8 @@ _TINY32 = 2.0 ** -149   # smallest subnormal: the absolute rounding error of an 
 _TINY64 = 2.0 ** -1074
 _DIRECT_WORK = 2 * 10**9   # multiply-adds below which uncertified rows are searched directly
 _IN_PLACE_UNIQUE = 0.9     # screen float32 input in place when >= 90% of its rows are unique
+_SYRK_MIN_DIM = 1024       # below this d a diagonal Gram block is a GEMM on a copy, not syrk
+_SYMMETRIC_MIN_DIM = 256   # from this d a self search reuses each off-diagonal block transposed
 
 
 def available_backends() -> tuple[str, ...]:
@@ -52,14 +56,18 @@ def available_backends() -> tuple[str, ...]:
 
 
 # Below this dimension the top-k merge, not the GEMM, dominates the numba screen and faiss's
-# SIMD k-selection wins; above it the symmetric numba screen does half the GEMM work (measured:
-# n=10k, d=16..256 faiss 2-3x faster; d=1024 even; d=4096 numba faster).
+# SIMD k-selection wins once there are many blocks; above it the symmetric numba screen does
+# half the GEMM work (measured: n=10k, d=64 faiss 150 ms vs numba 200 ms; d=1024 even; d=4096
+# numba faster). Up to _NUMBA_PAIRS query x reference pairs (one or two 2048-row blocks)
+# faiss's fixed costs dominate and numba is faster at every d (n=2k, d=64: 12 ms vs 18 ms).
 _FAISS_BELOW_DIM = 512
+_NUMBA_PAIRS = 4096 * 4096
 
 
-def resolve_backend(backend: str, d: int | None = None) -> str:
+def resolve_backend(backend: str, d: int | None = None, pairs: int | None = None) -> str:
     """Map "auto" (or the SI_COMPRESS_BACKEND environment variable) to a concrete backend;
-    with the feature dimension ``d``, "auto" picks the faster screen for it."""
+    with the feature dimension ``d`` and the number of query x reference ``pairs``, "auto"
+    picks the faster screen for them."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {backend!r}")
     if backend == "auto":
@@ -68,7 +76,8 @@ def resolve_backend(backend: str, d: int | None = None) -> str:
             raise ValueError(f"environment variable {_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
         if backend == "auto":
             avail = available_backends()
-            if d is not None and d < _FAISS_BELOW_DIM and "faiss" in avail:
+            small = pairs is not None and pairs <= _NUMBA_PAIRS
+            if d is not None and d < _FAISS_BELOW_DIM and not small and "faiss" in avail:
                 return "faiss"
             return avail[0]
     if backend not in available_backends():
@@ -77,6 +86,17 @@ def resolve_backend(backend: str, d: int | None = None) -> str:
             f"pip install {'faiss-cpu' if backend == 'faiss' else backend}, or use backend='auto'"
         )
     return backend
+
+
+def _slack(need: int, d: int) -> int:
+    """Screened candidates kept beyond the ``need`` asked for.
+
+    Rows whose screen cannot certify the answer are searched again exactly, at n * d work
+    each; the screen's error window, and with it the number of rows it cannot certify, grows
+    with d. Measured (seeded CNN-like features, n = 2k-10k, order 1): 4 spare candidates leave
+    no row uncertified up to d = 1024, while d = 4096 needs 16; order 5 keeps 16 throughout.
+    """
+    return _SLACK if need > 1 or d > 1024 else 4
 
 
 def _gamma(d: int, u: float) -> float:
@@ -147,7 +167,12 @@ def _screen_numba(Q32, U32, qn32, un32, cmap, kp, symmetric):
         i1 = min(i0 + _BLOCK, nq)
         for j0 in range(i0 if symmetric else 0, m, _BLOCK):
             j1 = min(j0 + _BLOCK, m)
-            G = Q32[i0:i1] @ U32[j0:j1].T
+            Ub = U32[j0:j1]
+            if Q32 is U32 and j0 == i0 and U32.shape[1] < _SYRK_MIN_DIM:
+                # numpy sends A @ A.T to BLAS syrk, which is several times slower than a plain
+                # GEMM on a copy at small d (measured, 2048-row block: d=64 19 ms vs 2.7 ms)
+                Ub = Ub.copy()
+            G = Q32[i0:i1] @ Ub.T
             nb.topk_update(G, qn32[i0:i1], un32[j0:j1], cmap[j0:j1], topd[i0:i1], topi[i0:i1])
             if symmetric and j0 != i0:
                 # the transposed block serves rows j0:j1: half the GEMM work of a plain search
@@ -210,7 +235,7 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     search: each sample's own index is excluded (its duplicates are not), so 1 <= k <= n - 1.
     Distances are Euclidean, evaluated in float64; ties go to the lowest index.
     """
-    backend = resolve_backend(backend, ref.shape[1])
+    backend = resolve_backend(backend, ref.shape[1], ref.shape[0] * (ref.shape[0] if query is None else query.shape[0]))
     if backend == "numpy":
         return knn_numpy(ref.astype(np.float64, copy=False),
                          None if query is None else query.astype(np.float64, copy=False), k)
@@ -232,7 +257,7 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     nbr = np.empty((nq_rows, need), np.int64)
     nbr_d = np.empty((nq_rows, need), np.float64)
     if need > 0:
-        kp = min(m, need + (1 if self_search else 0) + _SLACK)
+        kp = min(m, need + (1 if self_search else 0) + _slack(need, ref.shape[1]))
         c32 = _gamma(ref.shape[1], _U32)
         if np.isfinite(c32):
             # The float32 screen runs on the unique rows. The numba screen reads float32 input
@@ -251,7 +276,7 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
                 Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
                 cand, cd = _screen_faiss(Q32, U32, kp)
             elif self_search:
-                cand, cd = _screen_numba(U32, U32, u32n, u32n, cmap, kp, True)
+                cand, cd = _screen_numba(U32, U32, u32n, u32n, cmap, kp, ref.shape[1] >= _SYMMETRIC_MIN_DIM)
                 if in_place:
                     cand, cd = cand[urows], cd[urows]
             else:
