@@ -2,7 +2,7 @@
 algorithm and scikit-learn's brute-force neighbours.
 
 Sections (``--only`` runs one and merges it into the existing JSON):
-  si      first-order SI for n x d on a grid: ours (backend auto), ours with the faiss backend,
+  si      first-order SI for n x d on a grid: ours (backend auto), ours with each of the numba and faiss backends,
           the published reference (full n x n ``torch.cdist`` matrix, diagonal set to inf, row
           minimum), scikit-learn ``NearestNeighbors(algorithm="brute")`` with the query's own index
           excluded, and the floor of exact search: one float32 X.X^T (numpy; torch's for information).
@@ -212,6 +212,7 @@ def _si_methods(X, y):
 
     return {
         "ours": _plain(lambda: separation_index(X, y)),
+        "ours_numba": _plain(lambda: separation_index(X, y, backend="numba")),
         "ours_faiss": _plain(lambda: separation_index(X, y, backend="faiss")),
         "reference": _plain(lambda: ref_si(X, y)),
         "sklearn_brute": _plain(lambda: sklearn_si(X, y)),
@@ -740,9 +741,9 @@ def render_table(payload: dict) -> str:
 
     if "si" in S:
         lines += ["", "### First-order SI: median wall time (peak extra memory)", "",
-                  "| n | d | SI | ours | ours (faiss) | reference (cdist n×n) | sklearn brute | X·Xᵀ floor (numpy) |"
-                  " X·Xᵀ (torch) | ref / ours | sklearn / ours | ours / floor |",
-                  "|---:|---:|---:|---|---|---|---|---|---|---:|---:|---:|"]
+                  "| n | d | SI | ours (auto) | ours (numba) | ours (faiss) | reference (cdist n×n) | sklearn brute |"
+                  " X·Xᵀ floor (numpy) | X·Xᵀ (torch) | ref / ours | sklearn / ours | ours / floor |",
+                  "|---:|---:|---:|---|---|---|---|---|---|---|---:|---:|---:|"]
         for c in S["si"]["cases"]:
             m, r = c["methods"], c.get("ratios", {})
 
@@ -757,7 +758,7 @@ def render_table(payload: dict) -> str:
             fl = [m.get(f) for f in FLOORS if m.get(f, {}).get("status") == "ok"]
             if fl:
                 floor_rec = min(fl, key=lambda x: x["median_s"])
-            lines.append(f"| {c['n']:,} | {c['d']} | {_v(m.get('ours', {}).get('value'))} | {cell('ours')} | {cell('ours_faiss')} | "
+            lines.append(f"| {c['n']:,} | {c['d']} | {_v(m.get('ours', {}).get('value'))} | {cell('ours')} | {cell('ours_numba')} | {cell('ours_faiss')} | "
                          f"{cell('reference')} | {cell('sklearn_brute')} | "
                          f"{(_md_time(floor_rec) + ' (' + _md_mem(floor_rec) + ')') if floor_rec else 'skipped'} | "
                          f"{cell('gemm_torch')} | "
