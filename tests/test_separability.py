@@ -142,11 +142,12 @@ def test_knn_equals_oracle_integer_data_with_many_ties(rng, backend, k):
 
 
 @pytest.mark.parametrize("backend", FAST)
-@pytest.mark.parametrize("d, k, zero_rows", [(300, 3, 300), (300, 1, 300), (40, 1, 300), (40, 2, 20)])
+@pytest.mark.parametrize("d, k, zero_rows", [(300, 3, 300), (300, 1, 600), (40, 1, 600), (40, 2, 20)])
 def test_knn_many_blocks_and_high_dim(rng, backend, d, k, zero_rows):
     # more rows than one screening block (2048); d=300 reuses each off-diagonal block transposed
     # and float32 GEMM errors matter, d=40 computes both blocks; order 1 keeps fewer spare
-    # candidates; 20 zero rows (> 90% unique) make the numba screen read X in place
+    # candidates; up to 300 zero rows (>= 90% unique rows) make the numba screen read X in
+    # place, 600 make it screen a gathered copy of the unique rows
     X = rng.standard_normal((4500, d)).astype(np.float32)
     X[100:100 + zero_rows] = 0.0  # post-ReLU style all-zero rows
     X[1000:1010] = X[7]
@@ -158,6 +159,18 @@ def test_knn_many_blocks_and_high_dim(rng, backend, d, k, zero_rows):
         dist = ((Xd - Xd[i]) ** 2).sum(1)
         dist[i] = np.inf
         np.testing.assert_array_equal(ours[r], np.argsort(dist, kind="stable")[:k])
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_knn_values_too_large_for_the_float32_screen(backend, dtype):
+    # squared norms beyond float32's range: screened distances overflow, so the float64 tier
+    # must decide (it used to certify a list that had silently lost its overflowed candidates)
+    X = np.array([1.8e19, 1.9e19, 0.0] + [1e20 * (i + 1) for i in range(7)], dtype)[:, None]
+    Xd = X.astype(np.float64)
+    for k in (1, 3):
+        np.testing.assert_array_equal(knn(X, k, backend=backend), knn_numpy(Xd, None, k))
+        np.testing.assert_array_equal(knn(X, k, query=X[:4] * 1, backend=backend), knn_numpy(Xd, Xd[:4], k))
 
 
 @pytest.mark.parametrize("kp", [1, 3, 6, 18])
@@ -178,6 +191,7 @@ def test_topk_update_equals_plain_insertion(rng, kp):
     for _ in range(2):
         G = (rng.random((bq, bu)) * 2).astype(np.float32)
         G[:, 100:110] = G[:, 5:6]  # equal distances: the first one seen stays ahead
+        un[100:110] = un[5]
         nb.topk_update(G, qn, un, cmap, topd, topi)
         for r in range(bq):
             for c in range(bu):

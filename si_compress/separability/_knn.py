@@ -40,6 +40,7 @@ _DIRECT_WORK = 2 * 10**9   # multiply-adds below which uncertified rows are sear
 _IN_PLACE_UNIQUE = 0.9     # screen float32 input in place when >= 90% of its rows are unique
 _SYRK_MIN_DIM = 1024       # below this d a diagonal Gram block is a GEMM on a copy, not syrk
 _SYMMETRIC_MIN_DIM = 256   # from this d a self search reuses each off-diagonal block transposed
+_SCREEN_MAX_SQNORM = 2.0 ** 100   # squared norms from here skip the float32 screen (overflow)
 
 
 def available_backends() -> tuple[str, ...]:
@@ -259,7 +260,10 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     if need > 0:
         kp = min(m, need + (1 if self_search else 0) + _slack(need, ref.shape[1]))
         c32 = _gamma(ref.shape[1], _U32)
-        if np.isfinite(c32):
+        # the float32 screen would overflow (products and sums up to 4x the largest squared
+        # norm, float32 max 2^128) on rows this large: the float64 tier searches every row
+        big = max(n_all.max(initial=0.0), qn.max(initial=0.0)) >= _SCREEN_MAX_SQNORM
+        if np.isfinite(c32) and not big:
             # The float32 screen runs on the unique rows. The numba screen reads float32 input
             # in place when duplicates are few (they are skipped as candidates; a gathered copy
             # would cost more than the rows it saves); otherwise it takes a float32 copy.

@@ -173,13 +173,15 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, scree
         for t in range(need):
             out_idx[i, t] = bi[t]
             out_dist[i, t] = bd[t]
+        # a list with an empty slot lost a candidate whose screened value was not finite
+        # (float32 overflow): the bound says nothing about it, so the row is searched again
         if screened_all:
-            ok[i] = bi[need - 1] >= 0
+            ok[i] = bi[need - 1] >= 0 and cand[i, kp - 1] >= 0
         else:
             dk = bd[need - 1]
             reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
             tol = c_tol * (qnorm[i] + reach * reach) + a_tol
-            ok[i] = bi[need - 1] >= 0 and np.float64(cand_d[i, kp - 1]) - tol > dk
+            ok[i] = bi[need - 1] >= 0 and cand[i, kp - 1] >= 0 and np.float64(cand_d[i, kp - 1]) - tol > dk
 
 
 @njit(parallel=True, cache=True)
