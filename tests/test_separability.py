@@ -173,6 +173,21 @@ def test_knn_values_too_large_for_the_float32_screen(backend, dtype):
         np.testing.assert_array_equal(knn(X, k, query=X[:4] * 1, backend=backend), knn_numpy(Xd, Xd[:4], k))
 
 
+@pytest.mark.skipif("numba" not in FAST, reason="numba not installed")
+def test_small_search_runs_serial_and_restores_the_thread_count(rng, monkeypatch):
+    import numba
+
+    from si_compress.separability import _knn
+
+    before = numba.get_num_threads()
+    seen = []
+    real = _knn._knn_fast
+    monkeypatch.setattr(_knn, "_knn_fast", lambda *a: (seen.append(numba.get_num_threads()), real(*a))[1])
+    X = rng.standard_normal((300, 8))
+    np.testing.assert_array_equal(knn(X, 2, backend="numba"), knn_numpy(X, None, 2))
+    assert seen == [1] and numba.get_num_threads() == before
+
+
 @pytest.mark.parametrize("kp", [1, 3, 6, 18])
 def test_topk_update_equals_plain_insertion(rng, kp):
     # the vectorised pre-check may skip a run of columns only when the plain loop would not
