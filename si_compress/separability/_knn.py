@@ -16,7 +16,10 @@ The fast backends ("numba", "faiss") never build an n x n matrix:
 - the candidates are re-ranked in float64, in screened order, stopping once the screen's
   rounding-error bound rules out every later one; the same bound certifies that no unscreened
   row could be as close; the few rows it cannot certify are searched again exactly (all rows
-  of the data, each read once for all of them) or, when many, with a float64 screen.
+  of the data, each read once for all of them) or, when many, with a float64 screen. A list
+  that lost a candidate to float32 overflow is never certified, and data whose squared norms
+  reach 2^100 skip the float32 screen altogether.
+Small searches (pairs x d <= 2^29) run their Numba kernels on one thread.
 Memory: O(n * k' + block^2) beyond the input (block = 2048 rows).
 """
 from __future__ import annotations
