@@ -63,9 +63,9 @@ def available_backends() -> tuple[str, ...]:
 
 # Below this dimension the top-k merge, not the GEMM, dominates the numba screen and faiss's
 # SIMD k-selection wins once there are many blocks; above it the symmetric numba screen does
-# half the GEMM work (measured: n=10k, d=64 faiss 150 ms vs numba 200 ms; d=1024 even; d=4096
-# numba faster). Up to _NUMBA_PAIRS query x reference pairs (one or two 2048-row blocks)
-# faiss's fixed costs dominate and numba is faster at every d (n=2k, d=64: 12 ms vs 18 ms).
+# half the GEMM work (bench_separability: n=10k, d=64 faiss 153 ms vs numba 206 ms; d=1024
+# numba 1.3x faster). Up to _NUMBA_PAIRS query x reference pairs (one or two 2048-row blocks)
+# faiss's fixed costs dominate and numba is faster at every d (n=2k, d=64: 8.9 ms vs 15 ms).
 _FAISS_BELOW_DIM = 512
 _NUMBA_PAIRS = 4096 * 4096
 
@@ -99,8 +99,9 @@ def _slack(need: int, d: int) -> int:
 
     Rows whose screen cannot certify the answer are searched again exactly, at n * d work
     each; the screen's error window, and with it the number of rows it cannot certify, grows
-    with d. Measured (seeded CNN-like features, n = 2k-10k, order 1): 4 spare candidates leave
-    no row uncertified up to d = 1024, while d = 4096 needs 16; order 5 keeps 16 throughout.
+    with d. Measured at order 1 (seeded CNN-like features, n = 2k-10k; ResNet-20 block outputs
+    on 2,000 CIFAR-10 images): 4 spare candidates leave no row uncertified up to d = 1024, while
+    at d = 4096 they leave up to 135 of 5,000 and 16 leave none; order 5 keeps 16 throughout.
     """
     return _SLACK if need > 1 or d > 1024 else 4
 
