@@ -16,9 +16,6 @@ from numba import njit, prange
 
 
 
-# The two top-k merges run on one thread on purpose: they alternate with the BLAS block GEMMs,
-# whose idle threads spin for a while after each call; a parallel Numba region started then
-# fights them for the cores (measured: the whole search 10-50% slower than with these serial).
 _CH = 64   # columns per vectorised pre-check in topk_update
 
 
@@ -34,6 +31,9 @@ def _insert_top(topd, topi, r, d, idx):
     topi[r, pos] = idx
 
 
+# The two top-k merges run on one thread on purpose: they alternate with the BLAS block GEMMs,
+# whose idle threads spin for a while after each call; a parallel Numba region started then
+# fights them for the cores (measured: the whole search 10-50% slower than with these serial).
 @njit(cache=True)
 def topk_update(G, qn, un, cmap, topd, topi):
     """Merge one block of approximate distances into the running sorted top-k lists.
