@@ -15,7 +15,6 @@ import numpy as np
 from numba import njit, prange
 
 
-
 _CH = 64   # columns per vectorised pre-check in topk_update
 
 
