@@ -4,9 +4,9 @@ Filter counts are a poor proxy for speed on CPUs: a block's BatchNorm, ReLU and 
 its full-width output whatever its inner width, and odd channel counts miss the fast kernels. The
 planner can therefore rank its moves by *measured* seconds saved instead of MACs saved.
 
-``block_latency_table`` times each distinct block shape (input shape, stride, widths) per
-candidate inner width k (multiples of ``step`` plus the full width; k = 0 is the dropped block, i.e.
-its shortcut alone) at ``batch``. A plan must not depend on how busy the machine was: the
+``block_latency_table`` times each distinct residual section (same modules, same input shape) per
+candidate inner width k (multiples of ``step`` plus the full width; k = 0 is the dropped section,
+i.e. its shortcut path alone) at ``batch``. A plan must not depend on how busy the machine was: the
 configurations are timed round-robin (a busy spell hits all of them), each keeps its *fastest*
 of ``repeats`` rounds (the cost of the kernels themselves, not of the neighbours), times are made
 non-decreasing in k, and widths in between are interpolated linearly.
@@ -38,33 +38,42 @@ def latency(model, batch: int, example_shape, *, repeats: int = 7, warmup: int =
     return float(np.median(times))
 
 
-def _with_width(block: nn.Module, k: int) -> nn.Module:
-    """A copy of ``block`` whose conv1/bn1/conv2 carry ``k`` inner channels (k = 0: shortcut only)."""
-    b = copy.deepcopy(block).eval()
+def _with_width(section: nn.Module, conv: str, k: int, shape) -> nn.Module:
+    """A copy of ``section`` whose channel group rooted at ``conv`` (a name inside it) keeps its first ``k``
+    channels (torch-pruning on the copy alone); k = 0: the section dropped (its shortcut path only)."""
+    from .structure import drop_section
+
+    b = copy.deepcopy(section).eval()
     if k == 0:
-        return b.shortcut
-    c1, c2 = b.conv1, b.conv2
-    b.conv1 = nn.Conv2d(c1.in_channels, k, c1.kernel_size, stride=c1.stride, padding=c1.padding,
-                        dilation=c1.dilation, groups=1, bias=c1.bias is not None)
-    if isinstance(getattr(b, "bn1", None), nn.BatchNorm2d):
-        b.bn1 = nn.BatchNorm2d(k).eval()
-    b.conv2 = nn.Conv2d(k, c2.out_channels, c2.kernel_size, stride=c2.stride, padding=c2.padding,
-                        dilation=c2.dilation, groups=1, bias=c2.bias is not None)
+        return drop_section(b)
+    root = b.get_submodule(conv)
+    C = root.out_channels if isinstance(root, nn.Conv2d) else root.out_features
+    if k >= C:
+        return b
+    import torch_pruning as tp
+
+    DG = tp.DependencyGraph().build_dependency(b, example_inputs=torch.zeros(1, *shape), verbose=False)
+    fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+    DG.get_pruning_group(root, fn, idxs=list(range(k, C))).prune()
     return b
 
 
 def block_latency_table(model: nn.Module, structure, example_input, *, batch: int = 128, step: int = 8,
                         repeats: int = 9) -> dict[str, tuple[float, ...]]:
-    """conv name -> seconds of its block with k inner filters, k = 0..C (see module doc).
+    """group root -> seconds of its section with k channels, k = 0..C (see module doc).
 
-    Only convs inside residual blocks with ``conv1``/``conv2``/``shortcut`` are timed (the conv1 of
-    each block); others are left out and the planner falls back to MACs for them.
+    Timed: every channel group that is the only group of a removable residual section (a block's
+    inner width); the section is timed whole (its shortcut, BN, activation and addition included).
+    Other groups are left out and the planner falls back to MACs.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1; got {step}")
     mods = dict(model.named_modules())
-    units = [u for u in structure.convs if u.block and u.conv == f"{u.block}.conv1"
-             and all(hasattr(mods[u.block], a) for a in ("conv1", "conv2", "shortcut"))]
+    per_section: dict[str, list] = {}
+    for u in structure.convs:
+        if u.block:
+            per_section.setdefault(u.block, []).append(u)
+    units = [us[0] for us in per_section.values() if len(us) == 1]
     shapes: dict[str, tuple] = {}
     hooks = [mods[u.block].register_forward_pre_hook(
         lambda m, inp, name=u.block: shapes.__setitem__(name, tuple(inp[0].shape[1:]))) for u in units]
@@ -77,12 +86,14 @@ def block_latency_table(model: nn.Module, structure, example_input, *, batch: in
     configs: dict[tuple, tuple[nn.Module, torch.Tensor]] = {}
     plan = []
     for u in units:
-        blk = mods[u.block]
-        key0 = (shapes[u.block], blk.conv1.stride, blk.conv2.out_channels, type(blk.shortcut).__name__)
+        sec = mods[u.block]
+        inner = u.conv[len(u.block) + 1:]
+        key0 = (repr(sec), shapes[u.block], inner)
         ks = sorted({0, u.out_channels, *range(step, u.out_channels, step)})
         for k in ks:
             if key0 + (k,) not in configs:
-                configs[key0 + (k,)] = (_with_width(blk, k), torch.randn(batch, *shapes[u.block]))
+                configs[key0 + (k,)] = (_with_width(sec, inner, k, shapes[u.block]),
+                                        torch.randn(batch, *shapes[u.block]))
         plan.append((u, key0, ks))
     best = {key: np.inf for key in configs}
     with torch.inference_mode():

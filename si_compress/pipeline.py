@@ -74,31 +74,45 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     from .analysis import analyze
     from .compress import apply_plan, find_classifier
     from .planning import PlannerConfig, block_si, choose_truncation, plan_compression, rank_filters, size_head
-    from .structure import collect_filter_groups, prunable_structure
+    from .structure import collect_filter_groups, describe
 
-    structure = prunable_structure(model, example_input)
+    structure = describe(model, example_input)
     if not structure.convs and not structure.blocks:
-        raise ValueError("found nothing to prune: no residual blocks with conv1/conv2 and no plain conv chain "
-                         "in 'features'; si-compress supports CIFAR ResNets, VGG-style chains and SmallCNN")
-    report = analyze(model, sample_loader, order=config.order, max_dim=1024,
+        why = "; ".join(f"{g.conv}: {g.reason}" for g in structure.skipped[:3]) or "no conv runs in forward()"
+        raise ValueError(f"found nothing to prune in {type(model).__name__}: no channel group can be resized alone and no "
+                         f"residual section can be dropped ({why}); see si_compress.structure.describe(model, x)")
+    report = analyze(model, sample_loader, layers=list(structure.layers), order=config.order, max_dim=1024,
                      example_input=example_input, progress=progress)
     final = report.layers[-1]
-    head = size_head(final.si, final.csi, in_features=final.dim, num_classes=num_classes)
+    # The plan resizes the head only when it is one Linear; a trained MLP head is kept as it is.
+    single = structure.head_input == f"{structure.head}:input"
+    head = size_head(final.si, final.csi, in_features=final.dim, num_classes=num_classes) if single else None
 
     # Plain chains: cut after the SI peak; what follows is planned on the truncated model.
     truncation = None
     plan_model, plan_structure = model, structure
     trunc_settings: dict = {}
-    if config.truncate and structure.chain and not structure.blocks:
-        recorded = {r.name for r in report.layers}
-        truncation = choose_truncation(report.layers, chain=[c for c in structure.chain if c in recorded],
+    from .planning.truncate import TRUNCATE_FORMAT
+
+    recorded = {r.name for r in report.layers}
+    chain = [c for c in structure.chain if c in recorded and TRUNCATE_FORMAT.match(c)]
+    if config.truncate and chain and not structure.blocks:
+        truncation = choose_truncation(report.layers, chain=chain,
                                        total_macs=report.total_macs, tol=config.truncate_tol)
-        trunc_settings = dict(truncation=dict(truncation.to_dict(), applied=truncation.truncate_after is not None))
-        if truncation.truncate_after is not None:
+        if truncation.truncate_after is not None and config.target_macs is not None and \
+                truncation.macs_at_cut < 0.97 * config.target_macs * truncation.total_macs:
+            # A budget is a promise about MACs: a cut that alone goes well below it is not applied.
+            trunc_settings = dict(truncation=dict(truncation.to_dict(), applied=False,
+                                                  why_not=f"the cut keeps {truncation.macs_at_cut / truncation.total_macs:.1%} "
+                                                          f"of MACs, below the budget {config.target_macs:.0%}"))
+            truncation = None
+        else:
+            trunc_settings = dict(truncation=dict(truncation.to_dict(), applied=truncation.truncate_after is not None))
+        if truncation is not None and truncation.truncate_after is not None:
             plan_model = apply_plan(model, CompressionPlan(arch=arch, num_classes=num_classes,
                                                            truncate_after=truncation.truncate_after),
                                     example_input=example_input)
-            plan_structure = prunable_structure(plan_model, example_input)
+            plan_structure = describe(plan_model, example_input)
             head_name, _ = find_classifier(plan_model)
             head_rep = analyze(plan_model, sample_loader, layers=[f"{head_name}:input"], order=config.order,
                                max_dim=1024, example_input=example_input)
@@ -111,17 +125,31 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     labels = None
     rankings = {}
     if plan_structure.convs:
-        groups, labels = collect_filter_groups(plan_model, sample_loader,
-                                               [u.activation for u in plan_structure.convs], grid=config.grid)
+        # Each observed tensor is read once; a group inside a concatenation keeps only its channels.
+        need: dict[str, list[int] | None] = {}
+        for u in plan_structure.convs:
+            if not u.observe_index:
+                need[u.activation] = None
+            elif need.get(u.activation, []) is not None:
+                need[u.activation] = sorted(set(need.get(u.activation, [])) | set(u.observe_index))
+        groups, labels = collect_filter_groups(plan_model, sample_loader, list(need), grid=config.grid,
+                                               index={k: v for k, v in need.items() if v})
         weights = dict(plan_model.named_modules())
         for i, u in enumerate(plan_structure.convs):
-            rankings[u.conv] = rank_filters(config.ranking, G=groups[u.activation], y=labels,
+            G = groups[u.activation]
+            if u.observe_index:
+                at = need[u.activation]
+                G = G[:, [at.index(c) for c in u.observe_index]] if at is not None else G[:, list(u.observe_index)]
+            rankings[u.conv] = rank_filters(config.ranking, G=G, y=labels,
                                             weight=weights[u.conv].weight.detach().numpy(), seed=config.seed + i)
             if progress is not None:
                 progress("filter SI", i + 1, len(plan_structure.convs))
-    gains = block_si(report.layers, structure.blocks)
+    from types import SimpleNamespace
+
+    # SI gain of every recorded module (sections and scopes); only sections can be dropped.
+    gains = block_si(report.layers, [SimpleNamespace(name=r.name) for r in report.layers if ":" not in r.name])
     lat_table = None
-    if config.objective != "macs" and plan_structure.blocks and config.target_macs is not None:
+    if config.objective != "macs" and plan_structure.convs and config.target_macs is not None:
         from .latency import block_latency_table
 
         lat_table = block_latency_table(plan_model, plan_structure, example_input, batch=128,
@@ -153,15 +181,28 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
         # The planner budgets conv/linear MACs; metrics count as torch-pruning does (BN, ReLU, pooling
         # too). Tighten the planner's target until the torch-pruning count meets the budget.
         base_tp, _ = count_tp(model, example_input)
-        target = config.target_macs
-        for _ in range(6):
+        budget = config.target_macs * base_tp
+        target, best = config.target_macs, None   # best: (MACs, planner target, plan) meeting the budget
+        for _ in range(8):
             got, _ = count_tp(apply_plan(model, plan, example_input=example_input), example_input)
-            if got <= config.target_macs * base_tp or target < 0.05:
+            if got <= budget and (best is None or got > best[0]):
+                best = (got, target, plan)
+            if best is not None and best[0] >= 0.985 * budget or target < 0.02:
                 break
-            target *= config.target_macs * base_tp / got
+            # The planner's conv/linear estimate and the full count differ by BN/activation/pool work:
+            # rescale its target by the measured ratio until the count lands just under the budget.
+            target = min(1.0, target * budget / max(got, 1) * (0.995 if got > budget else 1.0))
             plan = make(target)
-        plan = _replace_plan(plan, predicted=dict(plan.predicted, tp_base_macs=int(base_tp), tp_macs=int(got)),
-                             settings=dict(plan.settings, target_macs=config.target_macs, planner_target=target))
+        if best is not None:
+            _, target, plan = best
+        got, got_params = count_tp(apply_plan(model, plan, example_input=example_input), example_input)
+        _, base_params = count_tp(model, example_input)
+        # One count everywhere (torch-pruning's): what the plan predicts is what metrics will measure.
+        plan = _replace_plan(plan, predicted=dict(
+            base_macs=int(base_tp), macs=int(got), base_params=int(base_params), params=int(got_params),
+            planner_macs=plan.predicted.get("macs"), planner_base_macs=plan.predicted.get("base_macs"),
+            counter="torch_pruning.utils.count_ops_and_params"),
+            settings=dict(plan.settings, target_macs=config.target_macs, planner_target=target))
     if trunc_settings and "truncation" not in plan.settings:
         plan = _replace_plan(plan, settings=dict(plan.settings, **trunc_settings))
     return plan, PlanEvidence(report=report, structure=plan_structure, rankings=rankings, groups_labels=labels,
@@ -173,11 +214,10 @@ def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:
 
 
 def count_tp(model, example_input) -> tuple[int, int]:
-    """(MACs, params) as torch-pruning's ``count_ops_and_params`` counts them."""
-    import torch_pruning as tp
+    """(MACs, params) per sample: the one count of the pipeline (``features.cost.count_ops``)."""
+    from .features.cost import count_ops
 
-    macs, params = tp.utils.count_ops_and_params(model, example_input)
-    return int(macs), int(params)
+    return count_ops(model, example_input)
 
 
 def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_loader, train_loader=None,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -71,12 +72,33 @@ class Progress:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="checkpoint file (a state dict; a full pickle needs --trust-model)")
+    p.add_argument("model", help="checkpoint file (a state dict or an si-compress output; a full pickle needs "
+                   "--trust-model)")
     p.add_argument("--arch", help="architecture: resnet20/32/44/56/110, vgg16_bn, vgg16_bn_half, vgg16_bn_quarter, "
-                   "digits_cnn, torchvision:NAME (default: inferred from a CIFAR ResNet or VGG-16 state dict)")
+                   "digits_cnn; torchvision:NAME; or your own model class as path/to/file.py:Class or "
+                   "package.module:Class -- these two IMPORT AND RUN that code, use them only for code you trust "
+                   "(default: inferred from a CIFAR ResNet or VGG-16 state dict)")
+    p.add_argument("--arch-kwargs", metavar="JSON",
+                   help="constructor options of a torchvision:NAME or user --arch as a JSON object, e.g. "
+                   """'{"aux_logits": false}'; num_classes is passed when the constructor takes it""")
     p.add_argument("--num-classes", type=int, help="classifier outputs (default: from the checkpoint)")
     p.add_argument("--trust-model", action="store_true",
                    help="allow a fully pickled model: this executes code from the file; use only for files you trust")
+
+
+def parse_arch_kwargs(text) -> dict | None:
+    """The --arch-kwargs JSON object as a dict (None when not given); CLIError on anything else."""
+    if text is None or isinstance(text, dict):
+        return text
+    example = """--arch-kwargs '{"aux_logits": false}'"""
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise CLIError(f"--arch-kwargs is not valid JSON ({exc.msg} at character {exc.pos}); "
+                       f"pass a JSON object, e.g. {example}") from None
+    if not isinstance(value, dict):
+        raise CLIError(f"--arch-kwargs must be a JSON object of constructor options, got {text!r}; e.g. {example}")
+    return value
 
 
 DEFAULT_SAMPLES = 5000
@@ -118,11 +140,13 @@ def load_model_and_data(args, *, split=None, samples=None):
     from ..data import balanced_indices, load_dataset, make_loader
     from ..models import load_model
 
+    arch_kwargs = parse_arch_kwargs(getattr(args, "arch_kwargs", None))
     if args.samples is not None and args.samples < 0:
         raise CLIError(f"--samples must be >= 0; got {args.samples}")
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1; got {args.batch_size}")
-    loaded = load_model(args.model, arch=args.arch, num_classes=args.num_classes, trust_model=args.trust_model)
+    loaded = load_model(args.model, arch=args.arch, num_classes=args.num_classes, trust_model=args.trust_model,
+                        arch_kwargs=arch_kwargs)
     info = load_dataset(args.data, split=split or args.split, root=args.data_root, download=args.download,
                         normalize=parse_normalize(args.normalize))
     if len(info) == 0:

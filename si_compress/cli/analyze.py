@@ -1,6 +1,7 @@
 """si-analyze: per-layer SI / CSI of a trained model on labelled data, with report and plots.
 
     si-analyze model.th --data cifar10 [--arch resnet56] [--samples 5000] [--out DIR]
+    si-analyze net.pt --data cifar10 --arch path/to/net.py:Net [--arch-kwargs '{"width": 32}']
 
 Prints a per-layer table on stdout (progress on stderr) and writes, atomically, in DIR:
 report.json (versioned), layers.csv, si_layers.png and si_per_class.png.
@@ -81,7 +82,8 @@ def _body(argv) -> int:
         memory_budget_bytes=int(args.memory_budget * 2**30), reference_loader=ref_loader,
         class_names=info.class_names, example_input=x0, progress=progress,
         model_info=dict(path=str(Path(args.model).resolve()), name=Path(args.model).name, arch=loaded.arch,
-                        num_classes=loaded.num_classes, key_style=loaded.key_style),
+                        num_classes=loaded.num_classes, key_style=loaded.key_style,
+                        arch_kwargs=dict(loaded.arch_kwargs)),
         data_info=dict(name=info.name, split=info.split, description=info.description, seed=args.seed,
                        samples=int(labels.size), normalization=info.normalization,
                        reference_split=args.reference_split),

@@ -73,21 +73,6 @@ def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return seen["x"]
 
 
-def _is_block(m: nn.Module) -> bool:
-    return (all(isinstance(getattr(m, a, None), nn.Module) for a in ("conv1", "bn1", "conv2", "bn2"))
-            and (hasattr(m, "shortcut") or hasattr(m, "downsample")) and not hasattr(m, "conv3"))
-
-
-def _act1(block):
-    return block.relu1 if hasattr(block, "relu1") else block.relu
-
-
-def _shortcut(block, x):
-    if hasattr(block, "shortcut"):
-        return block.shortcut(x)
-    return x if block.downsample is None else block.downsample(x)
-
-
 def _bn_affine(bn: nn.BatchNorm2d | None, channels: int):
     """(a, beta, mu) with eval BN(z) = a * (z - mu) + beta; identity when there is no BN."""
     if bn is None:
@@ -179,93 +164,241 @@ def _rel_err(preds, targets) -> float:
     return num / den if den > 0 else num
 
 
-def _residual_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -> dict:
-    names = [n for n, m in original.named_modules() if _is_block(m)]
-    _check_chain(original, names, xs[0])
-    x_o = [_input_of(original, names[0], x) for x in xs]
-    x_p = [_input_of(pruned, names[0], x) for x in xs]
-    changed = any(not torch.equal(a, b) for a, b in zip(x_o, x_p))
-    report = {}
-    for name in names:
-        ob = original.get_submodule(name)
-        pb = pruned.get_submodule(name)
-        mids = [_act1(ob)(ob.bn1(ob.conv1(x))) for x in x_o]
-        targets = [ob.bn2(ob.conv2(m)) + _shortcut(ob, x) for m, x in zip(mids, x_o)]
-        next_o = [ob(x) for x in x_o]
-        if not _is_block(pb):  # dropped: the shortcut alone carries the signal
-            x_p = [pb(x) for x in x_p]
-            x_o = next_o
-            changed = True
-            continue
-        pruned_here = pb.conv1.out_channels != ob.conv1.out_channels
-        if pruned_here or (changed and scope == "after_change"):
-            hs = [_act1(pb)(pb.bn1(pb.conv1(x))) for x in x_p]
-            ss = [_shortcut(pb, x) for x in x_p]
-            before = _rel_err([pb.bn2(pb.conv2(h)) + s for h, s in zip(hs, ss)], targets)
-            rows = _fit_conv(pb.conv2, pb.bn2, hs, [t - s for t, s in zip(targets, ss)],
-                             ridge=ridge, max_rows=max_rows, gen=gen)
-            after = _rel_err([pb.bn2(pb.conv2(h)) + s for h, s in zip(hs, ss)], targets)
-            report[f"{name}.conv2"] = {"before": before, "after": after, "rows": rows,
-                                       "reason": "consumes pruned channels" if pruned_here else "input changed"}
-        x_p = [pb(x) for x in x_p]
-        x_o = next_o
-        changed = changed or any(not torch.equal(a, b) for a, b in zip(x_o, x_p))
-    return report
+class _Values:
+    """Inputs/outputs of named modules during one forward; the forward stops once all are captured."""
+
+    def __init__(self, model: nn.Module, wants: dict[str, str]):
+        self.model, self.wants, self.got = model, dict(wants), {}
+
+    def __call__(self, x) -> dict[str, torch.Tensor]:
+        self.got = {}
+        handles = []
+        for name, kind in self.wants.items():
+            mod = self.model.get_submodule(name)
+            if kind == "in":
+                handles.append(mod.register_forward_pre_hook(self._hook(name, 0)))
+            else:
+                handles.append(mod.register_forward_hook(self._hook(name, 1)))
+        try:
+            self.model(x)
+        except _Stop:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        missing = set(self.wants) - set(self.got)
+        if missing:
+            raise ValueError(f"{sorted(missing)[0]!r} did not run in the forward pass")
+        return self.got
+
+    def _hook(self, name, which):
+        def hook(mod, args, out=None):
+            if name not in self.got:
+                t = args[0] if which == 0 else out
+                self.got[name] = t.detach().clone()
+            if len(self.got) == len(self.wants):
+                raise _Stop
+        return (lambda mod, args: hook(mod, args)) if which == 0 else (lambda mod, args, out: hook(mod, args, out))
 
 
-def _check_chain(model, names, x) -> None:
-    """Refuse models whose blocks are not a simple chain (block i's output is block i+1's input)."""
-    ins, outs, hs = {}, {}, []
-    for n in names:
-        m = model.get_submodule(n)
-        hs.append(m.register_forward_pre_hook(lambda mod, a, n=n: ins.__setitem__(n, a[0])))
-        hs.append(m.register_forward_hook(lambda mod, a, o, n=n: outs.__setitem__(n, o)))
+def _node_values(gm, x, nodes) -> dict:
+    """Values of fx ``nodes`` when ``gm`` runs on ``x``."""
+    import torch.fx as fx
+
+    wanted = set(nodes)
+    got = {}
+
+    class Grab(fx.Interpreter):
+        def run_node(self, n):
+            v = super().run_node(n)
+            if n in wanted:
+                got[n] = v.detach().clone() if isinstance(v, torch.Tensor) else v
+            return v
+
+    Grab(gm).run(x)
+    return got
+
+
+def _section_exit(module: nn.Module):
+    """(graph, add, shortcut node, exit conv node, exit BN node or None) of a residual section whose
+    branch ends in ``conv [-> BN]`` before the addition; None otherwise."""
+    from ..structure import _residual_add
+
+    found, _ = _residual_add(module)
+    if found is None:
+        return None
+    gm, add, branch, short = found
+    mods = dict(gm.named_modules())
+    bn = None
+    n = branch
+    if n.op == "call_module" and isinstance(mods.get(n.target), nn.modules.batchnorm._BatchNorm):
+        bn, n = n, n.args[0]
+    if n.op == "call_module" and isinstance(mods.get(n.target), nn.Conv2d) and mods[n.target].groups == 1:
+        return gm, add, short, n, bn
+    return None
+
+
+def _followers(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, str], set[str]]:
+    """(ungrouped convs and linears in execution order, conv -> the BN reading its output, cut modules)."""
+    from ..structure import _Run
+
+    outs, order, bn_of, handles = {}, [], {}, []
+    named = {n: m for n, m in model.named_modules() if n and not list(m.children())}
+
+    def post(name):
+        def f(mod, args, out):
+            if isinstance(mod, (nn.Conv2d, nn.Linear)) and name not in order:
+                order.append(name)
+                outs[id(out)] = (name, out)
+        return f
+
+    def pre(name):
+        def f(mod, args):
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm) and args and id(args[0]) in outs:
+                conv, t = outs[id(args[0])]
+                if t is args[0]:
+                    bn_of.setdefault(conv, name)
+        return f
+
+    for name, m in named.items():
+        handles.append(m.register_forward_hook(post(name)))
+        handles.append(m.register_forward_pre_hook(pre(name)))
     try:
-        model(x)
+        with torch.no_grad():
+            model(x)
     finally:
-        for h in hs:
+        for h in handles:
             h.remove()
-    for a, b in zip(names, names[1:]):
-        if a not in outs or b not in ins or not torch.equal(outs[a], ins[b]):
-            raise ValueError(f"residual blocks {a!r} -> {b!r} are not chained output-to-input; "
-                             "refit_consumers supports ResNet-style sequential stages only")
+    cuts = _Run(model, x)._cuts
+    return order, bn_of, cuts
 
 
-def _chain_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -> dict:
-    fo, fp = original.features, pruned.features
+def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -> dict:
+    """Least-squares re-fit of every consumer of pruned channels (and, with ``after_change``, of every
+    residual section's exit conv and every conv on the model's cut after the first change), in
+    execution order so each fit absorbs the error of those before it.
+
+    Residual section exit (``bn(conv(h)) + s -> T``): the target is the ORIGINAL section's sum ``T``
+    minus the PRUNED shortcut ``s``; any other layer matches the original layer's (post-BN) output.
+    """
+    x1 = xs[0][:1]
+    order, bn_of, cuts = _followers(pruned, x1)
+    orig_mods = dict(original.named_modules())
     keep = plan.keep_map()
-    x_o, x_p = list(xs), list(xs)
-    changed = False
+    exits = {}
+    for name, m in pruned.named_modules():
+        if name and list(m.children()) and name in orig_mods:
+            info = _section_exit(m)
+            if info is not None:
+                exits[f"{name}.{info[3].target}"] = (name, info)
+    changed = [n for n in order if n in orig_mods and _width(pruned.get_submodule(n)) != _width(orig_mods[n])]
+    dropped = [d for d in plan.dropped_blocks if d in orig_mods]
+    # Convs from ``start`` on read changed inputs: after the first changed layer, or from the first
+    # layer after a dropped section.
+    start = next((i + 1 for i, n in enumerate(order) if n in changed), None)
+    if dropped:
+        pre = {}
+        hs = [pruned.get_submodule(d).register_forward_pre_hook(lambda m, a, d=d: (pre.setdefault(d, len(pre)), None)[1])
+              for d in dropped]
+        seen = []
+        hs += [pruned.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.append((n, len(pre))))
+               for n in order]
+        try:
+            with torch.no_grad():
+                pruned(x1)
+        finally:
+            for h in hs:
+                h.remove()
+        after_drop = next((i for i, (n, k) in enumerate(seen) if k > 0), None)
+        if after_drop is not None:
+            start = after_drop if start is None else min(start, after_drop)
     report = {}
-    for i, mp in enumerate(fp):
-        mo = fo[i]
-        if isinstance(mp, nn.Conv2d):
-            name = f"features.{i}"
-            consumes = mp.in_channels != mo.in_channels
-            if consumes or (changed and scope == "after_change"):
-                bn_o = fo[i + 1] if i + 1 < len(fo) and isinstance(fo[i + 1], _BN) else None
-                bn_p = fp[i + 1] if i + 1 < len(fp) and isinstance(fp[i + 1], _BN) else None
-                targets = [bn_o(mo(x)) if bn_o is not None else mo(x) for x in x_o]
-                if mp.out_channels != mo.out_channels:  # this conv is pruned too: match its kept filters
-                    if name not in keep:
-                        raise ValueError(f"{name} has fewer filters than the original but the plan does not list it")
-                    idx = torch.tensor(keep[name])
-                    targets = [t[:, idx] for t in targets]
-
-                def post(h):
-                    z = mp(h)
-                    return bn_p(z) if bn_p is not None else z
-
-                before = _rel_err([post(h) for h in x_p], targets)
-                rows = _fit_conv(mp, bn_p, x_p, targets, ridge=ridge, max_rows=max_rows, gen=gen)
-                after = _rel_err([post(h) for h in x_p], targets)
-                report[name] = {"before": before, "after": after, "rows": rows,
-                                "reason": "consumes pruned channels" if consumes else "input changed"}
-            if mp.out_channels != mo.out_channels:
-                changed = True
-        x_o = [mo(x) for x in x_o]
-        x_p = [mp(x) for x in x_p]
+    if start is None:
+        return report
+    for i, name in enumerate(order):
+        mp = pruned.get_submodule(name)
+        mo = orig_mods.get(name)
+        if mo is None:
+            continue
+        consumes = _in_width(mp) != _in_width(mo)
+        is_exit = name in exits
+        candidate = consumes or (scope == "after_change" and i >= start and (is_exit or name in cuts))
+        if not candidate:
+            continue
+        reason = "consumes pruned channels" if consumes else "input changed"
+        if isinstance(mp, nn.Conv2d) and mp.groups != 1:
+            report[name] = {"skipped": f"grouped conv (groups={mp.groups})", "reason": reason}
+            continue
+        out_idx = None
+        if _width(mp) != _width(mo):
+            if name not in keep:
+                report[name] = {"skipped": "its outputs are pruned as part of another group", "reason": reason}
+                continue
+            out_idx = torch.tensor(keep[name])
+        if is_exit and out_idx is None:
+            sec, (gm_p, add_p, short_p, conv_p, bn_p) = exits[name]
+            info_o = _section_exit(orig_mods[sec])
+            if info_o is None:
+                continue
+            gm_o, add_o = info_o[0], info_o[1]
+            xin_o = [_Values(original, {sec: "in"})(x)[sec] for x in xs]
+            xin_p = [_Values(pruned, {sec: "in"})(x)[sec] for x in xs]
+            T = [_node_values(gm_o, x, [add_o])[add_o] for x in xin_o]
+            vals = [_node_values(gm_p, x, [short_p, conv_p.args[0]]) for x in xin_p]
+            ss = [v[short_p] for v in vals]
+            hs = [v[conv_p.args[0]] for v in vals]
+            bn = gm_p.get_submodule(bn_p.target) if bn_p is not None else None
+            post = (lambda h: bn(mp(h))) if bn is not None else mp
+            before = _rel_err([post(h) + s for h, s in zip(hs, ss)], T)
+            rows = _fit_conv(mp, bn, hs, [t - s for t, s in zip(T, ss)], ridge=ridge, max_rows=max_rows, gen=gen)
+            after = _rel_err([post(h) + s for h, s in zip(hs, ss)], T)
+        else:
+            bn_name = bn_of.get(name)
+            bn = pruned.get_submodule(bn_name) if bn_name else None
+            bno = orig_mods.get(bn_name) if bn_name else None
+            want_o = {bn_name: "out"} if bno is not None else {name: "out"}
+            targets = [next(iter(_Values(original, want_o)(x).values())) for x in xs]
+            if out_idx is not None:
+                targets = [t[:, out_idx] for t in targets]
+            hs = [_Values(pruned, {name: "in"})(x)[name] for x in xs]
+            post = (lambda h: bn(mp(h))) if bn is not None else mp
+            before = _rel_err([post(h) for h in hs], targets)
+            if isinstance(mp, nn.Linear):
+                rows = _fit_linear(mp, hs, targets, ridge=ridge)
+            else:
+                rows = _fit_conv(mp, bn, hs, targets, ridge=ridge, max_rows=max_rows, gen=gen)
+            after = _rel_err([post(h) for h in hs], targets)
+        report[name] = {"before": before, "after": after, "rows": rows, "reason": reason}
     return report
+
+
+def _width(m):
+    return m.out_channels if isinstance(m, nn.Conv2d) else (m.out_features if isinstance(m, nn.Linear) else None)
+
+
+def _in_width(m):
+    return m.in_channels if isinstance(m, nn.Conv2d) else (m.in_features if isinstance(m, nn.Linear) else None)
+
+
+@torch.no_grad()
+def _fit_linear(lin: nn.Linear, inputs, targets, *, ridge: float) -> int:
+    """Least-squares fit of ``lin`` (weight and bias) so that ``lin(h) ≈ target`` (rows: every sample)."""
+    F_ = torch.cat([h.reshape(-1, h.shape[-1]) for h in inputs]).double()
+    L = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]).double()
+    A = F_ if lin.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64)], 1)
+    k = F_.shape[1]
+    if A.shape[1] > A.shape[0]:
+        # More inputs than rows (a 25088-wide VGG classifier): the dual form solves an n x n system,
+        # X = A^T (A A^T + lam I)^-1 L (the bias column is shrunk too here).
+        G = A @ A.T
+        lam = max(ridge, 1e-8) * float(torch.trace(G)) / G.shape[0]
+        X = A.T @ torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), L)
+    else:
+        X = _ridge_solve(A.T @ A, A.T @ L, k, ridge)
+    lin.weight.copy_(X[:k].T.to(lin.weight.dtype))
+    if lin.bias is not None:
+        lin.bias.copy_(X[k].to(lin.bias.dtype))
+    return int(F_.shape[0])
 
 
 def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPlan, calib_loader, *,
@@ -296,14 +429,7 @@ def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPla
     try:
         with torch.no_grad():
             xs = _batches(calib_loader, max_batches)
-            kw = dict(scope=scope, ridge=ridge, max_rows=max_rows, gen=gen)
-            if any(_is_block(m) for m in original.modules()):
-                return _residual_refit(pruned, original, plan, xs, **kw)
-            if isinstance(getattr(original, "features", None), nn.Sequential) and \
-                    isinstance(getattr(pruned, "features", None), nn.Sequential):
-                return _chain_refit(pruned, original, plan, xs, **kw)
-            raise ValueError(f"refit_consumers supports residual nets (BasicBlocks) and plain chains with a "
-                             f"'features' Sequential; {type(original).__name__} is neither")
+            return _generic_refit(pruned, original, plan, xs, scope=scope, ridge=ridge, max_rows=max_rows, gen=gen)
     finally:
         for m, mode in modes:
             m.training = mode

@@ -76,16 +76,6 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _block_shortcut(block: nn.Module, name: str) -> nn.Module:
-    """The module that computes a residual block's shortcut branch."""
-    if hasattr(block, "shortcut") and isinstance(block.shortcut, nn.Module):
-        return block.shortcut
-    if hasattr(block, "downsample"):  # torchvision BasicBlock/Bottleneck
-        return block.downsample if block.downsample is not None else nn.Identity()
-    raise ValueError(f"dropped block {name!r} is a {type(block).__name__}, not a residual block with a "
-                     "'shortcut' or 'downsample' branch; only residual blocks can be dropped")
-
-
 def _head_in_out(model: nn.Module, example_input) -> tuple[int, int]:
     """(input features, outputs) of the classifier head, measured with one forward pass."""
     name, head = find_classifier(model)
@@ -114,13 +104,22 @@ def _linear(in_features: int, out_features: int, old: nn.Module) -> nn.Module:
 
 
 def _drop_blocks(model: nn.Module, names) -> None:
+    """Replace each removable residual section ``y = post(p(x) + f(x))`` by ``post(p(x))``."""
+    from ..structure import drop_section
+
     modules = dict(model.named_modules())
     for name in names:
         if name not in modules or not name:
-            raise ValueError(f"plan drops block {name!r}, which is not a module of {type(model).__name__}")
+            raise ValueError(f"plan drops section {name!r}, which is not a module of {type(model).__name__}")
+    new = {}
     for name in names:
-        block = model.get_submodule(name)
-        _set_module(model, name, _block_shortcut(block, name))
+        try:
+            new[name] = drop_section(model.get_submodule(name))
+        except ValueError as exc:
+            raise ValueError(f"plan drops {name!r}: {exc}; only residual sections listed by "
+                             "si_compress.structure.describe(model).blocks can be dropped") from None
+    for name, module in new.items():
+        _set_module(model, name, module)
 
 
 def _truncate(model: nn.Module, after: str, example_input) -> nn.Module:
@@ -152,33 +151,43 @@ def _check_prunable(model: nn.Module, decision, head_name: str) -> nn.Conv2d:
         module = model.get_submodule(decision.name)
     except AttributeError:
         raise ValueError(f"plan prunes layer {decision.name!r}, which is not a module of {type(model).__name__}") from None
-    if decision.name == head_name or decision.name.startswith(head_name + ".") or isinstance(module, nn.Linear):
-        raise ValueError(f"plan prunes {decision.name!r}, a Linear of the classifier; its outputs are the classes "
+    if module is _final_linear(model):
+        raise ValueError(f"plan prunes {decision.name!r}, the classifier; its outputs are the classes "
                          "and cannot be removed (change the head with the plan's 'head' instead)")
-    if not isinstance(module, nn.Conv2d):
-        raise ValueError(f"plan prunes {decision.name!r}, a {type(module).__name__}; only nn.Conv2d filters can be pruned")
-    if module.groups != 1:
+    if not isinstance(module, (nn.Conv2d, nn.Linear)):
+        raise ValueError(f"plan prunes {decision.name!r}, a {type(module).__name__}; only nn.Conv2d filters and "
+                         "hidden nn.Linear units can be pruned")
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
         raise ValueError(f"plan prunes {decision.name!r}, a grouped/depthwise conv (groups={module.groups}); "
                          "prune the conv that feeds it instead")
-    if module.out_channels != decision.out_channels:
+    if isinstance(module, nn.Linear) and module.out_features != decision.out_channels:
+        raise ValueError(f"plan says {decision.name!r} has {decision.out_channels} outputs but the model's Linear has "
+                         f"{module.out_features}; the plan was made for a different model")
+    if isinstance(module, nn.Conv2d) and module.out_channels != decision.out_channels:
         raise ValueError(f"plan says {decision.name!r} has {decision.out_channels} filters but the model's conv has "
                          f"{module.out_channels}; the plan was made for a different model")
     return module
 
 
 def _tied_with(DG, group, conv: nn.Module, names: dict) -> list[str]:
-    """Names of other convs/linears whose OUTPUT channels this group would also prune, plus pad ops."""
+    """What ties this group's channels to others (residual additions, channel pads), with the other
+    convs/linears whose outputs it would prune; [] when the group may be pruned alone."""
     from torch_pruning import ops
 
-    tied = []
+    why, others = [], []
     for dep, _ in group:
         target = dep.target
         mod = target.module
-        if mod is not conv and isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_out_channel_pruning_fn(dep.handler):
-            tied.append(names.get(mod, repr(mod)))
-        elif target.type == ops.OPTYPE.ELEMENTWISE and "Pad" in type(getattr(target, "grad_fn", None)).__name__:
-            tied.append("a channel-padding (option-A) shortcut")
-    return sorted(set(tied))
+        if mod is not conv and isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_out_channel_pruning_fn(dep.handler) \
+                and not (isinstance(mod, nn.Conv2d) and mod.groups > 1):
+            others.append(names.get(mod, repr(mod)))
+        elif target.type == ops.OPTYPE.ELEMENTWISE:
+            kind = type(getattr(target, "grad_fn", None)).__name__
+            if "Pad" in kind:
+                why.append("a channel-padding (option-A) shortcut")
+            elif kind.startswith(("Add", "Sub")):
+                why.append("a residual addition")
+    return sorted(set(why)) + sorted(set(others)) if why else []
 
 
 def _prune(model: nn.Module, decisions, example_input) -> None:
@@ -187,13 +196,15 @@ def _prune(model: nn.Module, decisions, example_input) -> None:
     todo = [(d, model.get_submodule(d.name)) for d in decisions if d.removed]
     if not todo:
         return
+    
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     names = {m: n for n, m in model.named_modules()}
     # Build and vet every group before pruning any, so a refused plan leaves nothing half-done
     # (the model is a private copy, but a clear error beats a confusing partial state).
     groups = []
     for d, conv in todo:
-        group = DG.get_pruning_group(conv, tp.prune_conv_out_channels, idxs=list(d.removed))
+        fn = tp.prune_linear_out_channels if isinstance(conv, nn.Linear) else tp.prune_conv_out_channels
+        group = DG.get_pruning_group(conv, fn, idxs=list(d.removed))
         tied = _tied_with(DG, group, conv, names)
         if tied:
             raise ValueError(
@@ -202,9 +213,19 @@ def _prune(model: nn.Module, decisions, example_input) -> None:
                 "zero-padding shortcut). Prune a block's inner conv (e.g. 'layer1.0.conv1') or drop whole blocks instead")
         if not DG.check_pruning_group(group):
             raise ValueError(f"pruning {d.name!r} would leave a layer without channels; keep more filters")
-        groups.append(group)
-    for group in groups:
-        group.prune()
+        groups.append((conv, fn, list(d.removed)))
+    # Re-derive each group right before pruning it: a concatenation's channel offsets change as
+    # the groups before it are pruned (torch-pruning updates its index mapping per call).
+    for conv, fn, removed in groups:
+        DG.get_pruning_group(conv, fn, idxs=removed).prune()
+
+
+def _final_linear(model: nn.Module):
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last
 
 
 def _sync_config(model: nn.Module, truncated: bool) -> None:

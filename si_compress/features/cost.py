@@ -16,7 +16,7 @@ from torch import nn
 
 from .hooks import _as_name_list, _call_model, _check_model, _first_tensor, _lookup, _split
 
-__all__ = ["LayerCost", "layer_costs", "module_macs", "model_cost"]
+__all__ = ["LayerCost", "layer_costs", "module_macs", "model_cost", "count_ops"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -162,3 +162,21 @@ def layer_costs(model: nn.Module, example_input, layer_names: Sequence[str]) -> 
             total_macs=trace.total_macs,
         )
     return result
+
+
+def count_ops(model: nn.Module, example_input) -> tuple[int, int]:
+    """(MACs, params) per sample as torch-pruning's ``count_ops_and_params`` counts them (convs and linears
+    plus BN, activations and pooling): the one count the planner's budget, plans, metrics and printed
+    summaries use. ``example_input`` with batch 1 (a larger batch is cut to its first sample)."""
+    import torch_pruning as tp
+
+    _check_model(model)
+    if isinstance(example_input, torch.Tensor) and example_input.shape[0] > 1:
+        example_input = example_input[:1]
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        macs, params = tp.utils.count_ops_and_params(model.eval(), example_input)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+    return int(macs), int(params)

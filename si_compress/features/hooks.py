@@ -278,55 +278,18 @@ class _Trace:
         return (self.pre if is_input else self.post).get(base)
 
 
-def _is_block(module: nn.Module) -> bool:
-    cls = type(module).__name__
-    return "Block" in cls or "Bottleneck" in cls
+def _default_layers(model: nn.Module, example_input) -> list[str]:
+    """Every section output and the classifier input, from the model adapter (``si_compress.structure``)."""
+    from ..structure import describe
 
-
-def _top_level_blocks(model: nn.Module) -> list[str]:
-    blocks = []
-    for name, m in model.named_modules():
-        if not name or not _is_block(m):
-            continue
-        if any(name.startswith(b + ".") for b in blocks):
-            continue  # nested inside a block already listed
-        blocks.append(name)
-    return blocks
-
-
-def _default_layers(model: nn.Module, trace: _Trace | None) -> list[str]:
-    named = [(n, m) for n, m in model.named_modules() if n]
-    ran = (lambda n: True) if trace is None else (lambda n: trace.calls.get(n, 0) == 1)
-    linears = [n for n, m in named if isinstance(m, nn.Linear) and (trace is None or n in trace.post)]
-    if trace is not None:
-        linears.sort(key=lambda n: trace.post[n])
-    head = [linears[-1] + INPUT_SUFFIX] if linears else []
-
-    blocks = [b for b in _top_level_blocks(model) if ran(b)]
-    if blocks:
-        if trace is not None:
-            blocks.sort(key=lambda n: trace.post[n])
-        # Stem = what the first residual block receives (after the stem's ReLU/max-pool, even when
-        # those are functional and have no module to hook).
-        return [blocks[0] + INPUT_SUFFIX] + blocks + head
-
-    if trace is None:
-        first_linear = next((i for i, (n, m) in enumerate(named) if isinstance(m, nn.Linear)), len(named))
-        acts = [n for n, m in named[:first_linear] if isinstance(m, _ACTIVATIONS)]
-    else:
-        acts = [n for n, m in named if isinstance(m, _ACTIVATIONS) and ran(n) and trace.out_ndim.get(n, 0) >= 3]
-        acts.sort(key=lambda n: trace.post[n])
-        if head and acts:
-            # Drop the pre-classifier entry when it is just the last activation, flattened.
-            a, b = trace.out_flat.get(acts[-1]), trace.in_flat.get(linears[-1])
-            if a is not None and b is not None and a.shape == b.shape and torch.equal(a, b):
-                head = []
-    if not acts and not head:
-        raise ValueError(
-            "could not choose default layers: the model has no residual blocks (class name containing "
-            "'Block' or 'Bottleneck'), no activation modules and no nn.Linear; pass patterns explicitly"
-        )
-    return acts + head
+    if example_input is None:
+        raise ValueError("the default layers are read from a traced forward pass: pass example_input "
+                         "(e.g. torch.zeros(1, 3, 32, 32)) or explicit layer names")
+    layers = list(describe(model, example_input).layers)
+    if not layers:
+        raise ValueError(f"found no layer to record in {type(model).__name__}: no module that runs once holds a "
+                         "conv, and no nn.Linear classifier; pass layer names explicitly")
+    return layers
 
 
 def resolve_layers(model: nn.Module, patterns: str | Iterable[str] | None = None, *,
@@ -337,12 +300,9 @@ def resolve_layers(model: nn.Module, patterns: str | Iterable[str] | None = None
     also crosses dots, so it matches ``layer3.0`` and ``layer3.0.conv1``). A pattern that matches
     nothing raises ValueError. Default (None):
 
-    - residual net (modules whose class name contains 'Block' or 'Bottleneck'): the stem, recorded as
-      the input of the first block (``"layer1.0:input"``, i.e. after the stem's ReLU even when it is
-      functional), every top-level block output, and the pre-classifier features (the input of
-      the last ``nn.Linear``, ``"linear:input"``);
-    - plain net: every activation module (ReLU & co.) on a conv map, plus the pre-classifier
-      features unless they equal the last activation flattened.
+    every section output the model adapter finds (residual blocks, inception/dense blocks, a plain
+    chain's activations; see ``si_compress.structure``) and the classifier input (``"fc:input"``);
+    this needs ``example_input``.
 
     ``example_input`` (a batch, e.g. ``torch.zeros(1, 3, 32, 32)``) runs one forward pass in eval
     mode (training flags are restored; BN statistics are untouched) to order the names by
@@ -354,7 +314,7 @@ def resolve_layers(model: nn.Module, patterns: str | Iterable[str] | None = None
     _check_model(model)
     trace = _Trace(model, example_input) if example_input is not None else None
     if patterns is None:
-        return _default_layers(model, trace)
+        return _default_layers(model, example_input)
 
     pats = _as_name_list(patterns, "patterns")
     if not pats:

@@ -1,6 +1,7 @@
-"""Model architectures (CIFAR ResNets, CIFAR VGG-16-BN, torchvision passthrough) and safe loading.
+"""Model architectures (CIFAR ResNets, CIFAR VGG-16-BN, torchvision passthrough, user code) and safe loading.
 
-``build_model(arch, num_classes)`` makes a fresh network by name; ``load_model(path)`` reads a
+``build_model(arch, num_classes, arch_kwargs)`` makes a fresh network by name, ``torchvision:<name>``
+or the user's ``path/to/file.py:Class`` / ``package.module:Class``; ``load_model(path)`` reads a
 checkpoint with ``weights_only=True`` and returns a ``LoadedModel`` in eval mode.
 """
 from .cifar_resnet import CIFAR_RESNET_DEPTHS, BasicBlock, CifarResNet, ShortcutA, cifar_resnet
@@ -10,6 +11,7 @@ from .loading import (
     available_archs,
     build_model,
     infer_arch,
+    is_user_code,
     load_model,
     register_arch,
 )
@@ -30,6 +32,7 @@ __all__ = [
     "build_model",
     "cifar_resnet",
     "infer_arch",
+    "is_user_code",
     "load_model",
     "register_arch",
     "vgg16_bn_cifar",

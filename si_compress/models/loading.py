@@ -1,20 +1,28 @@
 """Architecture registry and safe checkpoint loading.
 
-``build_model(arch, num_classes)`` builds a fresh network by name: the CIFAR ResNets
+``build_model(arch, num_classes, arch_kwargs)`` builds a fresh network by name: the CIFAR ResNets
 (``resnet20`` ... ``resnet110``), ``vgg16_bn`` (CIFAR VGG-16-BN; ``vgg16_bn_half`` /
-``vgg16_bn_quarter`` with every width halved / quartered), or any torchvision classifier as
-``torchvision:<name>`` (random weights). ``load_model(path)`` reads a checkpoint with
-``torch.load(..., weights_only=True)`` (no code from the file runs), finds the state dict, strips a
-DataParallel ``module.`` prefix, infers the architecture when it can and loads strictly.
+``vgg16_bn_quarter`` with every width halved / quartered), any torchvision classifier as
+``torchvision:<name>`` (random weights), or the user's own class as ``path/to/file.py:Class`` or
+``package.module:Class`` (this imports and runs that code). ``load_model(path)`` reads a checkpoint
+with ``torch.load(..., weights_only=True)`` (no code from the file runs), finds the state dict,
+strips a DataParallel ``module.`` prefix, infers the architecture when it can and loads strictly;
+a file written by ``si_compress.compress.save_compressed`` is handed to ``load_compressed``.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib
+import importlib.util
+import inspect
 import numbers
 import pickle
 import re
+import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from torch import nn
@@ -30,6 +38,7 @@ __all__ = [
     "build_model",
     "register_arch",
     "infer_arch",
+    "is_user_code",
     "load_model",
 ]
 
@@ -37,6 +46,8 @@ TORCHVISION_PREFIX = "torchvision:"
 # Entries of a checkpoint dict that may hold the state dict, in order of preference.
 _STATE_DICT_ENTRIES = ("state_dict", "model", "model_state_dict")
 _MAX_LISTED = 4  # keys named per category in mismatch messages
+# The "format" entry of a file written by si_compress.compress.save_compressed.
+_COMPRESSED_FORMAT = "si_compress.compressed"
 
 
 class ModelLoadError(ValueError):
@@ -48,10 +59,13 @@ class LoadedModel:
     """A model ready for inference (eval mode, on CPU) and where it came from.
 
     ``key_style``: ``"plain"`` (keys as in the model), ``"dataparallel"`` (a ``module.`` prefix was
-    stripped) or ``"pickled-module"`` (a full nn.Module loaded with ``trust_model=True``).
+    stripped), ``"pickled-module"`` (a full nn.Module loaded with ``trust_model=True``) or
+    ``"compressed"`` (a file from ``save_compressed``).
     ``container``: where the weights sat in the file: ``"state_dict"``, ``"model"``,
-    ``"model_state_dict"`` (a dict entry), ``"top-level"`` (the file is the state dict itself) or
-    ``"module"`` (a pickled nn.Module).
+    ``"model_state_dict"`` (a dict entry), ``"top-level"`` (the file is the state dict itself),
+    ``"module"`` (a pickled nn.Module) or ``"compressed"``.
+    ``arch_kwargs``: the constructor options the model was built with (``build_model(arch,
+    num_classes, arch_kwargs)`` rebuilds it).
     """
 
     model: nn.Module
@@ -60,6 +74,7 @@ class LoadedModel:
     path: Path
     key_style: str
     container: str
+    arch_kwargs: dict = field(default_factory=dict)
 
 
 # --------------------------------------------------------------------------- registry
@@ -118,9 +133,25 @@ def _check_num_classes(num_classes) -> int:
     return int(num_classes)
 
 
-def build_model(arch: str, num_classes: int = 10) -> nn.Module:
-    """A freshly initialised (train-mode) network for ``arch`` with ``num_classes`` outputs."""
+def _check_arch_kwargs(arch_kwargs) -> dict:
+    if arch_kwargs is None:
+        return {}
+    if not isinstance(arch_kwargs, Mapping) or not all(isinstance(k, str) for k in arch_kwargs):
+        raise TypeError(f"arch_kwargs must be a dict of constructor options (str keys); got {arch_kwargs!r}")
+    return dict(arch_kwargs)
+
+
+def build_model(arch: str, num_classes: int = 10, arch_kwargs: Mapping | None = None) -> nn.Module:
+    """A freshly initialised (train-mode) network for ``arch`` with ``num_classes`` outputs.
+
+    ``arch_kwargs``: constructor options for ``torchvision:<name>`` (passed to
+    ``torchvision.models.get_model``) and for user code (``path/to/file.py:Class`` or
+    ``package.module:Class``: that code is imported and run, and ``Class(**arch_kwargs)`` gets
+    ``num_classes`` too when its signature has that parameter and ``arch_kwargs`` lacks it).
+    Registered names take no options.
+    """
     num_classes = _check_num_classes(num_classes)
+    kwargs = _check_arch_kwargs(arch_kwargs)
     if not isinstance(arch, str):
         raise TypeError(f"arch must be a string such as 'resnet20'; got {arch!r}")
     key = arch.strip().lower()
@@ -133,12 +164,178 @@ def build_model(arch: str, num_classes: int = 10) -> nn.Module:
             raise ValueError(f"unknown torchvision classifier {name!r}{hint} (see available_archs(include_torchvision=True))")
         import torchvision
 
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+        kwargs.setdefault("num_classes", num_classes)
+        try:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ModelLoadError(
+                f"torchvision:{name} rejected the options {_call_repr(name, kwargs)} ({_first_line(exc)}); "
+                f"fix --arch-kwargs to match the constructor of torchvision.models.{name}"
+            ) from None
+    if key not in _REGISTRY and is_user_code(arch):
+        return _build_user_model(arch.strip(), num_classes, kwargs)
     if key not in _REGISTRY:
+        hint = ""
+        if ":" in arch:
+            hint = "; for your own code write path/to/file.py:Class or package.module:Class"
+        elif key.endswith(".py"):
+            hint = f"; to use a class from that file write {arch.strip()}:ClassName"
         raise ValueError(
-            f"unknown arch {arch!r}; choose one of {', '.join(available_archs())} or 'torchvision:<name>'"
+            f"unknown arch {arch!r}; choose one of {', '.join(available_archs())}, 'torchvision:<name>', "
+            f"'path/to/file.py:Class' or 'package.module:Class'{hint}"
+        )
+    if kwargs:
+        raise ModelLoadError(
+            f"arch {key} takes no constructor options (got arch_kwargs {kwargs!r}); --arch-kwargs is for "
+            "torchvision:<name> and your own path/to/file.py:Class or package.module:Class"
         )
     return _REGISTRY[key](num_classes)
+
+
+# --------------------------------------------------------------------------- user code
+
+_MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+_ATTR_PATH = _MODULE_PATH  # Class, or Outer.Inner / a factory function
+
+
+def _split_user_code(arch: str) -> tuple[str, str, bool] | None:
+    """(file or module, attribute, is_file) for ``file.py:Class`` / ``pkg.mod:Class``, else None."""
+    target, sep, attr = arch.strip().rpartition(":")
+    if not sep or not target or not _ATTR_PATH.match(attr) or target.lower() + ":" == TORCHVISION_PREFIX:
+        return None
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        return target, attr, True
+    if _MODULE_PATH.match(target):
+        return target, attr, False
+    return None
+
+
+def is_user_code(arch) -> bool:
+    """True for ``path/to/file.py:Class`` and ``package.module:Class`` (arch names that import and
+    run the user's code), False for registered names and ``torchvision:<name>``."""
+    return isinstance(arch, str) and _split_user_code(arch) is not None
+
+
+# resolved file -> ((mtime_ns, size), module): one import per file version, not one per build
+_USER_FILES: dict[Path, tuple[tuple[int, int], ModuleType]] = {}
+
+
+def _import_user_file(arch: str, target: str) -> ModuleType:
+    path = Path(target).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(
+            f"arch {arch!r}: no such Python file {str(path)!r}; pass an existing path/to/file.py:Class"
+        )
+    path = path.resolve()
+    stat = path.stat()
+    stamp = (stat.st_mtime_ns, stat.st_size)
+    cached = _USER_FILES.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:12]
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"_si_compress_user_{stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(f"arch {arch!r}: {path} cannot be imported as a Python module; pass a .py file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses, typing and pickle look the module up by name
+    folder = str(path.parent)
+    added = folder not in sys.path
+    if added:  # so the file can import modules that sit next to it
+        sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    except BaseException as exc:
+        sys.modules.pop(name, None)
+        if not isinstance(exc, Exception):
+            raise
+        raise ModelLoadError(
+            f"arch {arch!r}: importing {path} failed ({_first_line(exc)}); fix that file, or add the folder "
+            "of the modules it imports to PYTHONPATH"
+        ) from None
+    finally:
+        if added and folder in sys.path:
+            sys.path.remove(folder)
+    _USER_FILES[path] = (stamp, module)
+    return module
+
+
+def _import_user_module(arch: str, target: str) -> ModuleType:
+    try:
+        return importlib.import_module(target)
+    except ModuleNotFoundError as exc:
+        if exc.name and (target == exc.name or target.startswith(exc.name + ".")):
+            raise ModelLoadError(
+                f"arch {arch!r}: no module named {exc.name!r} on the Python path; add the folder that holds "
+                "it to PYTHONPATH, or pass path/to/file.py:Class"
+            ) from None
+        raise ModelLoadError(
+            f"arch {arch!r}: importing module {target!r} failed ({_first_line(exc)}); install that "
+            "dependency or add its folder to PYTHONPATH"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(
+            f"arch {arch!r}: importing module {target!r} failed ({_first_line(exc)}); fix that module"
+        ) from None
+
+
+def _module_classes(module: ModuleType) -> list[str]:
+    """nn.Module subclasses defined in ``module`` (for "did you mean" hints)."""
+    return sorted(
+        n for n, v in vars(module).items()
+        if isinstance(v, type) and issubclass(v, nn.Module) and v.__module__ == module.__name__
+    )
+
+
+def _accepts_num_classes(fn) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (some builtins / C extensions)
+        return False
+    p = params.get("num_classes")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _call_repr(name: str, kwargs: Mapping) -> str:
+    return f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())})"
+
+
+def _build_user_model(arch: str, num_classes: int, kwargs: dict) -> nn.Module:
+    target, attr, is_file = _split_user_code(arch)
+    module = _import_user_file(arch, target) if is_file else _import_user_module(arch, target)
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            classes = _module_classes(module)
+            found = f"nn.Module classes there: {', '.join(classes[:8])}" if classes else "it defines no nn.Module class"
+            raise ModelLoadError(f"arch {arch!r}: {target} has no attribute {attr!r} ({found}); fix the name after ':'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ModelLoadError(
+            f"arch {arch!r}: {attr} has type {type(obj).__name__}, not a class; point --arch at the model class "
+            "or a function that returns an nn.Module"
+        )
+    if "num_classes" not in kwargs and _accepts_num_classes(obj):
+        kwargs = {**kwargs, "num_classes": num_classes}
+    call = _call_repr(attr, kwargs)
+    try:
+        model = obj(**kwargs)
+    except TypeError as exc:
+        raise ModelLoadError(
+            f"arch {arch!r}: {call} failed ({_first_line(exc)}); pass the constructor's arguments as JSON "
+            """with --arch-kwargs '{"name": value}'"""
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(
+            f"arch {arch!r}: {call} raised {_first_line(exc)}; check --arch-kwargs and that code"
+        ) from None
+    if not isinstance(model, nn.Module):
+        raise ModelLoadError(
+            f"arch {arch!r}: {call} returned type {type(model).__name__}, not an nn.Module; point --arch at the "
+            "model class or a function that returns one"
+        )
+    return model
 
 
 # --------------------------------------------------------------------------- inference
@@ -290,6 +487,15 @@ def _read_checkpoint(path: Path, *, trust_model: bool):
     # Only reached for trusted files that need full unpickling.
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
+    except (ImportError, AttributeError) as exc:  # the pickled class's module or name is not importable
+        missing = _first_line(exc)
+        if isinstance(exc, ModuleNotFoundError) and exc.name:
+            missing = f"no module named {exc.name!r}"
+        raise ModelLoadError(
+            f"{path} holds a pickled object whose class cannot be imported ({missing}); the model's class must be "
+            "importable: add the folder of its module to PYTHONPATH, or save a state dict with "
+            "torch.save(model.state_dict(), path) and pass --arch path/to/file.py:Class"
+        ) from None
     except Exception as exc:
         raise ModelLoadError(f"{path} could not be unpickled even with --trust-model ({_first_line(exc)})") from None
 
@@ -376,18 +582,23 @@ def load_model(
     arch: str | None = None,
     num_classes: int | None = None,
     trust_model: bool = False,
+    arch_kwargs: Mapping | None = None,
 ) -> LoadedModel:
     """Load a checkpoint into a CPU model in eval mode.
 
     Accepts a plain state dict, a dict with the state dict under 'state_dict' / 'model' /
-    'model_state_dict', and (only with ``trust_model=True``) a fully pickled nn.Module. Without
-    ``arch`` the architecture and class count are inferred from the state dict (CIFAR ResNets and
-    VGG-16-BN). Raises ModelLoadError with a one-line message on any problem.
+    'model_state_dict', a file written by ``si_compress.compress.save_compressed``, and (only with
+    ``trust_model=True``) a fully pickled nn.Module. Without ``arch`` the architecture and class
+    count are inferred from the state dict (CIFAR ResNets and VGG-16-BN). ``arch`` may also be
+    ``torchvision:<name>`` or user code (``path/to/file.py:Class`` / ``package.module:Class``,
+    which imports and runs it); ``arch_kwargs`` are its constructor options (see ``build_model``).
+    Raises ModelLoadError with a one-line message on any problem.
     """
     if num_classes is not None:
         num_classes = _check_num_classes(num_classes)
     if arch is not None and not isinstance(arch, str):
         raise TypeError(f"arch must be a string such as 'resnet20'; got {arch!r}")
+    kwargs = _check_arch_kwargs(arch_kwargs)
     path = Path(path).expanduser()
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
@@ -395,6 +606,13 @@ def load_model(
         raise ModelLoadError(f"{path} is a directory; pass the checkpoint file itself (e.g. model.pth)")
 
     obj = _read_checkpoint(path, trust_model=trust_model)
+    if isinstance(obj, Mapping) and obj.get("format") == _COMPRESSED_FORMAT:
+        return _load_compressed(obj, path, arch=arch, num_classes=num_classes,
+                                arch_kwargs=None if arch_kwargs is None else kwargs)
+    if kwargs and arch is None:
+        raise ModelLoadError(
+            "--arch-kwargs (arch_kwargs) needs --arch: the options go to that architecture's constructor"
+        )
     found, container = _extract(obj, path)
 
     if isinstance(found, nn.Module):
@@ -409,17 +627,20 @@ def load_model(
         if inferred is None:
             raise ModelLoadError(
                 f"cannot infer the architecture of {path} from its keys (first: {_fmt_keys(list(sd))}); "
-                f"pass --arch (one of {', '.join(available_archs())} or torchvision:<name>)"
+                f"pass --arch (one of {', '.join(available_archs())}, torchvision:<name> or your own "
+                "path/to/file.py:Class)"
             )
         arch_name, ckpt_classes = inferred
     else:
         arch_name = arch.strip()
         try:
-            probe = build_model(arch_name, num_classes or 10)
+            probe = build_model(arch_name, num_classes or 10, kwargs)
         except ValueError as exc:
             raise ModelLoadError(str(exc)) from None
         head = _head_key(probe)
         ckpt_classes = int(sd[head].shape[0]) if head in sd and sd[head].ndim >= 1 else None
+        head_w = probe.state_dict().get(head) if head is not None else None
+        probe_classes = int(head_w.shape[0]) if head_w is not None else None
 
     if num_classes is not None and ckpt_classes is not None and num_classes != ckpt_classes:
         raise ModelLoadError(
@@ -430,10 +651,10 @@ def load_model(
 
     if arch is None:
         model = _build_inferred(arch_name, sd, n_cls)
-    elif n_cls == (num_classes or 10):
-        model = probe
+    elif n_cls == (num_classes or 10) or probe_classes == n_cls:
+        model = probe  # also user code that ignores num_classes: no second run of its constructor
     else:
-        model = build_model(arch_name, n_cls)
+        model = build_model(arch_name, n_cls, kwargs)
 
     problem = _mismatch_message(model, sd, arch_name)
     if problem is not None:
@@ -445,10 +666,34 @@ def load_model(
     model.eval()
     if container == "module":
         key_style = "pickled-module"
-    if not arch_name.lower().startswith(TORCHVISION_PREFIX):
+    if arch_name.lower() in _REGISTRY:
         arch_name = arch_name.lower()  # registry names are case-insensitive; report the canonical one
     return LoadedModel(model=model, arch=arch_name, num_classes=n_cls, path=path, key_style=key_style,
-                       container=container)
+                       container=container, arch_kwargs=kwargs)
+
+
+def _load_compressed(payload: Mapping, path: Path, *, arch: str | None, num_classes: int | None,
+                     arch_kwargs: dict | None) -> LoadedModel:
+    """A file from ``save_compressed``, rebuilt by ``si_compress.compress.export.load_compressed``
+    (``arch`` / ``arch_kwargs``: None keeps the stored ones)."""
+    from ..compress.export import load_compressed  # lazy: the compress package imports this module
+
+    n_cls = payload.get("num_classes")
+    if num_classes is not None and n_cls is not None and num_classes != n_cls:
+        raise ModelLoadError(
+            f"{path} is a compressed {n_cls}-class model but num_classes={num_classes} was requested; "
+            "drop --num-classes"
+        )
+    try:
+        model, _plan = load_compressed(path, arch=arch, arch_kwargs=arch_kwargs)
+    except ValueError as exc:  # ModelLoadError included
+        raise ModelLoadError(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__) from None
+    used_kwargs = arch_kwargs if arch_kwargs is not None else payload.get("arch_kwargs") or {}
+    return LoadedModel(
+        model=model.cpu().eval(), arch=str(arch if arch is not None else payload.get("arch")),
+        num_classes=int(n_cls if n_cls is not None else num_classes), path=path, key_style="compressed",
+        container="compressed", arch_kwargs=dict(used_kwargs),
+    )
 
 
 def _loaded_module(model: nn.Module, path: Path, num_classes: int | None) -> LoadedModel:

@@ -126,10 +126,15 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
 
     def _saved(u, k_from, k_to):
         """Resource saved by taking conv u from k_from to k_to filters (k_to = 0: block dropped)."""
-        macs = ((k_from - k_to) * u.macs_per_filter) / structure.total_macs
+        if k_to == 0 and u.block in block_macs:  # a drop saves the whole branch as it stands now
+            now = block_macs[u.block] - sum((v.out_channels - width[v.conv]) * v.macs_per_filter
+                                            for v in units if v.block == u.block)
+            macs = now / structure.total_macs
+        else:
+            macs = ((k_from - k_to) * u.macs_per_filter) / structure.total_macs
         secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) / base_lat if lat else 0.0
         return w_macs * macs + w_lat * secs
-    unit_of_block = {u.block: u for u in units if u.block}
+    block_macs = {b.name: b.macs for b in structure.blocks}
     width = {u.conv: u.out_channels for u in units}
     env = {u.conv: rankings[u.conv].envelope() for u in units}
     for u in units:
@@ -155,9 +160,12 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             m -= block_macs[b]
         return m
 
-    if config.allow_drop:
+    if config.allow_drop and config.target_macs is None:
+        # Threshold mode drops every section that does not raise SI; with a budget, such sections
+        # compete with the other moves (their loss is at the gain floor, so they go first) and the
+        # budget decides how many go.
         for b, (si_in, si_out) in gains.items():
-            if si_out - si_in <= config.drop_gain:
+            if b in block_macs and si_out - si_in <= config.drop_gain:
                 dropped.append(b)
                 reasons[b] = f"SI gain {si_out - si_in:+.4f} <= {config.drop_gain}"
 
@@ -173,8 +181,11 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                 if u.block in dropped:
                     continue
                 e, k = env[u.conv], width[u.conv]
+                # A group's separation is weighted by the SI gain of its section, else of the recorded
+                # module holding it (an inception block, a stage); plain chains use the mean gain.
+                where = u.block or getattr(u, "scope", None)
                 g = gain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
-                wg = wgain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
+                wg = wgain.get(where, mean_gain) if where else mean_gain
                 top = e[-1] if e[-1] > 0 else 1.0
                 new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
                 if new_k < k:
