@@ -183,15 +183,25 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
         base_tp, _ = count_tp(model, example_input)
         budget = config.target_macs * base_tp
         target, best = config.target_macs, None   # best: (MACs, planner target, plan) meeting the budget
-        for _ in range(8):
+        lo, hi = 0.0, None                        # planner targets known to land under / over the budget
+        for _ in range(10):
             got, _ = count_tp(apply_plan(model, plan, example_input=example_input), example_input)
-            if got <= budget and (best is None or got > best[0]):
-                best = (got, target, plan)
+            if got <= budget:
+                lo = max(lo, target)
+                if best is None or got > best[0]:
+                    best = (got, target, plan)
+            else:
+                hi = target if hi is None else min(hi, target)
             if best is not None and best[0] >= 0.985 * budget or target < 0.02:
                 break
             # The planner's conv/linear estimate and the full count differ by BN/activation/pool work:
-            # rescale its target by the measured ratio until the count lands just under the budget.
-            target = min(1.0, target * budget / max(got, 1) * (0.995 if got > budget else 1.0))
+            # rescale its target by the measured ratio, bisecting once the budget is bracketed.
+            new = min(1.0, target * budget / max(got, 1) * (0.995 if got > budget else 1.0))
+            if hi is not None and lo > 0 and not (lo < new < hi):
+                new = (lo + hi) / 2
+            if abs(new - target) < 1e-6:
+                break
+            target = new
             plan = make(target)
         if best is not None:
             _, target, plan = best

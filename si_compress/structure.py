@@ -485,6 +485,16 @@ def describe(model: nn.Module, example_input) -> ModelStructure:
     one batch, e.g. ``torch.zeros(1, 3, 32, 32)``. Raises UnsupportedModel with a fix."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # torch-pruning traces with a forward: BN statistics must not move
+    try:
+        return _describe(model, example_input)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _describe(model: nn.Module, example_input) -> ModelStructure:
     run = _Run(model, example_input)
     notes: list[str] = []
     linears = sorted((n for n, m in run.named.items() if isinstance(m, nn.Linear) and n in run.post),
@@ -542,7 +552,11 @@ def _shortcut_is_identity(module: nn.Module) -> bool:
     found, _ = _residual_add(module)
     if found is None:
         return False
-    _, _, _, short = found
+    gm, _, _, short = found
+    mods = dict(gm.named_modules())
+    while short.op == "call_module" and (isinstance(mods.get(short.target), nn.Identity) or (
+            isinstance(mods.get(short.target), nn.Sequential) and len(mods[short.target]) == 0)):
+        short = short.args[0]
     return short.op == "placeholder"
 
 

@@ -231,7 +231,8 @@ def test_resolve_execution_order_with_example_input():
 def test_default_layers_residual():
     model = _seeded(TinyResNet)
     expected = ["layer1.0:input", "layer1.0", "layer2.0", "linear:input"]
-    assert resolve_layers(model) == expected
+    with pytest.raises(ValueError, match="example_input"):
+        resolve_layers(model)   # the default is read from a traced forward pass
     assert resolve_layers(model, example_input=torch.zeros(1, 3, 8, 8)) == expected
     # The stem entry is the block's input: relu(bn1(conv1(x))), although the ReLU is functional.
     x = torch.randn(2, 3, 8, 8)
@@ -245,13 +246,11 @@ def test_default_layers_residual():
 
 def test_default_layers_plain():
     model = _seeded(TinyPlain)
-    expected = ["features.1", "features.3", "classifier.2:input"]
-    assert resolve_layers(model) == expected
+    # the classifier input is the input of the head (its first Linear after the last conv)
+    expected = ["features.1", "features.3", "classifier.0:input"]
     assert resolve_layers(model, example_input=torch.zeros(1, 3, 8, 8)) == expected
-    # No pooling between the last activation and the linear: the duplicate head entry is dropped.
     flat = nn.Sequential(nn.Conv2d(3, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 2 * 2, 3))
-    assert resolve_layers(flat, example_input=torch.zeros(1, 3, 4, 4)) == ["1"]
-    assert resolve_layers(flat) == ["1", "3:input"]
+    assert resolve_layers(flat, example_input=torch.zeros(1, 3, 4, 4)) == ["1", "3:input"]
 
 
 def test_resolve_restores_training_mode_and_bn_stats():

@@ -33,9 +33,11 @@ def test_width_variant_runs_with_the_blocks_shapes(tiny):
     x = torch.randn(2, 8, 16, 16)
     ref = blk(x)
     for k in (0, 4, 16):
-        out = _with_width(blk, k)(x)
+        out = _with_width(blk, "conv1", k, (8, 16, 16))(x)
         assert out.shape == ref.shape
-    assert _with_width(blk, 5).conv1.out_channels == 5 and _with_width(blk, 5).conv2.in_channels == 5
+    v = _with_width(blk, "conv1", 5, (8, 16, 16))
+    assert v.conv1.out_channels == 5 and v.conv2.in_channels == 5
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in _with_width(blk, "conv1", 0, (8, 16, 16)).modules())
     assert blk.conv1.out_channels == 16                      # the model itself is untouched
 
 

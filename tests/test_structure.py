@@ -18,15 +18,17 @@ def test_resnet_structure_macs_are_exact():
     for u in st.convs:
         # removing every filter of a block's conv1 removes exactly conv1 + conv2 MACs
         assert u.macs_per_filter * u.out_channels == macs[u.conv] + macs[u.consumer]
-        assert u.activation.endswith("relu1")
+        assert u.consumer == u.conv.replace("conv1", "conv2") and u.activation == f"{u.consumer}:input"
+        assert u.block == u.conv.rsplit(".", 1)[0]
     assert st.total_macs == sum(macs.values())
 
 
 def test_plain_chain_structure():
     st = prunable_structure(build_model("digits_cnn"), torch.zeros(1, 1, 8, 8))
     assert not st.blocks
-    assert [u.conv for u in st.convs] == ["features.0", "features.4"]
-    assert [u.activation for u in st.convs] == ["features.2", "features.6"]
+    # the last conv's channels reach the classifier through pooling: its group is observed there
+    assert [u.conv for u in st.convs] == ["features.0", "features.4", "features.8"]
+    assert [u.activation for u in st.convs] == ["features.4:input", "features.8:input", "classifier:input"]
     assert st.chain == ("features.2", "features.6", "features.10")
 
 

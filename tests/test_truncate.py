@@ -137,18 +137,19 @@ def test_plan_truncates_at_the_si_peak_and_prunes_only_before_it(tiny):
     t = plan.settings["truncation"]
     assert t["applied"] and t["layer"] == "features.6" and t["macs_saved"] > 0
     assert t["head_input_dim"] == 16 and t["head_input_si"] > 0.9
-    # only conv0 (whose consumer conv4 lies before the cut) is ranked and planned
-    assert [d.name for d in plan.layers] == ["features.0"] and list(ev.rankings) == ["features.0"]
+    # only convs before the cut are ranked and planned (conv4 now feeds the new head)
+    assert {d.name for d in plan.layers} <= {"features.0", "features.4"} and "features.0" in ev.rankings
+    assert "features.8" not in ev.rankings
     d = plan.layers[0]
     assert 0 in d.keep and len(d.keep) < 8 and d.ranking[0] == 0
     assert plan.head.kind == "linear" and plan.head.in_features == 16
     base_tp, _ = count_tp(model, x0)
     small = apply_plan(model, plan, example_input=x0)
-    assert count_tp(small, x0)[0] <= 0.4 * base_tp == pytest.approx(0.4 * plan.predicted["tp_base_macs"])
+    assert count_tp(small, x0)[0] <= 0.4 * base_tp == pytest.approx(0.4 * plan.predicted["base_macs"])
     assert plan.predicted["base_macs"] > plan.predicted["macs"]
     # physically shorter, forward works
     assert len(small.features) == 7 and small.features[0].out_channels == len(d.keep)
-    assert small.classifier.in_features == 16 and small(torch.randn(2, 3, 32, 32)).shape == (2, N_CLASSES)
+    assert small.classifier.in_features == small.features[4].out_channels and small(torch.randn(2, 3, 32, 32)).shape == (2, N_CLASSES)
     # the plan's JSON round-trips and re-applies to the same skeleton
     again = CompressionPlan.from_json(plan.to_json())
     assert again == plan
@@ -161,9 +162,13 @@ def test_truncation_alone_meets_a_loose_budget(tiny):
     model, loader, x0 = tiny
     plan, ev = si_plan(model, loader, arch="tiny_vgg", num_classes=N_CLASSES, example_input=x0,
                        config=CompressConfig(target_macs=0.8, round_to=1, ranking="si", objective="macs"))
-    assert plan.truncate_after == "features.6"
-    assert all(len(d.keep) == d.out_channels for d in plan.layers)
-    assert plan.predicted["tp_macs"] <= 0.8 * plan.predicted["tp_base_macs"]
+    # the cut alone keeps 64% of the MACs, well below the 80% asked for: a budget is a promise about
+    # MACs, so the cut is not applied (recorded with the reason) and filters are pruned instead
+    assert plan.truncate_after is None
+    t = plan.settings["truncation"]
+    assert t["applied"] is False and "below the budget" in t["why_not"]
+    # (one filter of this tiny net is 8% of its MACs: the budget is met to within one filter)
+    assert 0.72 <= plan.predicted["macs"] / plan.predicted["base_macs"] <= 0.8
     # truncation can be switched off: then nothing is cut and convs after features.6 are planned
     plan2, ev2 = si_plan(model, loader, arch="tiny_vgg", num_classes=N_CLASSES, example_input=x0,
                          config=CompressConfig(target_macs=0.8, round_to=1, ranking="si", objective="macs", truncate=False))

@@ -86,7 +86,10 @@ def _body(argv) -> int:
         raise CLIError(f"--si-samples must be >= 20; got {args.si_samples}")
     torch.manual_seed(args.seed)
     progress = Progress(enabled=not args.quiet)
-    loaded = load_model(args.model, arch=args.arch, num_classes=args.num_classes, trust_model=args.trust_model)
+    from ._common import parse_arch_kwargs
+
+    loaded = load_model(args.model, arch=args.arch, num_classes=args.num_classes, trust_model=args.trust_model,
+                        arch_kwargs=parse_arch_kwargs(getattr(args, "arch_kwargs", None)))
     model = loaded.model
     norm = parse_normalize(args.normalize)
     train = load_dataset(args.data, split="train", root=args.data_root, download=args.download, normalize=norm)
@@ -152,8 +155,8 @@ def _body(argv) -> int:
 
         metrics["quant"] = apply_quant(args, compressed, sample_loader, train_loader, test_loader)
     write_text(out / "plan.json", plan.to_json())
-    save_compressed(out / "model.pt", compressed, plan, arch=loaded.arch, num_classes=loaded.num_classes, base=model,
-                    input_shape=shape)
+    save_compressed(out / "model.pt", compressed, plan, arch=_rebuildable_arch(loaded), num_classes=loaded.num_classes,
+                    base=model, input_shape=shape, arch_kwargs=loaded.arch_kwargs, prior=_prior(loaded))
     write_json(out / "metrics.json", metrics)
     fig, _ = plots.kept_filters_figure(plan)
     save_figure(fig, out / "kept_filters.png", dpi=130)
@@ -183,6 +186,27 @@ def _body(argv) -> int:
     print(f"CPU latency speed-up vs base (same run, {metrics['threads']} threads): batch 1 "
           f"{lat['batch1']['speedup']:.2f}x, batch 128 {lat['batch128']['speedup']:.2f}x; wrote {out}/")
     return 0
+
+
+def _prior(loaded) -> dict | None:
+    """The payload of a compressed input file (its plans are replayed when the new file is rebuilt)."""
+    if loaded.key_style != "compressed":
+        return None
+    import torch
+
+    return torch.load(loaded.path, map_location="cpu", weights_only=True)
+
+
+def _rebuildable_arch(loaded) -> str:
+    """The arch a compressed model is rebuilt from: the loaded one, or for a trusted full pickle of a
+    class we cannot build by name, that class as ``package.module:Class`` (reloading then needs it
+    importable and --arch)."""
+    from ..models import available_archs
+
+    if loaded.key_style != "pickled-module" or loaded.arch in available_archs() or loaded.arch.startswith("torchvision:"):
+        return loaded.arch
+    cls = type(loaded.model)
+    return f"{cls.__module__}:{cls.__qualname__}"
 
 
 def main(argv=None) -> int:

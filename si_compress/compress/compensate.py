@@ -322,7 +322,10 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -
             continue
         consumes = _in_width(mp) != _in_width(mo)
         is_exit = name in exits
-        candidate = consumes or (scope == "after_change" and i >= start and (is_exit or name in cuts))
+        # A Linear is re-fitted only when it reads pruned channels (a head fit on a small calibration
+        # sample overfits; refit_head is the explicit step for that).
+        candidate = consumes or (scope == "after_change" and i >= start and isinstance(mp, nn.Conv2d)
+                                 and (is_exit or name in cuts))
         if not candidate:
             continue
         reason = "consumes pruned channels" if consumes else "input changed"

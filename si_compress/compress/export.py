@@ -25,7 +25,8 @@ FORMAT_VERSION = 1
 
 
 def save_compressed(path, model: nn.Module, plan: CompressionPlan, *, arch: str, num_classes: int,
-                    input_shape=None, base: nn.Module | None = None) -> Path:
+                    input_shape=None, base: nn.Module | None = None, arch_kwargs: dict | None = None,
+                    prior: dict | None = None) -> Path:
     """Atomically write ``model``'s weights with the ``plan`` that shaped it.
 
     ``arch``/``num_classes``: the BASE model (``build_model(arch, num_classes)``) the plan applies to.
@@ -33,6 +34,9 @@ def save_compressed(path, model: nn.Module, plan: CompressionPlan, *, arch: str,
     ``(model.in_channels or 3, 32, 32)`` (any size the network accepts gives the same skeleton).
     ``base``: the base model itself; a CIFAR ResNet / VGG stores its constructor config, so a base
     whose widths are not the named arch's (an already-pruned or narrow checkpoint) rebuilds too.
+    ``arch_kwargs``: the base's constructor options (``--arch-kwargs``), stored so it rebuilds the same.
+    ``prior``: when ``model`` was compressed from an already compressed file, that file's payload: its
+    plans are applied first on rebuild (and its base spec is kept).
     """
     if not isinstance(plan, CompressionPlan):
         raise TypeError(f"plan must be a CompressionPlan; got {type(plan).__name__}")
@@ -42,10 +46,12 @@ def save_compressed(path, model: nn.Module, plan: CompressionPlan, *, arch: str,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "arch": str(arch),
+        "arch_kwargs": dict(arch_kwargs or {}),
         "num_classes": int(num_classes),
         "input_shape": [int(s) for s in input_shape],
         "plan": plan.to_dict(),
-        "base": _base_spec(base),
+        "prior_plans": ([*prior.get("prior_plans", []), prior["plan"]] if prior else []),
+        "base": prior.get("base") if prior else _base_spec(base),
         "state_dict": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
     }
     with atomic_path(path) as tmp:
@@ -62,8 +68,15 @@ def _base_spec(base: nn.Module | None) -> dict | None:
     return None
 
 
-def load_compressed(path) -> tuple[nn.Module, CompressionPlan]:
-    """(model in eval mode, plan) from a file written by :func:`save_compressed`; ValueError otherwise."""
+def load_compressed(path, *, arch: str | None = None, arch_kwargs: dict | None = None) -> tuple[nn.Module, CompressionPlan]:
+    """(model in eval mode, plan) from a file written by :func:`save_compressed`; ValueError otherwise.
+
+    The base is rebuilt from the stored arch and options, then the plan applied to it. A base that
+    is the user's own class (``file.py:Class`` / ``package.module:Class``) imports that code, so it
+    must be named again with ``arch`` (never taken from the file alone).
+    """
+    from ..models.loading import is_user_code
+
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -80,11 +93,31 @@ def load_compressed(path) -> tuple[nn.Module, CompressionPlan]:
                          f"this si_compress reads version {FORMAT_VERSION}")
     try:
         plan = CompressionPlan.from_dict(obj["plan"])
-        arch, num_classes, state = obj["arch"], int(obj["num_classes"]), obj["state_dict"]
+        stored, num_classes, state = obj["arch"], int(obj["num_classes"]), obj["state_dict"]
         shape = tuple(int(s) for s in obj.get("input_shape", (3, 32, 32)))
+        kwargs = dict(obj.get("arch_kwargs") or {}) if arch_kwargs is None else dict(arch_kwargs)
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{path} is missing an entry of a compressed model: {exc}") from None
-    model = rebuild(arch, num_classes, plan, example_input=torch.zeros(1, *shape), base=obj.get("base"))
+    if arch is None and is_user_code(stored):
+        raise ValueError(f"{path} is a compressed {stored} (your own class); loading it imports that code: pass "
+                         f"--arch {stored} (arch=...) to allow it")
+    if arch is not None and arch.strip() != stored and stored.lower() != arch.strip().lower():
+        raise ValueError(f"{path} was compressed from {stored} but --arch {arch} was given; pass --arch {stored} "
+                         "or omit --arch")
+    arch = stored
+    try:
+        priors = [CompressionPlan.from_dict(p) for p in obj.get("prior_plans") or []]
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} has a malformed earlier plan: {exc}") from None
+    x = torch.zeros(1, *shape)
+    if priors:
+        from .prune import apply_plan
+
+        model = rebuild(arch, num_classes, priors[0], example_input=x, base=obj.get("base"), arch_kwargs=kwargs)
+        for p in priors[1:] + [plan]:
+            model = apply_plan(model, p, example_input=x)
+    else:
+        model = rebuild(arch, num_classes, plan, example_input=x, base=obj.get("base"), arch_kwargs=kwargs)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

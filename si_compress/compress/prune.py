@@ -320,7 +320,7 @@ def plan_cost(model: nn.Module, plan: CompressionPlan, *, example_input: torch.T
 
 
 def rebuild(arch: str, num_classes: int, plan: CompressionPlan, *, example_input: torch.Tensor,
-            base: dict | None = None) -> nn.Module:
+            base: dict | None = None, arch_kwargs: dict | None = None) -> nn.Module:
     """The compressed architecture of ``plan`` on a fresh ``build_model(arch, num_classes)`` (random
     weights, eval mode): the skeleton a saved compressed state dict loads into. ``base``
     (``{"class": "CifarResNet" | "VGG", "config": {...}}``) rebuilds the base from its constructor
@@ -335,6 +335,6 @@ def rebuild(arch: str, num_classes: int, plan: CompressionPlan, *, example_input
             raise ValueError(f"unknown base model spec {base!r}; expected a CifarResNet or VGG config")
         model = classes[base["class"]](**base["config"])
     else:
-        model = build_model(arch, num_classes)
-    return apply_plan(model, plan, example_input=example_input)
+        model = build_model(arch, num_classes, arch_kwargs)
+    return apply_plan(model.eval(), plan, example_input=example_input)
 

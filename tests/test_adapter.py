@@ -1,0 +1,132 @@
+"""The model adapter on any CNN: torchvision networks, our CIFAR nets and a user's own class.
+
+For each: the recorded layers hold every section output and the classifier input; a plan that keeps
+everything is the identity; a 0.5 MACs budget gives a physically smaller model within 3% of the
+target (one count: torch-pruning's) that keeps its output shape, reloads with weights_only=True and
+exports to ONNX matching torch in onnxruntime.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from _archs import UserNet, settle_bn, torchvision_model
+from si_compress.compress import apply_plan, export_onnx, load_compressed, save_compressed
+from si_compress.models import build_model
+from si_compress.pipeline import CompressConfig, count_tp, si_plan
+from si_compress.plan import CompressionPlan
+from si_compress.structure import describe, drop_section
+
+TORCHVISION = ["resnet18", "resnet50", "mobilenet_v2", "densenet121", "googlenet", "vgg16_bn", "efficientnet_b0"]
+OURS = ["resnet20", "vgg16_bn_quarter", "digits_cnn", "user"]
+# Sections (residual branches) the adapter must find in each; None: no residual sections.
+SECTIONS = {"resnet18": 8, "resnet50": 16, "mobilenet_v2": 10, "efficientnet_b0": 9, "densenet121": 0,
+            "googlenet": 0, "vgg16_bn": 0, "resnet20": 9, "vgg16_bn_quarter": 0, "digits_cnn": 0, "user": 3}
+
+
+def make(name):
+    torch.manual_seed(0)
+    if name in TORCHVISION:
+        m, x = torchvision_model(name), torch.randn(24, 3, 32, 32)
+    elif name == "user":
+        m, x = UserNet(), torch.randn(24, 3, 32, 32)
+    elif name == "digits_cnn":
+        m, x = build_model(name), torch.randn(24, 1, 8, 8)
+    else:
+        m, x = build_model(name), torch.randn(24, 3, 32, 32)
+    return settle_bn(m, x), x
+
+
+@pytest.fixture(scope="module", params=TORCHVISION + OURS)
+def arch(request):
+    m, x = make(request.param)
+    return request.param, m, x, describe(m, x[:1])
+
+
+def test_records_every_section_and_the_classifier_input(arch):
+    name, m, x, st = arch
+    assert len(st.blocks) == SECTIONS[name]
+    assert all(b.name in st.layers for b in st.blocks)
+    assert st.layers[-1] == st.head_input and st.head_input.endswith(":input")
+    assert len(st.layers) >= 3
+    assert st.convs, "every model here has channel groups the planner may resize"
+    # every recorded layer runs once and yields a tensor of the batch
+    from si_compress.features import FeatureRecorder
+
+    with FeatureRecorder(m, list(st.layers)) as rec, torch.no_grad():
+        m(x[:2])
+        maps = rec.take()
+    assert all(v.shape[0] == 2 for v in maps.values())
+
+
+def test_keep_everything_plan_is_the_identity(arch):
+    name, m, x, _ = arch
+    same = apply_plan(m, CompressionPlan(arch=name, num_classes=10), example_input=x[:1])
+    with torch.no_grad():
+        assert torch.allclose(same(x[:4]), m(x[:4]), atol=1e-5, rtol=0)
+
+
+def test_every_section_drops_to_its_shortcut(arch):
+    name, m, x, st = arch
+    for b in st.blocks[:3]:
+        sec = m.get_submodule(b.name)
+        dropped = drop_section(sec)
+        xin = {}
+        h = sec.register_forward_pre_hook(lambda mod, a: xin.setdefault("x", a[0]))
+        with torch.no_grad():
+            ref = m(x[:2])
+        h.remove()
+        with torch.no_grad():
+            out = dropped(xin["x"])
+        assert out.shape == sec(xin["x"]).shape
+        assert not any(n in dict(dropped.named_modules()) for n in (s[len(b.name) + 1:] for s in b.branch))
+        assert ref.shape == (2, 10)
+
+
+@pytest.fixture(scope="module")
+def compressed(arch, tmp_path_factory):
+    name, m, x, st = arch
+    y = torch.arange(len(x)) % 10
+    loader = DataLoader(TensorDataset(x, y), batch_size=12)
+    cfg = CompressConfig(target_macs=0.5, objective="macs", order=1, grid=2)
+    plan, _ = si_plan(m, loader, arch=name, num_classes=10, example_input=x[:1], config=cfg)
+    small = apply_plan(m, plan, example_input=x[:1])
+    return name, m, x, plan, small, tmp_path_factory.mktemp(name.replace(":", "_"))
+
+
+def test_half_the_macs_within_3_percent(compressed):
+    name, m, x, plan, small, _ = compressed
+    base, base_params = count_tp(m, x[:1])
+    macs, params = count_tp(small, x[:1])
+    assert 0.97 * 0.5 <= macs / base <= 0.5, f"{name}: {macs / base:.3f} of the MACs"
+    assert params < base_params
+    assert plan.predicted["macs"] == macs and plan.predicted["base_macs"] == base  # one count
+    with torch.no_grad():
+        assert small(x[:3]).shape == (3, 10)
+
+
+def test_compressed_model_reloads_with_weights_only(compressed):
+    name, m, x, plan, small, tmp = compressed
+    arch = name if name not in TORCHVISION else f"torchvision:{name}"
+    if name == "user":
+        pytest.skip("covered by the user-class CLI test (needs --arch file.py:Class)")
+    kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else None
+    plan = CompressionPlan.from_dict({**plan.to_dict(), "arch": arch})
+    save_compressed(tmp / "model.pt", small, plan, arch=arch, num_classes=10, base=m, input_shape=tuple(x.shape[1:]),
+                    arch_kwargs=kwargs)
+    back, _ = load_compressed(tmp / "model.pt")
+    with torch.no_grad():
+        assert torch.allclose(back(x[:3]), small(x[:3]), atol=1e-5, rtol=0)
+
+
+def test_onnx_export_matches_torch(compressed):
+    ort = pytest.importorskip("onnxruntime")
+    name, m, x, plan, small, tmp = compressed
+    export_onnx(small, tmp / "model.onnx", x[:1])
+    sess = ort.InferenceSession(str(tmp / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input": x[:3].numpy()})[0]
+    with torch.no_grad():
+        ref = small(x[:3]).numpy()
+    assert np.abs(got - ref).max() <= 1e-4 * max(1.0, np.abs(ref).max())
