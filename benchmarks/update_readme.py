@@ -41,6 +41,7 @@ TABLES = {
                         f"python benchmarks/bench_analyze.py --model {R20}"),
     "shiftadd": (_script("bench_shiftadd.py", "--table"), "shiftadd.json", None),
     "vgg": (_script("bench_vgg.py", "--table"), "vgg.json", None),
+    "adapter": (_script("bench_adapter.py", "--table"), "adapter.json", None),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},

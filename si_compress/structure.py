@@ -358,8 +358,10 @@ def _sections(model: nn.Module, run: _Run, atomic: list[str], notes: list[str]) 
             continue
         gm, add, branch, short = found
         anc_sh = _ancestors(short) | {short}
-        leaves = sorted({f"{name}.{n.target}" for n in (_ancestors(branch) | {branch}) - anc_sh
-                         if n.op == "call_module"})
+        in_branch = (_ancestors(branch) | {branch}) - anc_sh
+        # a module also called outside the branch (a shared ReLU used after the addition) stays
+        elsewhere = {n.target for n in gm.graph.nodes if n.op == "call_module" and n not in in_branch}
+        leaves = sorted({f"{name}.{n.target}" for n in in_branch if n.op == "call_module" and n.target not in elsewhere})
         if leaves:
             out[name] = tuple(leaves)
     return out

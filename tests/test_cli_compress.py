@@ -100,3 +100,44 @@ def test_compress_then_int8(digits_ckpt, tmp_path, capsys):
     assert q["kind"].startswith("int8") and q["size_on_disk_bytes"] < 0.3 * q["fp32_size_bytes"]
     assert q["accuracy"]["quantized"] > 0.8
     assert (out_dir / "model.int8.ts").exists() and "bits/weight" in out
+
+
+def test_user_class_compresses_reloads_and_compresses_again(tmp_path, capsys):
+    """A user's own class (file.py:Class, constructor options as JSON): si-compress, reload with
+    weights_only=True and the same --arch, si-analyze it, and compress the compressed model again."""
+    from pathlib import Path
+
+    from si_compress.cli.analyze import main as analyze_main
+    from si_compress.models import load_model
+
+    arch = f"{Path(__file__).resolve().parent / '_archs.py'}:UserNet"
+    kwargs = '{"in_channels": 1}'
+    model = build_model(arch, 10, {"in_channels": 1})
+    ckpt = tmp_path / "user.pt"
+    torch.save(model.state_dict(), ckpt)
+    out1 = tmp_path / "c1"
+    code, out, err = _run([ckpt, "--arch", arch, "--arch-kwargs", kwargs, "--data", "digits", "--si-samples", "200",
+                           "--eval-samples", "200", "--target-macs", "0.6", "--objective", "macs", "--round-to", "4",
+                           "--out", out1, "--quiet"], capsys)
+    assert code == 0, err
+    m = json.loads((out1 / "metrics.json").read_text())
+    assert m["compressed"]["macs"] <= 0.6 * m["base"]["macs"]
+    # user code is never imported from the file alone
+    with pytest.raises(ValueError, match="--arch"):
+        load_compressed(out1 / "model.pt")
+    small = load_model(out1 / "model.pt", arch=arch).model
+    x = torch.randn(2, 1, 8, 8)
+    assert small(x).shape == (2, 10)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    code = analyze_main([str(out1 / "model.pt"), "--arch", arch, "--data", "digits", "--samples", "100",
+                         "--out", str(tmp_path / "a"), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    out2 = tmp_path / "c2"
+    code, out, err = _run([out1 / "model.pt", "--arch", arch, "--data", "digits", "--si-samples", "200",
+                           "--eval-samples", "200", "--target-macs", "0.8", "--objective", "macs", "--round-to", "4",
+                           "--out", out2, "--quiet"], capsys)
+    assert code == 0, err
+    twice = load_model(out2 / "model.pt", arch=arch).model
+    assert sum(p.numel() for p in twice.parameters()) < sum(p.numel() for p in small.parameters())
+    payload = torch.load(out2 / "model.pt", weights_only=True)
+    assert len(payload["prior_plans"]) == 1 and payload["arch_kwargs"] == {"in_channels": 1}

@@ -1,0 +1,233 @@
+"""Any CNN in: each architecture trained briefly on the JPEG CIFAR-10 split, analysed and compressed.
+
+Per architecture (torchvision networks at 32x32 input, our CIFAR nets, a user's own class from
+tests/_archs.py): train from scratch for a stated wall-clock budget (SGD, cosine, flips and crops;
+bf16 autocast where the CPU has it; the GPU when one is present), then through the same pipeline
+as si-compress: SI analysis of every section output (wall time), the SI plan at --target-macs,
+accuracy pruned / compensated (least-squares re-fit, no training) / after --finetune-steps of SGD,
+MACs and params cut (torch-pruning's count), and CPU latency at batch 1 and 128 of the base and
+the compressed model in the same run (median of repeats, ratio).
+
+  python benchmarks/bench_adapter.py --train-seconds 120           # every architecture
+  python benchmarks/bench_adapter.py --archs user resnet18 --train-seconds 60
+  python benchmarks/bench_adapter.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+for _p in (str(ROOT), str(HERE), str(ROOT / "tests")):
+    if _p not in sys.path:
+        sys.path.insert(0, _p)
+
+from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
+
+ARCHS = ("user", "resnet20", "vgg16_bn_quarter", "resnet18", "resnet50", "mobilenet_v2", "densenet121",
+         "googlenet", "vgg16_bn", "efficientnet_b0")
+TORCHVISION = {"resnet18", "resnet50", "mobilenet_v2", "densenet121", "googlenet", "vgg16_bn", "efficientnet_b0"}
+OUT = HERE / "results" / "adapter.json"
+
+
+def log(*a):
+    print(time.strftime("%H:%M:%S"), *a, flush=True)
+
+
+def build(name):
+    from _archs import UserNet, torchvision_model
+
+    from si_compress.models import build_model
+
+    if name == "user":
+        return UserNet()
+    if name in TORCHVISION:
+        return torchvision_model(name)
+    return build_model(name)
+
+
+def train(model, loader, seconds, lr, device):
+    """SGD with momentum, cosine over the time budget, flips + crops; returns steps and seconds."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from si_compress.compress import bf16_supported, cifar_augment
+
+    model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    use_bf16 = device == "cuda" or bf16_supported()
+    t0, steps = time.perf_counter(), 0
+    while True:
+        for x, y in loader:
+            el = time.perf_counter() - t0
+            if el >= seconds:
+                model.eval().cpu()
+                return steps, el
+            for g in opt.param_groups:
+                g["lr"] = 0.5 * lr * (1 + math.cos(math.pi * el / seconds))
+            x, y = cifar_augment(x).to(device), y.to(device)
+            with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=use_bf16):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+
+
+def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_loader):
+    import torch
+
+    from si_compress.analysis import analyze
+    from si_compress.compress import evaluate
+    from si_compress.pipeline import CompressConfig, count_tp, execute, latency, si_plan
+    from si_compress.structure import describe
+
+    torch.manual_seed(args.seed)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = build(name)
+    steps, secs = train(model, train_loader, args.train_seconds, args.lr, device)
+    x0 = next(iter(sample_loader))[0][:1]
+    base_acc = evaluate(model, test_loader)
+    log(f"{name}: trained {steps} steps in {secs:.0f} s on {device}, top-1 {100 * base_acc:.2f}%")
+    t0 = time.perf_counter()
+    st = describe(model, x0)
+    rep = analyze(model, sample_loader, layers=list(st.layers), order=1, max_dim=1024, example_input=x0)
+    t_analyze = time.perf_counter() - t0
+    cfg = CompressConfig(target_macs=args.target_macs, objective=args.objective, finetune_epochs=1 if args.finetune_steps else 0,
+                         finetune_steps=args.finetune_steps or None, lr=args.finetune_lr, bf16=True)
+    t0 = time.perf_counter()
+    plan, _ = si_plan(model, sample_loader, arch=name, num_classes=10, example_input=x0, config=cfg)
+    t_plan = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    small, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
+                       train_loader=full_train_loader, config=cfg)
+    t_exec = time.perf_counter() - t0
+    base_macs, base_params = count_tp(model, x0)
+    lat = {}
+    shape = tuple(x0.shape[1:])
+    for b in (1, 128):
+        tb, tc = [], []
+        for _ in range(args.latency_rounds):   # alternate: a busy spell hits both
+            tb.append(latency(model, b, shape, repeats=args.latency_repeats))
+            tc.append(latency(small, b, shape, repeats=args.latency_repeats))
+        import numpy as np
+
+        lat[f"batch{b}"] = {"base_s": float(np.median(tb)), "compressed_s": float(np.median(tc)),
+                            "speedup": float(np.median(tb) / np.median(tc)),
+                            "speedup_rounds": [float(a / c) for a, c in zip(tb, tc)]}
+    row = dict(arch=name, train_steps=steps, train_seconds=secs, train_device=device, layers=len(st.layers),
+               sections=len(st.blocks), groups=len(st.convs), groups_left_whole=len(st.skipped),
+               dropped=list(plan.dropped_blocks), base_acc=base_acc, acc_pruned=m["acc_pruned"],
+               acc_compensated=m["acc_compensated"], acc_finetuned=m.get("acc_finetuned"),
+               finetune_steps=args.finetune_steps, base_macs=base_macs, macs=m["macs"], base_params=base_params,
+               params=m["params"], macs_fraction=m["macs"] / base_macs, params_fraction=m["params"] / base_params,
+               seconds_analyze=t_analyze, seconds_plan=t_plan, seconds_compensate=m["seconds_compensate"],
+               seconds_execute=t_exec, latency=lat, final_si=rep.layers[-1].si)
+    log(f"{name}: MACs x{row['macs_fraction']:.3f}, params x{row['params_fraction']:.3f}; top-1 base {100 * base_acc:.2f}% "
+        f"pruned {100 * m['acc_pruned']:.2f}% compensated {100 * m['acc_compensated']:.2f}%"
+        + (f" fine-tuned {100 * m['acc_finetuned']:.2f}%" if m.get("acc_finetuned") is not None else "")
+        + f"; speed-up b1 {lat['batch1']['speedup']:.2f}x b128 {lat['batch128']['speedup']:.2f}x")
+    return row
+
+
+def run(args):
+    import torch
+
+    from si_compress.compress import preload
+    from si_compress.data import balanced_indices, load_dataset
+
+    data = SHARED / "data" / "cifar10-jpeg"
+    train = load_dataset(str(data), split="train", normalize="auto")
+    test = load_dataset(str(data), split="test", normalize="auto")
+    log(f"preloading {args.train_images} train / {args.eval_samples} test images")
+    tr = preload(train.dataset, balanced_indices(train.labels, args.train_images, seed=args.seed))
+    te = preload(test.dataset, balanced_indices(test.labels, args.eval_samples, seed=args.seed))
+    DL = torch.utils.data.DataLoader
+    g = torch.Generator().manual_seed(args.seed)
+    train_loader = DL(tr, batch_size=128, shuffle=True, generator=g, drop_last=True)
+    si_idx = torch.randperm(len(tr), generator=torch.Generator().manual_seed(1))[: args.si_samples]
+    sample_loader = DL(torch.utils.data.Subset(tr, si_idx.tolist()), batch_size=250)
+    test_loader = DL(te, batch_size=500)
+    torch.set_num_threads(args.threads)
+    out = json.loads(OUT.read_text()) if OUT.exists() and not args.fresh else {}
+    rows = {r["arch"]: r for r in out.get("rows", [])}
+    for name in args.archs:
+        try:
+            rows[name] = run_arch(name, args, train_loader, sample_loader, test_loader, train_loader)
+        except Exception as exc:  # record and go on: one architecture must not hide the others
+            log(f"{name}: FAILED {type(exc).__name__}: {exc}")
+            rows[name] = dict(arch=name, error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        result = dict(settings={k: v for k, v in vars(args).items() if k not in ("table",)},
+                      machine=machine_info(), timestamp=time.strftime("%Y-%m-%d %H:%M:%S"),
+                      rows=[rows[a] for a in ARCHS if a in rows])
+        write_json_atomic(OUT, result)
+    return result
+
+
+def table(path=OUT) -> str:
+    if not path.exists():
+        return "_Not measured yet: run `python benchmarks/bench_adapter.py`._"
+    d = json.loads(path.read_text())
+    s = d["settings"]
+    lines = [f"Each model trained from scratch for {s['train_seconds']:.0f} s on {s['train_images']} JPEG train images "
+             f"(briefly trained: accuracies are far from converged); SI on {s['si_samples']} of them; accuracy on "
+             f"{s['eval_samples']} test images; target {s['target_macs']:.0%} of MACs (torch-pruning's count); "
+             f"fine-tune {s['finetune_steps']} SGD steps; latency: median of {s['latency_rounds']} alternating rounds "
+             f"x {s['latency_repeats']} calls, {s['threads']} threads, ratio base / compressed in the same run.", "",
+             "| model | sections / groups | base | pruned | compensated | fine-tuned | MACs | params | analysis | compression | speed-up b1 | speed-up b128 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in d["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['arch']} | failed: {r['error']} |" + " |" * 10)
+            continue
+        ft = f"{100 * r['acc_finetuned']:.2f}%" if r.get("acc_finetuned") is not None else "-"
+        lines.append(
+            f"| {r['arch']} | {r['sections']} / {r['groups']} | {100 * r['base_acc']:.2f}% | {100 * r['acc_pruned']:.2f}% | "
+            f"{100 * r['acc_compensated']:.2f}% | {ft} | -{100 * (1 - r['macs_fraction']):.1f}% | "
+            f"-{100 * (1 - r['params_fraction']):.1f}% | {r['seconds_analyze']:.0f} s | "
+            f"{r['seconds_plan'] + r['seconds_execute']:.0f} s | {r['latency']['batch1']['speedup']:.2f}x | "
+            f"{r['latency']['batch128']['speedup']:.2f}x |")
+    lines.append("")
+    lines.append(f"Machine: {d['machine'].get('cpu', '?')}, run {d['timestamp']}. Command: "
+                 f"`python benchmarks/bench_adapter.py --archs {' '.join(s['archs'])} --train-seconds {s['train_seconds']:.0f}`.")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archs", nargs="+", default=list(ARCHS), choices=ARCHS)
+    p.add_argument("--train-seconds", type=float, default=120)
+    p.add_argument("--train-images", type=int, default=10000)
+    p.add_argument("--si-samples", type=int, default=1000)
+    p.add_argument("--eval-samples", type=int, default=2000)
+    p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--objective", default="macs", choices=("macs", "latency", "both"))
+    p.add_argument("--finetune-steps", type=int, default=100)
+    p.add_argument("--finetune-lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--latency-rounds", type=int, default=3)
+    p.add_argument("--latency-repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fresh", action="store_true", help="start a new JSON instead of updating rows")
+    p.add_argument("--table", action="store_true")
+    args = p.parse_args(argv)
+    if args.table:
+        print(table())
+        return 0
+    if not (SHARED / "data" / "cifar10-jpeg").exists():
+        print(f"bench_adapter: {SHARED}/data/cifar10-jpeg not found; set SI_COMPRESS_SHARED", file=sys.stderr)
+        return 2
+    run(args)
+    print(table())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
