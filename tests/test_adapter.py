@@ -91,7 +91,7 @@ def compressed(arch, tmp_path_factory):
     y = torch.arange(len(x)) % 10
     loader = DataLoader(TensorDataset(x, y), batch_size=12)
     # digits_cnn (16/32/64 filters on 8x8 maps): one step of 8, even 4, filters is over 3% of its MACs
-    cfg = CompressConfig(target_macs=0.5, objective="macs", order=1, grid=2, round_to=2 if name == "digits_cnn" else 8)
+    cfg = CompressConfig(target_macs=0.5, objective="macs", order=1, grid=2, round_to=1 if name == "digits_cnn" else 8)
     plan, _ = si_plan(m, loader, arch=name, num_classes=10, example_input=x[:1], config=cfg)
     small = apply_plan(m, plan, example_input=x[:1])
     return name, m, x, plan, small, tmp_path_factory.mktemp(name.replace(":", "_"))
