@@ -249,7 +249,8 @@ def run(args) -> dict:
         ft_bf16 = probe["bf16_step_s"] < probe["fp32_step_s"]
         payload["finetune_bf16_probe"] = probe
     payload["finetune_bf16"] = bool(ft_bf16)
-    cfg = CompressConfig(target_macs=args.target_macs, compensation=args.compensation,
+    # The paper's method: cut at the SI peak whatever it saves (the budget then only limits pruning).
+    cfg = CompressConfig(target_macs=args.target_macs, truncate_below_budget=True, compensation=args.compensation,
                          finetune_epochs=args.finetune_epochs, finetune_steps=args.finetune_steps,
                          head_epochs=args.head_epochs, lr=args.ft_lr, bf16=ft_bf16, seed=args.seed,
                          truncate_tol=args.tol)

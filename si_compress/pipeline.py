@@ -41,6 +41,7 @@ class CompressConfig:
     seed: int = 0
     truncate: bool = True               # plain chains: cut after the SI peak (planning/truncate.py)
     truncate_tol: float = 0.01          # absolute SI tolerance of that peak
+    truncate_below_budget: bool = False  # apply a cut even when it alone goes well below target_macs
 
     def __post_init__(self):
         if not (0.0 <= self.truncate_tol < 1.0):
@@ -100,6 +101,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
         truncation = choose_truncation(report.layers, chain=chain,
                                        total_macs=report.total_macs, tol=config.truncate_tol)
         if truncation.truncate_after is not None and config.target_macs is not None and \
+                not config.truncate_below_budget and \
                 truncation.macs_at_cut < 0.97 * config.target_macs * truncation.total_macs:
             # A budget is a promise about MACs: a cut that alone goes well below it is not applied.
             trunc_settings = dict(truncation=dict(truncation.to_dict(), applied=False,

@@ -101,7 +101,8 @@ def test_resnet20_shared_integration():
     loader = make_loader(info, balanced_indices(info.labels, 300, seed=0), batch_size=100)
     rep = analyze(model, loader, order=3, class_names=info.class_names)
     names = [r.name for r in rep.layers]
-    assert names[0] == "layer1.0:input" and names[-1] == "linear:input" and len(names) == 11
+    # the stem's ReLU module (same tensor as layer1.0's input)
+    assert names[0] == "relu" and names[-1] == "linear:input" and len(names) == 11
     assert rep.accuracy > 0.8
     assert rep.layers[-1].si > 0.7 and rep.layers[-1].si > rep.layers[0].si
     fs = collect_features(model, loader, [names[0], names[5], names[-1]])

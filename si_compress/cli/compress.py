@@ -40,6 +40,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--no-drop", action="store_true", help="never drop whole blocks")
     p.add_argument("--no-truncate", action="store_true",
                    help="plain chains (VGG-style): do not cut the network after its SI peak")
+    p.add_argument("--truncate-below-budget", action="store_true",
+                   help="plain chains: cut at the SI peak even when the cut alone keeps well under --target-macs "
+                        "(default: such a cut is not applied, so the MACs land at the budget)")
     p.add_argument("--truncate-tol", type=float, default=0.01,
                    help="plain chains: cut after the first layer whose SI is within this of the max SI (default 0.01)")
     p.add_argument("--round-to", type=int, default=8,
@@ -105,7 +108,8 @@ def _body(argv) -> int:
                             finetune_steps=args.finetune_steps,
                             head_only=args.head_only, head_epochs=args.head_epochs, lr=args.lr,
                             batch_size=args.batch_size, bf16=args.bf16, seed=args.seed,
-                            truncate=not args.no_truncate, truncate_tol=args.truncate_tol)
+                            truncate=not args.no_truncate, truncate_tol=args.truncate_tol,
+                            truncate_below_budget=args.truncate_below_budget)
     si_idx = balanced_indices(train.labels, min(args.si_samples, len(train)), seed=args.seed)
     sample = preload(train.dataset, si_idx)
     DL = torch.utils.data.DataLoader
