@@ -8,9 +8,13 @@ accuracy pruned / compensated (least-squares re-fit, no training) / after --fine
 MACs and params cut (torch-pruning's count), and CPU latency at batch 1 and 128 of the base and
 the compressed model in the same run (median of repeats, ratio).
 
-  python benchmarks/bench_adapter.py --train-seconds 120           # every architecture
-  python benchmarks/bench_adapter.py --archs user resnet18 --train-seconds 60
+  python benchmarks/bench_adapter.py --pack runs/adapter/data.npz   # the images, as uint8 arrays
+  python benchmarks/bench_adapter.py --data-npz runs/adapter/data.npz --train-seconds 120
   python benchmarks/bench_adapter.py --table
+
+On a GPU machine: `--train-only --save-dir DIR` trains and saves bf16 state dicts in shards of at
+most 15 MiB (a device run returns small files); `--ckpt-dir DIR` then starts from them here (the
+row says where and how long each model was trained).
 """
 from __future__ import annotations
 
@@ -80,6 +84,83 @@ def train(model, loader, seconds, lr, device):
             steps += 1
 
 
+def save_shards(state: dict, record: dict, save_dir: Path, arch: str, limit: int = 15 * 2**20) -> list[Path]:
+    """bf16 copies of the float tensors, split into files of at most ``limit`` bytes."""
+    import torch
+
+    save_dir.mkdir(parents=True, exist_ok=True)
+    shards, cur, size = [], {}, 0
+    for k, v in state.items():
+        v = v.detach().cpu()
+        v = v.to(torch.bfloat16) if v.is_floating_point() else v
+        n = v.numel() * v.element_size()
+        if cur and size + n > limit:
+            shards.append(cur)
+            cur, size = {}, 0
+        cur[k] = v
+        size += n
+    shards.append(cur)
+    paths = []
+    for i, sh in enumerate(shards):
+        path = save_dir / f"{arch}.{i}.pt"
+        torch.save({"state": sh, "record": record, "shard": i, "shards": len(shards)}, path)
+        paths.append(path)
+    return paths
+
+
+def load_shards(ckpt_dir: Path, arch: str):
+    """(float32 state dict, training record) from ``save_shards`` files, or None."""
+    import torch
+
+    files = sorted(ckpt_dir.glob(f"{arch}.*.pt"))
+    if not files:
+        return None
+    state, record = {}, None
+    for f in files:
+        d = torch.load(f, map_location="cpu", weights_only=True)
+        state.update({k: v.float() if v.is_floating_point() else v for k, v in d["state"].items()})
+        record = d["record"]
+        if d["shards"] != len(files):
+            raise ValueError(f"{ckpt_dir}: {arch} has {len(files)} of {d['shards']} shards")
+    return state, record
+
+
+def pack(args):
+    """The first --train-images (class-balanced) train and --eval-samples test JPEGs as uint8 arrays."""
+    import numpy as np
+
+    from si_compress.data import balanced_indices, load_dataset
+
+    data = SHARED / "data" / "cifar10-jpeg"
+    out = {}
+    for split, n in (("train", args.train_images), ("test", args.eval_samples)):
+        info = load_dataset(str(data), split=split, normalize="none")
+        idx = balanced_indices(info.labels, n, seed=args.seed)
+        xs = np.stack([np.asarray(info.dataset[int(i)][0]) for i in idx])
+        out[f"x_{split}"] = np.round(xs * 255).astype(np.uint8)
+        out[f"y_{split}"] = np.asarray(info.labels)[idx].astype(np.int64)
+        log(f"packed {split}: {xs.shape}")
+    Path(args.pack).parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.pack, **out)
+
+
+def tensors(npz: Path):
+    """Normalised float tensors (train x, y, test x, y) from a ``pack`` file (ImageNet mean/std, as
+    si_compress normalises an ImageFolder tree)."""
+    import numpy as np
+    import torch
+
+    from si_compress.data import IMAGENET_MEAN, IMAGENET_STD
+
+    d = np.load(npz)
+    m = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
+    s = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    def f(x):
+        return (torch.from_numpy(x).float() / 255 - m) / s
+    return f(d["x_train"]), torch.from_numpy(d["y_train"]), f(d["x_test"]), torch.from_numpy(d["y_test"])
+
+
 def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_loader):
     import torch
 
@@ -91,7 +172,14 @@ def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_lo
     torch.manual_seed(args.seed)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = build(name)
-    steps, secs = train(model, train_loader, args.train_seconds, args.lr, device)
+    got = load_shards(Path(args.ckpt_dir), name) if args.ckpt_dir else None
+    if got is not None:
+        state, rec = got
+        model.load_state_dict(state)
+        model.eval()
+        steps, secs, device = rec["steps"], rec["seconds"], rec["device"]
+    else:
+        steps, secs = train(model, train_loader, args.train_seconds, args.lr, device)
     x0 = next(iter(sample_loader))[0][:1]
     base_acc = evaluate(model, test_loader)
     log(f"{name}: trained {steps} steps in {secs:.0f} s on {device}, top-1 {100 * base_acc:.2f}%")
@@ -139,16 +227,24 @@ def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_lo
 def run(args):
     import torch
 
-    from si_compress.compress import preload
-    from si_compress.data import balanced_indices, load_dataset
-
-    data = SHARED / "data" / "cifar10-jpeg"
-    train = load_dataset(str(data), split="train", normalize="auto")
-    test = load_dataset(str(data), split="test", normalize="auto")
-    log(f"preloading {args.train_images} train / {args.eval_samples} test images")
-    tr = preload(train.dataset, balanced_indices(train.labels, args.train_images, seed=args.seed))
-    te = preload(test.dataset, balanced_indices(test.labels, args.eval_samples, seed=args.seed))
+    xtr, ytr, xte, yte = tensors(Path(args.data_npz))
+    tr, te = torch.utils.data.TensorDataset(xtr, ytr), torch.utils.data.TensorDataset(xte, yte)
+    log(f"{len(tr)} train / {len(te)} test images from {args.data_npz}")
     DL = torch.utils.data.DataLoader
+    if args.train_only:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        loader = DL(tr, batch_size=128, shuffle=True, generator=torch.Generator().manual_seed(args.seed), drop_last=True)
+        for name in args.archs:
+            torch.manual_seed(args.seed)
+            model = build(name)
+            steps, secs = train(model, loader, args.train_seconds, args.lr, device)
+            with torch.no_grad():
+                acc = float(sum((model(x).argmax(1) == y).sum() for x, y in DL(te, batch_size=500)) / len(te))
+            rec = dict(arch=name, steps=steps, seconds=secs, device=device, test_acc_fp32=acc,
+                       gpu=torch.cuda.get_device_name() if device == "cuda" else None)
+            files = save_shards(model.state_dict(), rec, Path(args.save_dir), name)
+            log(f"{name}: {steps} steps in {secs:.0f} s on {device}, top-1 {100 * acc:.2f}% -> {len(files)} file(s)")
+        return None
     g = torch.Generator().manual_seed(args.seed)
     train_loader = DL(tr, batch_size=128, shuffle=True, generator=g, drop_last=True)
     si_idx = torch.randperm(len(tr), generator=torch.Generator().manual_seed(1))[: args.si_samples]
@@ -216,16 +312,27 @@ def main(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="start a new JSON instead of updating rows")
+    p.add_argument("--pack", help="write the class-balanced images to this .npz and stop")
+    p.add_argument("--data-npz", default=str(ROOT / "runs" / "adapter" / "data.npz"))
+    p.add_argument("--train-only", action="store_true", help="train and save --save-dir shards (e.g. on a GPU)")
+    p.add_argument("--save-dir", default=str(ROOT / "runs" / "adapter" / "ckpt"))
+    p.add_argument("--ckpt-dir", default=None, help="start from models saved by --train-only")
     p.add_argument("--table", action="store_true")
     args = p.parse_args(argv)
     if args.table:
         print(table())
         return 0
-    if not (SHARED / "data" / "cifar10-jpeg").exists():
-        print(f"bench_adapter: {SHARED}/data/cifar10-jpeg not found; set SI_COMPRESS_SHARED", file=sys.stderr)
+    if args.pack:
+        if not (SHARED / "data" / "cifar10-jpeg").exists():
+            print(f"bench_adapter: {SHARED}/data/cifar10-jpeg not found; set SI_COMPRESS_SHARED", file=sys.stderr)
+            return 2
+        pack(args)
+        return 0
+    if not Path(args.data_npz).exists():
+        print(f"bench_adapter: {args.data_npz} not found; make it with --pack", file=sys.stderr)
         return 2
-    run(args)
-    print(table())
+    if run(args) is not None:
+        print(table())
     return 0
 
 

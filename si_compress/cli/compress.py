@@ -118,6 +118,10 @@ def _body(argv) -> int:
         balanced_indices(test.labels, args.eval_samples, seed=args.seed)
     test_loader = DL(preload(test.dataset, test_idx), batch_size=500)
     x0 = sample[0][0][None]
+    from ..structure import describe
+
+    # What the adapter finds (and what it cannot handle) is known before any expensive step.
+    structure = describe(model, x0)
     train_loader = None
     if args.finetune_epochs or args.head_only or getattr(args, "qat_epochs", 0) or getattr(args, "sparsity_epochs", 0):
         train_loader = DL(preload(train.dataset), batch_size=args.batch_size, shuffle=True,
@@ -153,6 +157,10 @@ def _body(argv) -> int:
         latency=lat, threads=torch.get_num_threads(), config=config_dict(config),
         seconds={k: v for k, v in m.items() if k.startswith("seconds")}, refit=m.get("refit"),
         finetune_history=m.get("finetune_history"),
+        structure=dict(layers=list(structure.layers), sections=[b.name for b in structure.blocks],
+                       groups=len(structure.convs), left_whole=[dict(root=g.conv, channels=g.out_channels,
+                                                                     reason=g.reason) for g in structure.skipped],
+                       notes=list(structure.notes)),
     )
     if args.quant:
         from ._quant import apply_quant
@@ -168,6 +176,11 @@ def _body(argv) -> int:
         export_torchscript(compressed, out / "model.ts", x0)
     if "onnx" in args.export:
         export_onnx(compressed, out / "model.onnx", x0)
+    print(f"model: {len(structure.layers)} layers recorded, {len(structure.blocks)} removable sections, "
+          f"{len(structure.convs)} channel groups planned, {len(structure.skipped)} left whole"
+          + (f" (e.g. {structure.skipped[0].conv}: {structure.skipped[0].reason})" if structure.skipped else ""))
+    for note in structure.notes:
+        print(f"note: {note}")
     print(plan.summary())
     acc = metrics["accuracy"]
     steps = [f"base {100 * acc['base']:.2f}%", f"pruned {100 * acc['pruned']:.2f}%",

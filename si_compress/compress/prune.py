@@ -30,8 +30,6 @@ from ..plan import CompressionPlan
 
 __all__ = ["apply_plan", "plan_cost", "rebuild", "find_classifier", "TruncatedChain"]
 
-# Top-level attribute names under which classifiers live (CifarResNet, VGG/SmallCNN, torchvision).
-_HEAD_NAMES = ("linear", "classifier", "fc", "head")
 
 
 class TruncatedChain(nn.Module):
@@ -52,11 +50,15 @@ class TruncatedChain(nn.Module):
         return self.classifier(self.flatten(self.avgpool(self.features(x))))
 
 
-def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
-    """(name, module) of the classifier head: the top-level module holding the last ``nn.Linear``.
+_HEAD_PARTS = (nn.Linear, nn.Dropout, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Flatten, nn.Identity)
 
-    ``linear`` for CifarResNet, ``classifier`` for VGG/SmallCNN, ``fc`` for torchvision ResNets; an
-    ``mlp`` head (a Sequential under one of those names) is returned whole.
+
+def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
+    """(name, module) of the classifier head: the last ``nn.Linear``, or the ``nn.Sequential`` holding it
+    when that Sequential is an MLP (only Linear, activation, dropout and flatten layers).
+
+    ``linear`` for CifarResNet, ``classifier`` for VGG/SmallCNN, ``fc`` for torchvision ResNets, the
+    whole ``head`` of an MLP head; decided by structure, not by name.
     """
     last = None
     for name, m in model.named_modules():
@@ -64,9 +66,11 @@ def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
             last = name
     if last is None:
         raise ValueError(f"{type(model).__name__} has no nn.Linear classifier; cannot locate its head")
-    top = last.split(".")[0]
-    if "." in last and top in _HEAD_NAMES and isinstance(getattr(model, top, None), nn.Sequential):
-        return top, getattr(model, top)
+    parent_name = last.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if parent_name and isinstance(parent, nn.Sequential) and all(isinstance(c, _HEAD_PARTS) for c in parent) and \
+            sum(isinstance(c, nn.Linear) for c in parent) >= 2:
+        return parent_name, parent
     return last, model.get_submodule(last)
 
 

@@ -176,7 +176,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     else:
         target = config.target_macs * base
         while macs_now() > target:
-            best = None  # (cost per MAC, kind order, name)
+            now = macs_now()
+            cands = []  # (cost per resource, kind order, name, new width, MACs after the move)
             for u in units:
                 if u.block in dropped:
                     continue
@@ -190,20 +191,41 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                 new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
                 if new_k < k:
                     loss = wg * (e[k - 1] - e[new_k - 1]) / top
-                    cand = (loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k)
-                    best = cand if best is None or cand[:3] < best[:3] else best
+                    cands.append((loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k,
+                                  now - (k - new_k) * u.macs_per_filter))
                 if config.allow_drop and u.block in gain and u.block in block_macs:
                     if k * u.macs_per_filter > 0:
-                        cand = (g * e[k - 1] / top / max(_saved(u, k, 0), 1e-15), 1, u.block, None)
-                        best = cand if best is None or cand[:3] < best[:3] else best
-            if best is None:
+                        block_now = block_macs[u.block] - sum((v.out_channels - width[v.conv]) * v.macs_per_filter
+                                                              for v in units if v.block == u.block)
+                        cands.append((g * e[k - 1] / top / max(_saved(u, k, 0), 1e-15), 1, u.block, None,
+                                      now - block_now))
+            if not cands:
                 break
-            _, kind, name, new_k = best
+            _, kind, name, new_k, _ = min(cands, key=lambda c: c[:3])
             if kind == 0:
                 width[name] = new_k
             else:
                 dropped.append(name)
                 reasons[name] = f"lowest SI loss per MAC (gain {gains[name][1] - gains[name][0]:+.4f})"
+        # The last move may land well below the budget (a section drop): give filters back where
+        # they separate the most per MAC, as long as the budget still holds.
+        while True:
+            now, adds = macs_now(), []
+            for u in units:
+                if u.block in dropped or width[u.conv] >= u.out_channels:
+                    continue
+                e, k = env[u.conv], width[u.conv]
+                new_k = min(u.out_channels, (k // step + 1) * step)
+                where = u.block or getattr(u, "scope", None)
+                wg = wgain.get(where, mean_gain) if where else mean_gain
+                top = e[-1] if e[-1] > 0 else 1.0
+                cost = (new_k - k) * u.macs_per_filter
+                if now + cost <= target:
+                    adds.append((-wg * (e[new_k - 1] - e[k - 1]) / top / max(cost, 1), u.conv, new_k))
+            if not adds:
+                break
+            _, name, new_k = min(adds)
+            width[name] = new_k
         for u in units:
             if u.block not in dropped:
                 reasons[u.conv] = (f"budget {config.target_macs:.2f} x MACs: keeps {width[u.conv]} filters, "
