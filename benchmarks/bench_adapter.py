@@ -178,8 +178,10 @@ def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_lo
         model.load_state_dict(state)
         model.eval()
         steps, secs, device = rec["steps"], rec["seconds"], rec["device"]
+        train_gpu = rec.get("gpu")
     else:
         steps, secs = train(model, train_loader, args.train_seconds, args.lr, device)
+        train_gpu = torch.cuda.get_device_name() if device == "cuda" else None
     x0 = next(iter(sample_loader))[0][:1]
     base_acc = evaluate(model, test_loader)
     log(f"{name}: trained {steps} steps in {secs:.0f} s on {device}, top-1 {100 * base_acc:.2f}%")
@@ -209,7 +211,8 @@ def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_lo
         lat[f"batch{b}"] = {"base_s": float(np.median(tb)), "compressed_s": float(np.median(tc)),
                             "speedup": float(np.median(tb) / np.median(tc)),
                             "speedup_rounds": [float(a / c) for a, c in zip(tb, tc)]}
-    row = dict(arch=name, train_steps=steps, train_seconds=secs, train_device=device, layers=len(st.layers),
+    row = dict(arch=name, train_steps=steps, train_seconds=secs, train_device=device, train_gpu=train_gpu,
+               layers=len(st.layers),
                sections=len(st.blocks), groups=len(st.convs), groups_left_whole=len(st.skipped),
                dropped=list(plan.dropped_blocks), base_acc=base_acc, acc_pruned=m["acc_pruned"],
                acc_compensated=m["acc_compensated"], acc_finetuned=m.get("acc_finetuned"),
@@ -271,27 +274,35 @@ def table(path=OUT) -> str:
         return "_Not measured yet: run `python benchmarks/bench_adapter.py`._"
     d = json.loads(path.read_text())
     s = d["settings"]
-    lines = [f"Each model trained from scratch for {s['train_seconds']:.0f} s on {s['train_images']} JPEG train images "
+    lines = [f"Each model trained from scratch on {s['train_images']} JPEG train images for the time in its row "
              f"(briefly trained: accuracies are far from converged); SI on {s['si_samples']} of them; accuracy on "
              f"{s['eval_samples']} test images; target {s['target_macs']:.0%} of MACs (torch-pruning's count); "
              f"fine-tune {s['finetune_steps']} SGD steps; latency: median of {s['latency_rounds']} alternating rounds "
              f"x {s['latency_repeats']} calls, {s['threads']} threads, ratio base / compressed in the same run.", "",
-             "| model | sections / groups | base | pruned | compensated | fine-tuned | MACs | params | analysis | compression | speed-up b1 | speed-up b128 |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | trained | sections / groups | base | pruned | compensated | fine-tuned | MACs | params | analysis | compression | speed-up b1 | speed-up b128 |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in d["rows"]:
         if "error" in r:
-            lines.append(f"| {r['arch']} | failed: {r['error']} |" + " |" * 10)
+            lines.append(f"| {r['arch']} | failed: {r['error']} |" + " |" * 11)
             continue
         ft = f"{100 * r['acc_finetuned']:.2f}%" if r.get("acc_finetuned") is not None else "-"
         lines.append(
-            f"| {r['arch']} | {r['sections']} / {r['groups']} | {100 * r['base_acc']:.2f}% | {100 * r['acc_pruned']:.2f}% | "
+            f"| {r['arch']} | {r['train_seconds']:.0f} s {r['train_device'].replace('cuda', 'GPU').replace('cpu', 'CPU')} "
+            f"({r['train_steps']} steps) | {r['sections']} / {r['groups']} | {100 * r['base_acc']:.2f}% | {100 * r['acc_pruned']:.2f}% | "
             f"{100 * r['acc_compensated']:.2f}% | {ft} | -{100 * (1 - r['macs_fraction']):.1f}% | "
             f"-{100 * (1 - r['params_fraction']):.1f}% | {r['seconds_analyze']:.0f} s | "
             f"{r['seconds_plan'] + r['seconds_execute']:.0f} s | {r['latency']['batch1']['speedup']:.2f}x | "
             f"{r['latency']['batch128']['speedup']:.2f}x |")
     lines.append("")
-    lines.append(f"Machine: {d['machine'].get('cpu', '?')}, run {d['timestamp']}. Command: "
-                 f"`python benchmarks/bench_adapter.py --archs {' '.join(s['archs'])} --train-seconds {s['train_seconds']:.0f}`.")
+    mc = d["machine"]
+    gpu = sorted({r.get("train_gpu") for r in d["rows"] if r.get("train_gpu")})
+    lines.append(f"Machine: {mc.get('cpu_model', '?')}, {mc.get('cpus_usable', '?')} CPUs (analysis, compression, "
+                 f"latency){'; training on ' + ', '.join(gpu) if gpu else ''}; last run {d['timestamp']}. Commands: "
+                 "`python benchmarks/bench_adapter.py --pack runs/adapter/data.npz`, on the GPU `--train-only` "
+                 "(every arch but vgg16_bn, whose 134 M parameters do not fit the files a device run returns: trained "
+                 f"here on the CPU), then `python benchmarks/bench_adapter.py --ckpt-dir runs/adapter/ckpt "
+                 f"--train-seconds {s['train_seconds']:.0f} --si-samples {s['si_samples']} --eval-samples {s['eval_samples']} "
+                 f"--finetune-steps {s['finetune_steps']}`.")
     return "\n".join(lines)
 
 

@@ -338,6 +338,21 @@ def drop_section(module: nn.Module) -> nn.Module:
     gm, add, _, short = found
     add.replace_all_uses_with(short)
     gm.graph.erase_node(add)
+    if short.op == "placeholder":
+        # post-ops now read the section's input itself: an in-place activation there (torchvision's
+        # ReLU(inplace=True)) would overwrite the caller's tensor, which autograd still needs
+        import copy
+
+        for n in list(short.users):
+            mod = gm.get_submodule(n.target) if n.op == "call_module" else None
+            if getattr(mod, "inplace", False):
+                safe = copy.copy(mod)
+                safe.inplace = False
+                name = n.target.replace(".", "_") + "_out_of_place"
+                gm.add_submodule(name, safe)
+                n.target = name
+            elif n.op == "call_function" and n.kwargs.get("inplace"):
+                n.kwargs = {**n.kwargs, "inplace": False}
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return fx.GraphModule(gm, gm.graph, class_name=f"{type(module).__name__}Dropped")
