@@ -42,6 +42,10 @@ TABLES = {
     "shiftadd": (_script("bench_shiftadd.py", "--table"), "shiftadd.json", None),
     "vgg": (_script("bench_vgg.py", "--table"), "vgg.json", None),
     "adapter": (_script("bench_adapter.py", "--table"), "adapter.json", None),
+    "compress_noft": (_script("bench_compress.py", "--table", "--out", str(HERE / "results" / "compress_resnet56_noft.json")),
+                      "compress_resnet56_noft.json",
+                      "python benchmarks/bench_compress.py --methods si tp-magnitude uniform-l1 --epochs 0 "
+                      "--out benchmarks/results/compress_resnet56_noft.json"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},

@@ -409,15 +409,17 @@ def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPla
                     scope: str = "after_change", seed: int = 0) -> dict[str, dict]:
     """Re-fit, in place, the convs of ``pruned`` that read changed inputs; returns a per-layer report.
 
+    Any model (see :func:`_generic_refit`): every consumer of pruned channels (ungrouped conv or
+    Linear) is fitted to the original layer's post-BN output; with ``scope="after_change"`` also
+    every residual section's exit conv (target: original sum minus pruned shortcut) and every conv
+    on the model's cut after the first change. Grouped convs are reported as skipped.
     ``original``: the model the plan was applied to (unchanged here). ``calib_loader`` yields
-    ``x`` or ``(x, y)`` batches (its inputs are cached: memory ~ 2 x calibration activations at one
-    block boundary). ``scope``: ``"after_change"`` re-fits every kept block's conv2 (chains: every
-    conv) from the first pruned/dropped layer on; ``"consumers"`` only the direct consumers of
-    pruned channels. ``ridge``: Tikhonov term relative to trace(A^T A)/D. ``max_rows``: im2col rows
-    per layer (uniformly subsampled). Report: ``{conv name: {"before", "after", "rows", "reason"}}``
-    with relative squared errors ``||y - T||^2 / ||T||^2`` over all calibration positions.
-    Residual nets: blocks with conv1/bn1/conv2/bn2 and a shortcut (CifarResNet, torchvision
-    BasicBlock); plain chains: a ``features`` Sequential (VGG, SmallCNN). Heads are not re-fitted.
+    ``x`` or ``(x, y)`` batches (the inputs are cached; each fit captures one layer's input and
+    target, memory ~ 2 x that layer's calibration activations). ``ridge``: Tikhonov term relative
+    to trace(A^T A)/D. ``max_rows``: im2col rows per layer (uniformly subsampled). Report:
+    ``{layer name: {"before", "after", "rows", "reason"}}`` with relative squared errors
+    ``||y - T||^2 / ||T||^2`` over all calibration positions. A Linear is re-fitted only when it reads
+    pruned channels (``refit_head`` fits a new head to the logits).
     """
     if scope not in ("after_change", "consumers"):
         raise ValueError(f"scope must be 'after_change' or 'consumers'; got {scope!r}")
