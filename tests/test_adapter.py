@@ -173,3 +173,36 @@ def test_a_dropped_section_trains_when_its_activation_was_in_place():
     small(x).sum().backward()          # raised "modified by an inplace operation" before the fix
     assert all(p.grad is not None for p in small.layer1[0].parameters())
     assert m.layer1[1].relu.inplace    # the user's model is untouched
+
+
+class _Untraceable(torch.nn.Module):
+    """A residual block whose forward branches on the data: torch.fx cannot trace it."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c, c, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if float(y.detach().mean()) > 1e9:   # data-dependent control flow
+            y = y * 0
+        return torch.relu(x + y)
+
+
+def test_unsupported_constructs_are_named_with_the_fix():
+    from si_compress.structure import UnsupportedModel
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), _Untraceable(8),
+                              torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10)).eval()
+    st = describe(net, torch.zeros(1, 3, 16, 16))
+    assert "2" in st.layers and not st.blocks                 # analysed, but cannot be dropped
+    assert any(n.startswith("2 (_Untraceable)") and "torch.fx cannot trace" in n and "traceable" in n for n in st.notes)
+    assert [u.conv for u in st.convs] == ["3"]                # its inner conv feeds the addition: left whole
+    assert any("residual" in g.reason for g in st.skipped)
+    with pytest.raises(ValueError, match="not a removable residual section"):
+        apply_plan(net, CompressionPlan(arch="n", num_classes=10, dropped_blocks=("2",)), example_input=torch.zeros(1, 3, 16, 16))
+    no_head = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    with pytest.raises(UnsupportedModel, match="no nn.Linear classifier.*nn.Linear"):
+        describe(no_head, torch.zeros(1, 3, 8, 8))
