@@ -191,3 +191,19 @@ def test_round_to_is_also_the_floor_below_which_a_block_is_dropped():
 def test_bad_objective_is_refused():
     with pytest.raises(ValueError, match="objective must be"):
         PlannerConfig(objective="speed")
+
+
+def test_filters_are_given_back_after_a_drop_lands_below_the_budget():
+    # b2's filters separate nothing (flat curve): they go first; then dropping b0 (no SI gain) is the
+    # cheapest move but lands far below the budget; b2's filters then come back while it still holds.
+    blocks = tuple(BlockUnit(f"b{i}", 200, False, 100) for i in range(3))
+    convs = tuple(ConvUnit(f"{b.name}.conv1", f"{b.name}.conv2", f"{b.name}.relu1", 4, 50, 10, b.name) for b in blocks)
+    st = ModelStructure(blocks=blocks, convs=convs, chain=(), total_macs=600, total_params=300)
+    rk = {"b0.conv1": _ranking([0.1, 0.4, 0.7, 1.0]), "b1.conv1": _ranking([0.5, 0.6, 0.7, 0.8]),
+          "b2.conv1": _ranking([0.5, 0.5, 0.5, 0.5])}
+    gains = {"b0": (0.3, 0.3), "b1": (0.3, 0.4), "b2": (0.4, 0.5)}
+    plan = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.6, round_to=1))
+    assert plan.dropped_blocks == ("b0",)
+    assert plan.predicted["macs"] == 350            # 250 right after the drop; two b2 filters given back
+    assert {d.name: len(d.keep) for d in plan.layers} == {"b1.conv1": 4, "b2.conv1": 3}
