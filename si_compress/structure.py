@@ -358,8 +358,8 @@ def drop_section(module: nn.Module) -> nn.Module:
     return fx.GraphModule(gm, gm.graph, class_name=f"{type(module).__name__}Dropped")
 
 
-def _sections(model: nn.Module, run: _Run, atomic: list[str], notes: list[str]) -> dict[str, tuple[str, ...]]:
-    """section name -> its branch's leaf module names (full names)."""
+def _sections(model: nn.Module, run: _Run, atomic: list[str], notes: list[str]) -> dict[str, tuple[tuple[str, ...], bool]]:
+    """section name -> (its branch's leaf module names (full names), whether its shortcut is the identity)."""
     out = {}
     for name in atomic:
         module = run.named[name]
@@ -378,17 +378,17 @@ def _sections(model: nn.Module, run: _Run, atomic: list[str], notes: list[str]) 
         elsewhere = {n.target for n in gm.graph.nodes if n.op == "call_module" and n not in in_branch}
         leaves = sorted({f"{name}.{n.target}" for n in in_branch if n.op == "call_module" and n.target not in elsewhere})
         if leaves:
-            out[name] = tuple(leaves)
+            out[name] = (tuple(leaves), _is_identity(gm, short))
     return out
 
 
 # --------------------------------------------------------------------------- channel groups
 
-def _unit_cost(module: nn.Module, macs: int, per_root: float, out_side: bool, depthwise: bool) -> tuple[float, float]:
+def _unit_cost(module: nn.Module, macs: int, per_root: float, out_side: bool) -> tuple[float, float]:
     """(MACs, params) removed per root channel for one group member."""
     if isinstance(module, _CONVS):
         k = math.prod(module.kernel_size)
-        if depthwise or module.groups > 1:
+        if module.groups > 1:
             per_m = macs / module.out_channels
             per_p = module.weight[0].numel() + (1 if module.bias is not None else 0)
         elif out_side:
@@ -478,12 +478,12 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
             obs = ()
         macs = params = 0.0
         for n, m, k, o in members:
-            dm, dp = _unit_cost(m, run.macs.get(n, 0), k / C, o, False)
+            dm, dp = _unit_cost(m, run.macs.get(n, 0), k / C, o)
             macs += dm
             params += dp
         mem_names = tuple(sorted({n for n, *_ in members}))
         sec = None
-        for s, leaves in sections.items():
+        for s, (leaves, _) in sections.items():
             if all(n in leaves or (named[n].__class__ in (nn.BatchNorm2d,) and n.startswith(s + ".")) for n in mem_names
                    if not isinstance(named[n], _ACTIVATIONS)):
                 sec = s
@@ -550,11 +550,10 @@ def _describe(model: nn.Module, example_input) -> ModelStructure:
     sections = _sections(model, run, atomic, notes)
     units, skipped = _groups(model, example_input, run, head, sections, atomic, notes)
     blocks = []
-    for s, leaves in sections.items():
+    for s, (leaves, identity) in sections.items():
         macs = sum(run.macs.get(n, 0) for n in leaves)
         params = sum(p.numel() for n in leaves for p in run.named[n].parameters())
-        short_is_identity = _shortcut_is_identity(run.named[s])
-        blocks.append(BlockUnit(name=s, macs=int(macs), downsample=not short_is_identity, params=int(params),
+        blocks.append(BlockUnit(name=s, macs=int(macs), downsample=not identity, params=int(params),
                                 branch=leaves))
     blocks.sort(key=lambda b: run.post[b.name])
     chain = tuple(a for a in atomic if isinstance(run.named[a], _ACTIVATIONS)) if not blocks else ()
@@ -565,11 +564,8 @@ def _describe(model: nn.Module, example_input) -> ModelStructure:
                           skipped=tuple(skipped), notes=tuple(notes))
 
 
-def _shortcut_is_identity(module: nn.Module) -> bool:
-    found, _ = _residual_add(module)
-    if found is None:
-        return False
-    gm, _, _, short = found
+def _is_identity(gm, short) -> bool:
+    """True when the shortcut operand is the section's input (through Identity / empty Sequential)."""
     mods = dict(gm.named_modules())
     while short.op == "call_module" and (isinstance(mods.get(short.target), nn.Identity) or (
             isinstance(mods.get(short.target), nn.Sequential) and len(mods[short.target]) == 0)):

@@ -238,8 +238,9 @@ def _section_exit(module: nn.Module):
     return None
 
 
-def _followers(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, str], set[str]]:
-    """(ungrouped convs and linears in execution order, conv -> the BN reading its output, cut modules)."""
+def _followers(model: nn.Module, x: torch.Tensor):
+    """(convs and linears in execution order, conv -> the BN reading its output, the adapter's traced run:
+    event order per module and the cut modules)."""
     from ..structure import _Run
 
     outs, order, bn_of, handles = {}, [], {}, []
@@ -269,8 +270,7 @@ def _followers(model: nn.Module, x: torch.Tensor) -> tuple[list[str], dict[str, 
     finally:
         for h in handles:
             h.remove()
-    cuts = _Run(model, x)._cuts
-    return order, bn_of, cuts
+    return order, bn_of, _Run(model, x)
 
 
 def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -> dict:
@@ -282,7 +282,8 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -
     minus the PRUNED shortcut ``s``; any other layer matches the original layer's (post-BN) output.
     """
     x1 = xs[0][:1]
-    order, bn_of, cuts = _followers(pruned, x1)
+    order, bn_of, run = _followers(pruned, x1)
+    cuts = run._cuts
     orig_mods = dict(original.named_modules())
     keep = plan.keep_map()
     exits = {}
@@ -296,20 +297,9 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -
     # Convs from ``start`` on read changed inputs: after the first changed layer, or from the first
     # layer after a dropped section.
     start = next((i + 1 for i, n in enumerate(order) if n in changed), None)
-    if dropped:
-        pre = {}
-        hs = [pruned.get_submodule(d).register_forward_pre_hook(lambda m, a, d=d: (pre.setdefault(d, len(pre)), None)[1])
-              for d in dropped]
-        seen = []
-        hs += [pruned.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen.append((n, len(pre))))
-               for n in order]
-        try:
-            with torch.no_grad():
-                pruned(x1)
-        finally:
-            for h in hs:
-                h.remove()
-        after_drop = next((i for i, (n, k) in enumerate(seen) if k > 0), None)
+    ran = [run.pre[d] for d in dropped if d in run.pre]
+    if ran:
+        after_drop = next((i for i, n in enumerate(order) if run.pre.get(n, 0) > min(ran)), None)
         if after_drop is not None:
             start = after_drop if start is None else min(start, after_drop)
     report = {}
