@@ -70,8 +70,9 @@ def block_latency_table(model: nn.Module, structure, example_input, *, batch: in
         raise ValueError(f"step must be >= 1; got {step}")
     mods = dict(model.named_modules())
     per_section: dict[str, list] = {}
+    residual = {b.name for b in structure.blocks if getattr(b, "kind", "residual") == "residual"}
     for u in structure.convs:
-        if u.block:
+        if u.block in residual:
             per_section.setdefault(u.block, []).append(u)
     units = [us[0] for us in per_section.values() if len(us) == 1]
     shapes: dict[str, tuple] = {}

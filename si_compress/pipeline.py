@@ -93,10 +93,8 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     truncation = None
     plan_model, plan_structure = model, structure
     trunc_settings: dict = {}
-    from .planning.truncate import TRUNCATE_FORMAT
-
     recorded = {r.name for r in report.layers}
-    chain = [c for c in structure.chain if c in recorded and TRUNCATE_FORMAT.match(c)]
+    chain = [c for c in structure.chain if c in recorded]
     if config.truncate and chain and not structure.blocks:
         truncation = choose_truncation(report.layers, chain=chain,
                                        total_macs=report.total_macs, tol=config.truncate_tol)
@@ -150,6 +148,9 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
 
     # SI gain of every recorded module (sections and scopes); only sections can be dropped.
     gains = block_si(report.layers, [SimpleNamespace(name=r.name) for r in report.layers if ":" not in r.name])
+    branches = [b for b in plan_structure.blocks if b.kind == "concat" and b.channels]
+    if branches:
+        gains.update(concat_gains(plan_model, sample_loader, branches, grid=config.grid, progress=progress))
     lat_table = None
     if config.objective != "macs" and plan_structure.convs and config.target_macs is not None:
         from .latency import block_latency_table
@@ -219,6 +220,37 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
         plan = _replace_plan(plan, settings=dict(plan.settings, **trunc_settings))
     return plan, PlanEvidence(report=report, structure=plan_structure, rankings=rankings, groups_labels=labels,
                               truncation=truncation, base_structure=structure)
+
+
+def concat_gains(model, sample_loader, branches, *, grid: int = 4, max_dim: int = 4096,
+                 progress=None) -> dict[str, tuple[float, float]]:
+    """SI gain of each concatenation branch: name -> (SI of its parent's output without the branch's
+    channels, SI with them). The parent's output (N, C, H, W) is average-pooled per channel to a
+    k x k grid, k = min(grid, H, W) halved until C*k*k <= max_dim; one pass over ``sample_loader``."""
+    from .separability import separation_index
+    from .structure import collect_filter_groups
+
+    parents = list(dict.fromkeys(b.parent for b in branches))
+    maps, labels = collect_filter_groups(model, sample_loader, parents, grid=grid)
+    out = {}
+    for i, parent in enumerate(parents):
+        G = maps[parent]                           # (n, C, k*k)
+        n, C, kk = G.shape
+        k = int(round(kk ** 0.5))
+        while C * k * k > max_dim and k > 1:       # 2 x 2 average pooling of the k x k grid
+            h = k // 2
+            G = G.reshape(n, C, h, 2, h, 2).mean(axis=(3, 5)).reshape(n, C, h * h) if k % 2 == 0 else \
+                G.mean(axis=2, keepdims=True)
+            k = h if k % 2 == 0 else 1
+        full = separation_index(G.reshape(n, -1), labels)
+        for b in branches:
+            if b.parent != parent:
+                continue
+            rest = np.setdiff1d(np.arange(C), np.asarray(b.channels))
+            out[b.name] = (separation_index(G[:, rest].reshape(n, -1), labels), full)
+        if progress is not None:
+            progress("branch SI", i + 1, len(parents))
+    return out
 
 
 def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:

@@ -7,10 +7,9 @@
 from .compensate import recalibrate_bn, refit_consumers, refit_head
 from .export import export_onnx, export_torchscript, load_compressed, save_compressed
 from .finetune import bf16_supported, cifar_augment, evaluate, finetune, preload, train_head
-from .prune import TruncatedChain, apply_plan, find_classifier, plan_cost, rebuild
+from .prune import apply_plan, find_classifier, plan_cost, rebuild
 
 __all__ = [
-    "TruncatedChain",
     "apply_plan",
     "bf16_supported",
     "cifar_augment",

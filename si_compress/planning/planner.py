@@ -4,8 +4,10 @@ Inputs are plain data: the per-layer analysis (SI of every block output), the mo
 (blocks, prunable convs, MACs per filter) and a filter ranking with its prefix-SI curve per conv.
 
 Decisions
-- Block gain: g_b = SI(block output) - SI(block input). A block whose gain is <= ``drop_gain``
-  does not raise SI and is dropped (replaced by its shortcut).
+- Block gain: g_b = SI(block output) - SI(block input) for a residual section; for a
+  concatenation branch, SI(parent output) - SI(parent output without the branch's channels). A
+  section whose gain is <= ``drop_gain`` does not raise SI and is dropped (a residual section is
+  replaced by its shortcut; a branch goes with its channels; one branch of each concatenation stays).
 - Width of a conv (threshold mode): the shortest prefix k of its ranking whose SI reaches
   (1 - delta) * max_k SI(top-k), rounded up to a multiple of ``round_to``.
 - Budget mode (``target_macs`` = fraction of the base MACs to keep): start from the full model and
@@ -149,6 +151,17 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     base = structure.total_macs
     block_macs = {b.name: b.macs for b in structure.blocks}
     step = config.round_to
+    # A concatenation whose every operand is a droppable branch must keep one of them.
+    siblings = {}
+    for b in structure.blocks:
+        if getattr(b, "needs_one", False):
+            siblings.setdefault(b.parent, []).append(b.name)
+
+    def may_drop(name: str) -> bool:
+        for group in siblings.values():
+            if name in group and all(o in dropped for o in group if o != name):
+                return False
+        return True
 
     def macs_now() -> int:
         m = base
@@ -165,7 +178,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         # compete with the other moves (their loss is at the gain floor, so they go first) and the
         # budget decides how many go.
         for b, (si_in, si_out) in gains.items():
-            if b in block_macs and si_out - si_in <= config.drop_gain:
+            if b in block_macs and si_out - si_in <= config.drop_gain and may_drop(b):
                 dropped.append(b)
                 reasons[b] = f"SI gain {si_out - si_in:+.4f} <= {config.drop_gain}"
 
@@ -193,7 +206,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                     loss = wg * (e[k - 1] - e[new_k - 1]) / top
                     cands.append((loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k,
                                   now - (k - new_k) * u.macs_per_filter))
-                if config.allow_drop and u.block in gain and u.block in block_macs:
+                if config.allow_drop and u.block in gain and u.block in block_macs and may_drop(u.block):
                     if k * u.macs_per_filter > 0:
                         block_now = block_macs[u.block] - sum((v.out_channels - width[v.conv]) * v.macs_per_filter
                                                               for v in units if v.block == u.block)
