@@ -114,16 +114,25 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                      ) -> CompressionPlan:
     """Plan blocks to drop and filters to keep (see the module doc for the rules).
 
-    ``latency`` (with ``config.objective == "latency"``): conv name -> measured seconds of its block
-    with k = 0..C inner filters (k = 0: dropped). Moves are then ranked by SI loss per second saved
-    (the stop rule stays the MACs budget); without a table for every unit, MACs are used.
+    ``latency`` (with ``config.objective`` "latency" or "both"): conv name -> measured seconds of its
+    section with k = 0..C filters in that group (k = 0: dropped). Moves are then ranked by SI loss per
+    second saved (the stop rule stays the MACs budget); seconds are scaled so that the timed sections'
+    full-width time equals their share of the MACs, and a group without a table counts its MACs.
     """
     units = [u for u in structure.convs if u.conv in rankings]
+    block_macs = {b.name: b.macs for b in structure.blocks}
     lat = None
-    if config.objective != "macs" and latency and all(
-            u.conv in latency and len(latency[u.conv]) == u.out_channels + 1 for u in units):
-        lat = {u.conv: np.asarray(latency[u.conv], dtype=np.float64) for u in units}
-    base_lat = sum(t[-1] for t in lat.values()) if lat else 1.0
+    if config.objective != "macs" and latency:
+        lat = {u.conv: np.asarray(latency[u.conv], dtype=np.float64) for u in units
+               if u.conv in latency and len(latency[u.conv]) == u.out_channels + 1 and u.block in block_macs} or None
+    # Measured seconds become MAC-equivalents: the timed sections' full-width seconds stand for their
+    # MACs, so a timed move and an untimed one (its MACs fraction) are ranked on one scale.
+    if lat:
+        full = {}
+        for u in units:
+            if u.conv in lat:
+                full[u.block] = max(full.get(u.block, 0.0), float(lat[u.conv][-1]))
+        sec_scale = sum(block_macs[b] for b in full) / structure.total_macs / max(sum(full.values()), 1e-15)
     w_lat, w_macs = {"latency": (1.0, 0.0), "both": (0.5, 0.5)}.get(config.objective, (0.0, 1.0)) if lat else (0.0, 1.0)
 
     def _saved(u, k_from, k_to):
@@ -134,9 +143,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             macs = now / structure.total_macs
         else:
             macs = ((k_from - k_to) * u.macs_per_filter) / structure.total_macs
-        secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) / base_lat if lat else 0.0
+        secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) * sec_scale if lat and u.conv in lat else macs
         return w_macs * macs + w_lat * secs
-    block_macs = {b.name: b.macs for b in structure.blocks}
     width = {u.conv: u.out_channels for u in units}
     env = {u.conv: rankings[u.conv].envelope() for u in units}
     for u in units:
@@ -149,7 +157,6 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     dropped: list[str] = []
     reasons: dict[str, str] = {}
     base = structure.total_macs
-    block_macs = {b.name: b.macs for b in structure.blocks}
     step = config.round_to
     # A concatenation whose every operand is a droppable branch must keep one of them.
     siblings = {}
@@ -272,7 +279,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         settings=dict(target_macs=config.target_macs, delta=config.delta, drop_gain=config.drop_gain,
                       allow_drop=config.allow_drop, round_to=config.round_to, min_keep=config.min_keep,
                       head_tau=config.head_tau, ranking=sorted({r.method for r in rankings.values()}),
-                      weighting=config.weighting, objective=config.objective if lat is not None else "macs"),
+                      weighting=config.weighting, objective=config.objective if lat else "macs",
+                      **({"latency_units": len(lat)} if lat else {})),
         source=dict(source or {}),
     )
 
