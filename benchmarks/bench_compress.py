@@ -75,7 +75,13 @@ def run(args) -> dict:
     cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, objective=args.objective,
                          round_to=args.round_to, compensation=args.compensation,
                          finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
-                         seed=args.seed)
+                         seed=args.seed, reconstruct_steps=args.reconstruct_steps,
+                         reconstruct_seconds=args.reconstruct_seconds, reconstruct_images=args.reconstruct_images,
+                         teacher=args.teacher)
+    # reconstruction reads unlabelled train images (a class-balanced sample apart from the SI sample)
+    recon_loader = DL(preload(train.dataset, balanced_indices(train.labels, args.reconstruct_images,
+                                                              seed=args.seed + 1)), batch_size=128) \
+        if "reconstruct" in args.compensation else None
     base_macs, base_params = count_tp(base, x0)
     base_acc = evaluate(base, test_loader)
     log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")
@@ -123,7 +129,7 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         run_cfg = cfg if name in args.finetune_methods else replace(cfg, finetune_epochs=0)
         model, m = execute(base, plans[name], example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                           train_loader=train_loader, config=run_cfg, augment=cifar_augment,
+                           train_loader=train_loader, config=run_cfg, augment=cifar_augment, recon_loader=recon_loader,
                            progress=lambda h, n=name: log(f"  {n} epoch {h.get('epoch')}: {h}"))
         m.pop("refit", None)
         m["widths"] = {d.name: len(d.keep) for d in plans[name].layers}
@@ -138,7 +144,7 @@ def run(args) -> dict:
             save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes,
                             base=base)
             m["saved_model"] = str(save_path.relative_to(ROOT))
-        if name == "si" or not args.latency_si_only:
+        if not args.no_latency and (name == "si" or not args.latency_si_only):
             lat = {}
             for b in (1, 128):
                 tb = latency(base, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
@@ -190,6 +196,11 @@ def main(argv=None):
     p.add_argument("--objective", default="both", choices=("macs", "latency", "both"))
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--compensation", default="refit")
+    p.add_argument("--reconstruct-steps", type=int, default=600)
+    p.add_argument("--reconstruct-seconds", type=float, default=900.0)
+    p.add_argument("--reconstruct-images", type=int, default=5000)
+    p.add_argument("--teacher", default="base", choices=("base", "none"))
+    p.add_argument("--no-latency", action="store_true", help="skip timing (accuracy-only runs on a busy machine)")
     p.add_argument("--si-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=0)
     p.add_argument("--epochs", type=int, default=1)

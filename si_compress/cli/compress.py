@@ -50,7 +50,19 @@ def build_parser() -> ArgumentParser:
                         "a layer never goes below it: the block is dropped instead")
     p.add_argument("--si-samples", type=int, default=2000, help="class-balanced train sample for SI (default 2000)")
     p.add_argument("--eval-samples", type=int, default=0, help="test images for accuracy (0 = the whole split)")
-    p.add_argument("--compensation", default="refit", choices=("refit", "refit+bn", "bn", "none"))
+    p.add_argument("--compensation", default="refit",
+                   choices=("refit", "refit+bn", "bn", "none", "refit+reconstruct", "reconstruct"),
+                   help="refit: least-squares re-fit of every layer reading changed inputs (no training); "
+                        "+reconstruct: then train the model to reproduce the base model's outputs on unlabelled "
+                        "train images (--reconstruct-*; labels are never read); bn: re-estimate BatchNorm statistics")
+    p.add_argument("--reconstruct-steps", type=int, default=600, help="reconstruction: at most this many Adam steps")
+    p.add_argument("--reconstruct-seconds", type=float, default=300.0, help="reconstruction: at most this many seconds")
+    p.add_argument("--reconstruct-images", type=int, default=5000,
+                   help="reconstruction: class-balanced train images used (their labels are not read)")
+    p.add_argument("--reconstruct-targets", default="logits", choices=("logits", "features", "both"),
+                   help="reconstruction matches the base's logits (KL at T=4), its section outputs, or both")
+    p.add_argument("--teacher", default="base", choices=("base", "none"),
+                   help="fine-tuning distils from the base model's logits plus the label loss (default), or labels only")
     p.add_argument("--finetune-epochs", type=int, default=0)
     p.add_argument("--finetune-steps", type=int, default=None,
                    help="stop fine-tuning after this many SGD steps (a fraction of an epoch on a slow CPU)")
@@ -109,7 +121,10 @@ def _body(argv) -> int:
                             head_only=args.head_only, head_epochs=args.head_epochs, lr=args.lr,
                             batch_size=args.batch_size, bf16=args.bf16, seed=args.seed,
                             truncate=not args.no_truncate, truncate_tol=args.truncate_tol,
-                            truncate_below_budget=args.truncate_below_budget)
+                            truncate_below_budget=args.truncate_below_budget,
+                            reconstruct_steps=args.reconstruct_steps, reconstruct_seconds=args.reconstruct_seconds,
+                            reconstruct_images=args.reconstruct_images, reconstruct_targets=args.reconstruct_targets,
+                            teacher=args.teacher)
     si_idx = balanced_indices(train.labels, min(args.si_samples, len(train)), seed=args.seed)
     sample = preload(train.dataset, si_idx)
     DL = torch.utils.data.DataLoader
@@ -139,8 +154,12 @@ def _body(argv) -> int:
                           config=config, progress=progress)
     augment = cifar_augment if tuple(x0.shape[-2:]) == (32, 32) else None
     base_acc = evaluate(model, test_loader)
+    recon_loader = None
+    if "reconstruct" in args.compensation:
+        recon_idx = balanced_indices(train.labels, min(args.reconstruct_images, len(train)), seed=args.seed + 1)
+        recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                            train_loader=train_loader, config=config, augment=augment)
+                            train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader)
     base_macs, base_params = count_tp(model, x0)
     shape = tuple(x0.shape[1:])
     lat = {}
@@ -156,7 +175,8 @@ def _body(argv) -> int:
                       head=m.get("acc_head"), finetuned=m.get("acc_finetuned")),
         latency=lat, threads=torch.get_num_threads(), config=config_dict(config),
         seconds={k: v for k, v in m.items() if k.startswith("seconds")}, refit=m.get("refit"),
-        finetune_history=m.get("finetune_history"),
+        finetune_history=m.get("finetune_history"), reconstruct=m.get("reconstruct"),
+        finetune_teacher=m.get("finetune_teacher"),
         structure=dict(layers=list(structure.layers), sections=[b.name for b in structure.blocks],
                        groups=len(structure.convs), left_whole=[dict(root=g.conv, channels=g.out_channels,
                                                                      reason=g.reason) for g in structure.skipped],
