@@ -10,6 +10,9 @@ Sections:
           interpreter, see _harness.py), and whether the neighbours are identical.
   torch   the torch screen backend against the default backend at a few sizes: wall time ratio
           and equality; on a CPU this measures the code path, on a GPU the device.
+  gpu     (a CUDA machine only) first-order SI with ``backend="torch"`` at n = 100,000 and
+          1,000,000, d = 2,048: wall time, peak GPU memory, and equality of the neighbours of
+          ``--check-rows`` random samples with the CPU search (numba backend, same rows as queries).
 
 A 2-core machine cannot make a 2-worker cluster faster than one process that already uses both
 cores: the cluster's figure here is its overhead and its bounded memory per worker, not a speed-up.
@@ -149,6 +152,38 @@ def run_torch(args) -> dict:
                 cpu_capability=torch.backends.cpu.get_cpu_capability(), rows=rows)
 
 
+def run_gpu(args) -> dict:
+    import torch
+
+    from si_compress.separability import separation_index
+    from si_compress.separability._knn import knn
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    rows = []
+    for n in args.gpu_n:
+        X, y = make_features(n, args.gpu_d, args.seed)
+        knn(X[:4096], 1, backend="torch")                     # warm-up: CUDA context, kernels
+        torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        si = separation_index(X, y, backend="torch")
+        secs = time.perf_counter() - t
+        peak = torch.cuda.max_memory_allocated()
+        nbr = knn(X, 1, backend="torch")
+        rng = np.random.default_rng(args.seed)
+        sub = np.sort(rng.choice(n, args.check_rows, replace=False))
+        # the CPU search with the sampled rows as queries: k = 2, dropping each row's own index
+        cpu = knn(X, 2, query=X[sub], backend="numba")
+        own = cpu == sub[:, None]
+        cpu1 = np.where(own[:, :1], cpu[:, 1:2], cpu[:, :1])[:, 0]
+        rows.append(dict(n=n, d=args.gpu_d, seconds=secs, si=si, peak_gpu_bytes=int(peak),
+                         checked_rows=int(sub.size), equal_to_cpu=bool(np.array_equal(nbr[sub, 0], cpu1))))
+        log_line = f"gpu n={n:,}: {secs:.1f} s, peak {peak / 2**30:.2f} GiB, equal: {rows[-1]['equal_to_cpu']}"
+        print(log_line, flush=True)
+        del X
+    return dict(device=torch.cuda.get_device_name(), rows=rows)
+
+
 def table(path: Path) -> str:
     if not path.exists():
         return "_Not measured yet: run `python benchmarks/bench_cluster.py`._"
@@ -172,12 +207,22 @@ def table(path: Path) -> str:
         out += ["", f"torch screen on `{t['device']}` (CPU capability {t['cpu_capability']}) against the default backend:", "",
                 "| n | d | torch / default time | identical |", "|---:|---:|---:|---|"]
         out += [f"| {x['n']:,} | {x['d']:,} | {x['ratio']:.2f}x | {'yes' if x['identical'] else '**no**'} |" for x in t["rows"]]
+    g = r.get("gpu")
+    if g and "rows" in g:
+        out += ["", f"GPU (`{g['device']}`), backend `torch`, first-order SI:", "",
+                "| n | d | time | peak GPU memory | neighbours equal to the CPU search (sampled rows) |",
+                "|---:|---:|---:|---:|---|"]
+        out += [f"| {x['n']:,} | {x['d']:,} | {fmt_s(x['seconds'])} | {fmt_bytes(x['peak_gpu_bytes'])} | "
+                f"{'yes' if x['equal_to_cpu'] else '**no**'} ({x['checked_rows']:,} rows) |" for x in g["rows"]]
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=("dask", "torch"), nargs="+", default=["dask", "torch"])
+    p.add_argument("--only", choices=("dask", "torch", "gpu"), nargs="+", default=["dask", "torch"])
+    p.add_argument("--gpu-n", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--gpu-d", type=int, default=2048)
+    p.add_argument("--check-rows", type=int, default=1000)
     p.add_argument("--n", type=int, default=200_000)
     p.add_argument("--d", type=int, default=1024)
     p.add_argument("--workers", type=int, default=2)
@@ -198,7 +243,7 @@ def main(argv=None) -> int:
                   threads=os.cpu_count())
     for section in args.only:
         print(f"[{section}] running ...", flush=True)
-        result[section] = run_dask(args) if section == "dask" else run_torch(args)
+        result[section] = {"dask": run_dask, "torch": run_torch, "gpu": run_gpu}[section](args)
         write_json_atomic(out, result)
     print(table(out))
     return 0
