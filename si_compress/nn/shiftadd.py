@@ -31,6 +31,7 @@ import copy
 import functools
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -334,7 +335,91 @@ def _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     if oh < 1 or ow < 1:
         raise ValueError(f"input {h}x{w} with padding {(pt, pb, pl, pr)} is smaller than the dilated kernel "
                          f"{dh * (kh - 1) + 1}x{dw * (kw - 1) + 1}")
-    return sh, sw, pt, pl, dh, dw, int(groups), oh, ow
+    return sh, sw, pt, pb, pl, pr, dh, dw, int(groups), oh, ow
+
+
+def _acc_dtype(x: np.ndarray, row_abs_sums: np.ndarray):
+    """int32 when the worst-case accumulator ``max|x| * max_c sum_k |w[c, k]|`` fits in int32, else int64.
+
+    Every partial sum the kernels form is bounded by that worst case, so int32 never wraps. The bound
+    is computed in float64 (relative error far below the 1e-6 margin kept)."""
+    max_x = max(abs(float(x.min())), abs(float(x.max()))) if x.size else 0.0
+    bound = max_x * (float(row_abs_sums.max()) if row_abs_sums.size else 0.0)
+    return np.int32 if bound <= np.iinfo(np.int32).max * (1 - 1e-6) else np.int64
+
+
+def _shift_row_abs_sums(shifts: np.ndarray, signs: np.ndarray) -> np.ndarray:
+    """sum_k |w[c, k]| per output channel, float64 (Co,)."""
+    c = signs.shape[0]
+    mag = np.where(shifts >= 0, np.exp2(shifts.astype(np.float64)), 0.0).reshape(shifts.shape[0], c, -1).sum(axis=0)
+    return np.where(signs.reshape(c, -1) != 0, mag, 0.0).sum(axis=1)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape, dtype) -> np.ndarray:
+    """A reused, grow-only scratch array of ``shape`` (per calling thread and dtype): a fresh
+    allocation per call costs page faults comparable to the convolution itself."""
+    cache = _SCRATCH.__dict__.setdefault("buffers", {})
+    size = int(np.prod(shape))
+    buf = cache.get(np.dtype(dtype))
+    if buf is None or buf.size < size:
+        buf = np.empty(size, dtype=dtype)
+        cache[np.dtype(dtype)] = buf
+    return buf[:size].reshape(shape)
+
+
+def _num_threads() -> int:
+    import numba
+
+    return numba.get_num_threads()
+
+
+def _run_conv(x, terms, is_shift, row_sums, w_shape, geo):
+    k = _kernels()
+    sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
+    dtype = _acc_dtype(x, row_sums)
+    # pad (only as far as the kernel reads) in the accumulator dtype
+    h_need = (oh - 1) * sh + dh * (w_shape[2] - 1) + 1
+    w_need = (ow - 1) * sw + dw * (w_shape[3] - 1) + 1
+    xp = np.zeros((x.shape[0], x.shape[1], h_need, w_need), dtype=dtype)
+    hs, ws = min(x.shape[2], h_need - pt), min(x.shape[3], w_need - pl)
+    xp[:, :, pt:pt + hs, pl:pl + ws] = x[:, :, :hs, :ws]
+    ks, vals, n_pos, n_all = terms
+    n = x.shape[0]
+    out = np.zeros((w_shape[0], n * oh * ow), dtype=dtype)
+    k_size = int(np.prod(w_shape[1:]))
+    n_threads = _num_threads()
+    tile = k.tile_pixels(k_size, n * oh * ow, n_threads)
+    n_chunks = min(n_threads, -(-n * oh * ow // tile))
+    k.conv2d_terms(xp, ks, vals.astype(dtype), n_pos, n_all, is_shift, out, w_shape[2], w_shape[3], sh, sw, dh, dw,
+                   groups, oh, ow, _scratch((n_chunks, k_size, tile), dtype))
+    res = np.empty((n, w_shape[0], oh, ow), dtype=np.int64)
+    res[...] = out.reshape(w_shape[0], n, oh, ow).transpose(1, 0, 2, 3)
+    return res
+
+
+def _run_linear(x, terms, is_shift, row_sums):
+    k = _kernels()
+    dtype = _acc_dtype(x, row_sums)
+    ks, vals, n_pos, n_all = terms
+    xt = np.ascontiguousarray(x.T, dtype=dtype)
+    out = np.zeros((ks.shape[0], x.shape[0]), dtype=dtype)
+    tile = k.tile_pixels(1, x.shape[0], _num_threads())
+    k.linear_terms(xt, ks, vals.astype(dtype), n_pos, n_all, is_shift, out, tile)
+    return out.T.astype(np.int64)
+
+
+def _mul_term_lists(weight: np.ndarray):
+    ks, ws, n_all = _kernels().mul_terms(np.ascontiguousarray(weight.reshape(weight.shape[0], -1)))
+    return ks, ws, n_all, n_all
+
+
+def _shift_term_lists(shifts: np.ndarray, signs: np.ndarray):
+    c = signs.shape[0]
+    return _kernels().shift_terms(np.ascontiguousarray(shifts.reshape(shifts.shape[0], c, -1)),
+                                  np.ascontiguousarray(signs.reshape(c, -1)))
 
 
 def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
@@ -345,16 +430,18 @@ def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: i
     shifts, signs, max_w = _shift_weights(shifts, signs, 4)
     geo = _conv_geometry(x.shape, signs.shape, stride, padding, dilation, groups)
     _check_headroom(x, max_w, int(np.prod(signs.shape[1:])))
-    return _kernels().conv2d_shift(x, shifts, signs, *geo)
+    return _run_conv(x, _shift_term_lists(shifts, signs), True, _shift_row_abs_sums(shifts, signs), signs.shape,
+                     geo)
 
 
 def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
-    """Integer-multiply reference conv2d with ``conv2d_shift``'s loops: weight (Co, C/groups, KH, KW) int."""
+    """Integer-multiply reference conv2d with ``conv2d_shift``'s layout: weight (Co, C/groups, KH, KW) int."""
     x = _int_activations(x, 4)
     weight = _int_activations(weight, 4, "weight", np.int64)
     geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
     _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
-    return _kernels().conv2d_mul(x, weight, *geo)
+    sums = np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1)
+    return _run_conv(x, _mul_term_lists(weight), False, sums, weight.shape, geo)
 
 
 def linear_shift(x, shifts, signs) -> np.ndarray:
@@ -364,7 +451,7 @@ def linear_shift(x, shifts, signs) -> np.ndarray:
     if x.shape[1] != signs.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight expects {signs.shape[1]}")
     _check_headroom(x, max_w, signs.shape[1])
-    return _kernels().linear_shift(np.ascontiguousarray(x.T), shifts, signs).T
+    return _run_linear(x, _shift_term_lists(shifts, signs), True, _shift_row_abs_sums(shifts, signs))
 
 
 def linear_mul(x, weight) -> np.ndarray:
@@ -374,7 +461,7 @@ def linear_mul(x, weight) -> np.ndarray:
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight expects {weight.shape[1]}")
     _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, weight.shape[1])
-    return _kernels().linear_mul(np.ascontiguousarray(x.T), weight).T
+    return _run_linear(x, _mul_term_lists(weight), False, np.abs(weight.astype(np.float64)).sum(axis=1))
 
 
 # --------------------------------------------------------------------------------------------
