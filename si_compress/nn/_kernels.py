@@ -30,7 +30,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-TILE_TARGET = 1 << 16  # scratch elements per job (cols K x P tile): about 256 KiB of int32
+TILE_TARGET = 1 << 17  # scratch elements per job (cols K x P tile): about 512 KiB of int32
+K_BLOCK = 32  # fan-in rows applied to every output channel before the next rows
 
 
 @njit(cache=True)
@@ -91,6 +92,32 @@ def _shift_row(acc, cols, ks, es, lo, hi, n_p, negate, mask):
     narrower than the lane, so the int32 path shifts 8 lanes at a time instead of widening to int64;
     exponents never exceed it (the caller picks int32 only when every shifted value fits)."""
     i = lo
+    while i + 8 <= hi:
+        r0 = cols[ks[i]]
+        r1 = cols[ks[i + 1]]
+        r2 = cols[ks[i + 2]]
+        r3 = cols[ks[i + 3]]
+        r4 = cols[ks[i + 4]]
+        r5 = cols[ks[i + 5]]
+        r6 = cols[ks[i + 6]]
+        r7 = cols[ks[i + 7]]
+        e0 = es[i] & mask
+        e1 = es[i + 1] & mask
+        e2 = es[i + 2] & mask
+        e3 = es[i + 3] & mask
+        e4 = es[i + 4] & mask
+        e5 = es[i + 5] & mask
+        e6 = es[i + 6] & mask
+        e7 = es[i + 7] & mask
+        if negate:
+            for p in range(n_p):
+                acc[p] -= (((r0[p] << e0) + (r1[p] << e1)) + ((r2[p] << e2) + (r3[p] << e3))
+                           + (((r4[p] << e4) + (r5[p] << e5)) + ((r6[p] << e6) + (r7[p] << e7))))
+        else:
+            for p in range(n_p):
+                acc[p] += (((r0[p] << e0) + (r1[p] << e1)) + ((r2[p] << e2) + (r3[p] << e3))
+                           + (((r4[p] << e4) + (r5[p] << e5)) + ((r6[p] << e6) + (r7[p] << e7))))
+        i += 8
     while i + 4 <= hi:
         r0 = cols[ks[i]]
         r1 = cols[ks[i + 1]]
@@ -120,9 +147,30 @@ def _shift_row(acc, cols, ks, es, lo, hi, n_p, negate, mask):
 
 
 @njit(cache=True, inline="always")
-def _mul_row(acc, cols, ks, ws, hi, n_p):
-    """acc[:n_p] += sum over terms i < hi of cols[ks[i], :n_p] * ws[i]."""
-    i = 0
+def _mul_row(acc, cols, ks, ws, lo, hi, n_p):
+    """acc[:n_p] += sum over terms i in [lo, hi) of cols[ks[i], :n_p] * ws[i]."""
+    i = lo
+    while i + 8 <= hi:
+        r0 = cols[ks[i]]
+        r1 = cols[ks[i + 1]]
+        r2 = cols[ks[i + 2]]
+        r3 = cols[ks[i + 3]]
+        r4 = cols[ks[i + 4]]
+        r5 = cols[ks[i + 5]]
+        r6 = cols[ks[i + 6]]
+        r7 = cols[ks[i + 7]]
+        w0 = ws[i]
+        w1 = ws[i + 1]
+        w2 = ws[i + 2]
+        w3 = ws[i + 3]
+        w4 = ws[i + 4]
+        w5 = ws[i + 5]
+        w6 = ws[i + 6]
+        w7 = ws[i + 7]
+        for p in range(n_p):
+            acc[p] += (((r0[p] * w0) + (r1[p] * w1)) + ((r2[p] * w2) + (r3[p] * w3))
+                       + (((r4[p] * w4) + (r5[p] * w5)) + ((r6[p] * w6) + (r7[p] * w7))))
+        i += 8
     while i + 4 <= hi:
         r0 = cols[ks[i]]
         r1 = cols[ks[i + 1]]
@@ -220,27 +268,48 @@ def conv2d_terms(xp, ks, vals, n_pos, n_all, is_shift, out, kh_size, kw_size, sh
     c_per_g = c_in // groups
     co_per_g = c_out // groups
     n_chunks, _, tile = scratch.shape
+    k_size = c_per_g * kh_size * kw_size
     n_tiles = (n_q + tile - 1) // tile
     narrow = out.itemsize == 4
     for chunk in prange(n_chunks):
         cols = scratch[chunk]
+        next_pos = np.empty(c_out, np.int64)  # per channel: first term not yet applied (pos, neg)
+        next_neg = np.empty(c_out, np.int64)
         for tile_i in range(chunk, n_tiles, n_chunks):
             q0 = tile_i * tile
             n_p = min(tile, n_q - q0)
             for g in range(groups):
                 _im2col(cols, xp, g * c_per_g, c_per_g, kh_size, kw_size, q0, n_p, oh_size, ow_size, sh, sw, dh,
                         dw)
-                for co in range(g * co_per_g, (g + 1) * co_per_g):
-                    acc = out[co, q0:q0 + n_p]
-                    if is_shift:
+                co0 = g * co_per_g
+                for co in range(co0, co0 + co_per_g):
+                    next_pos[co] = 0
+                    next_neg[co] = n_pos[co] if is_shift else n_all[co]
+                # K blocks of K_BLOCK rows: the block's rows stay in L1 while every channel reads them
+                for k1 in range(K_BLOCK, k_size + K_BLOCK, K_BLOCK):
+                    for co in range(co0, co0 + co_per_g):
+                        acc = out[co, q0:q0 + n_p]
+                        kc = ks[co]
+                        a = next_pos[co]
+                        b = a
+                        hi = n_pos[co] if is_shift else n_all[co]
+                        while b < hi and kc[b] < k1:
+                            b += 1
+                        next_pos[co] = b
+                        if not is_shift:
+                            _mul_row(acc, cols, kc, vals[co], a, b, n_p)
+                            continue
+                        c = next_neg[co]
+                        d = c
+                        while d < n_all[co] and kc[d] < k1:
+                            d += 1
+                        next_neg[co] = d
                         if narrow:
-                            _shift_row(acc, cols, ks[co], vals[co], 0, n_pos[co], n_p, False, 31)
-                            _shift_row(acc, cols, ks[co], vals[co], n_pos[co], n_all[co], n_p, True, 31)
+                            _shift_row(acc, cols, kc, vals[co], a, b, n_p, False, 31)
+                            _shift_row(acc, cols, kc, vals[co], c, d, n_p, True, 31)
                         else:
-                            _shift_row(acc, cols, ks[co], vals[co], 0, n_pos[co], n_p, False, 63)
-                            _shift_row(acc, cols, ks[co], vals[co], n_pos[co], n_all[co], n_p, True, 63)
-                    else:
-                        _mul_row(acc, cols, ks[co], vals[co], n_all[co], n_p)
+                            _shift_row(acc, cols, kc, vals[co], a, b, n_p, False, 63)
+                            _shift_row(acc, cols, kc, vals[co], c, d, n_p, True, 63)
     return out
 
 
@@ -270,5 +339,5 @@ def linear_terms(xt, ks, vals, n_pos, n_all, is_shift, out, tile):
                     _shift_row(acc, cols, ks[m], vals[m], 0, n_pos[m], n_p, False, 63)
                     _shift_row(acc, cols, ks[m], vals[m], n_pos[m], n_all[m], n_p, True, 63)
             else:
-                _mul_row(acc, cols, ks[m], vals[m], n_all[m], n_p)
+                _mul_row(acc, cols, ks[m], vals[m], 0, n_all[m], n_p)
     return out
