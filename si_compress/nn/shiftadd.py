@@ -299,7 +299,7 @@ def _int_activations(x, ndim: int, name: str = "x", dtype=np.int32) -> np.ndarra
 
 def _check_headroom(x: np.ndarray, max_abs_weight: int, fan_in: int) -> None:
     """Refuse inputs whose worst-case accumulator could overflow int64."""
-    max_x = int(np.abs(x.astype(np.int64)).max()) if x.size else 0
+    max_x = max(abs(int(x.min())), abs(int(x.max()))) if x.size else 0
     if max_x * max_abs_weight * fan_in > _ACC_LIMIT:
         raise ValueError(f"worst-case accumulator {max_x} * {max_abs_weight} * {fan_in} overflows int64; "
                          "use fewer activation bits or a smaller exponent range")
