@@ -1,8 +1,11 @@
 """Quantization and unstructured pruning of a trained model: one entry point per step.
 
 * :func:`quantize_model` (``QuantConfig.mode``):
-  - ``"int8"``: real x86 int8 kernels (FX post-training quantization, :mod:`si_compress.compress.int8`):
-    int8 symmetric per-channel weights, uint8 per-tensor activations, BN fused.
+  - ``"int8"``: real int8 kernels, post-training. Engine ``"onnxruntime"`` (default): ONNX export,
+    ``onnxruntime.quantization.quantize_static`` in QDQ format, int8 symmetric per-channel weights,
+    uint8 per-tensor activations (:mod:`si_compress.compress.int8_ort`); the result runs in an
+    onnxruntime session. Engine ``"torch"``: the deprecated ``torch.ao.quantization`` FX path
+    (:mod:`si_compress.compress.int8`), kept behind this explicit option.
   - ``"int4"`` / ``"pot4"`` / ``"apot4"``: fixed-point fake quantization
     (:func:`si_compress.nn.prepare_qat`) of the BN-folded model: 4-bit per-channel weights
     (signed integer grid, powers of two, additive powers of two), ``act_bits`` per-tensor
@@ -48,7 +51,14 @@ __all__ = [
 ]
 
 QUANT_MODES = ("int8", "int4", "pot4", "apot4")
-CALIBRATION = ("minmax", "percentile", "mse")
+INT8_ENGINES = ("onnxruntime", "torch")
+CALIBRATION = ("minmax", "percentile", "mse")  # our calibration (4-bit modes, torch int8)
+ORT_CALIBRATION = ("minmax", "entropy", "percentile", "distribution")  # onnxruntime's
+
+
+def default_calibration(mode: str, int8_engine: str = "onnxruntime") -> str:
+    """The activation calibration used when none is named: minmax for onnxruntime int8, else mse."""
+    return "minmax" if mode == "int8" and int8_engine == "onnxruntime" else "mse"
 _FORMAT = {"int4": "int", "pot4": "pot", "apot4": "apot2"}
 _SAMPLE_PER_BATCH = 65536  # activation values kept per quantizer per batch for percentile / MSE
 
@@ -66,21 +76,25 @@ def _check_int(value, name: str, low: int) -> int:
 class QuantConfig:
     """How :func:`quantize_model` quantizes.
 
-    mode: "int8" (real x86 int8), "int4", "pot4", "apot4" (fake-quant / shift-add).
-    calibration: activation range method, "minmax", "percentile" (``percentile`` of the values) or
-    "mse" (clipping range with the least squared quantization error). calibration_samples:
+    mode: "int8" (real int8 kernels), "int4", "pot4", "apot4" (fake-quant / shift-add).
+    int8_engine: "onnxruntime" (default) or "torch" (deprecated torch.ao FX path).
+    calibration: activation range method (None: :func:`default_calibration`). Ours (4-bit modes,
+    torch int8): "minmax", "percentile" (``percentile`` of the values) or "mse" (clipping range
+    with the least squared quantization error). onnxruntime's: "minmax", "entropy", "percentile",
+    "distribution". calibration_samples:
     images observed. weight_method: "minmax" or "mse" per-channel weight scales (4-bit modes;
     fake-quant layers recompute the scale every forward, and "mse" tries 100 ratios each time:
     about 3x slower QAT steps, and for pot4 no better PTQ on ResNet-20, so "minmax" is the default).
     act_bits / first_last_bits: activation bits and the bits of the first conv / last linear
     (None: same as the rest) in the 4-bit modes. qat_epochs / qat_max_steps / lr / bf16 /
     momentum / weight_decay: QAT with SGD + cosine (0 epochs: PTQ only). shiftadd: convert
-    pot4 / apot4 to shift-add modules at the end. reduce_range: int8 activations on 7 bits
-    (torch's x86 default, safe without VNNI).
+    pot4 / apot4 to shift-add modules at the end. reduce_range: int8 on 7 bits (safe without
+    VNNI); None: off when the CPU has VNNI/AMX, else on (the torch engine's activations, the
+    onnxruntime engine's weights).
     """
 
     mode: str = "int8"
-    calibration: str = "mse"
+    calibration: str | None = None
     percentile: float = 99.99
     calibration_samples: int = 512
     weight_method: str = "minmax"
@@ -93,14 +107,24 @@ class QuantConfig:
     weight_decay: float = 0.0
     bf16: bool = False
     shiftadd: bool = False
-    reduce_range: bool = True
+    reduce_range: bool | None = None
     seed: int = 0
+    int8_engine: str = "onnxruntime"
 
     def __post_init__(self):
         if self.mode not in QUANT_MODES:
             raise ValueError(f"mode must be one of {', '.join(QUANT_MODES)}; got {self.mode!r}")
-        if self.calibration not in CALIBRATION:
-            raise ValueError(f"calibration must be one of {', '.join(CALIBRATION)}; got {self.calibration!r}")
+        if self.int8_engine not in INT8_ENGINES:
+            raise ValueError(f"int8_engine must be one of {', '.join(INT8_ENGINES)}; got {self.int8_engine!r}")
+        if self.calibration is None:
+            object.__setattr__(self, "calibration", default_calibration(self.mode, self.int8_engine))
+        ort = self.mode == "int8" and self.int8_engine == "onnxruntime"
+        allowed = ORT_CALIBRATION if ort else CALIBRATION
+        if self.calibration not in allowed:
+            who = "onnxruntime int8" if ort else ("torch int8" if self.mode == "int8" else f"{self.mode}")
+            hint = " (or the torch engine for mse)" if ort and self.calibration == "mse" else ""
+            raise ValueError(f"calibration for {who} must be one of {', '.join(allowed)}{hint}; "
+                             f"got {self.calibration!r}")
         if isinstance(self.percentile, bool) or not 0 < float(self.percentile) <= 100:
             raise ValueError(f"percentile must be in (0, 100]; got {self.percentile!r}")
         _check_int(self.calibration_samples, "calibration_samples", 1)
@@ -125,16 +149,19 @@ class QuantConfig:
 
 @dataclass(frozen=True, eq=False)
 class QuantResult:
-    """model: the quantized model (eval mode). kind: "int8-x86", "fake-quant-int4",
-    "fake-quant-pot4", "fake-quant-apot4", "shiftadd-pot4" or "shiftadd-apot4".
+    """model: the quantized model (eval mode). kind: "int8-onnxruntime" (an
+    :class:`~si_compress.compress.int8_ort.OrtModule`), "int8-x86" (torch engine),
+    "fake-quant-int4", "fake-quant-pot4", "fake-quant-apot4", "shiftadd-pot4" or "shiftadd-apot4".
     bits_per_weight: nominal code bits per conv/linear weight (weighted by layer size; scales and
     sparse indices excluded: see :mod:`si_compress.storage` for stored bits). details: timings,
-    calibration, QAT history."""
+    calibration, QAT history. reference: for onnxruntime int8, the float ONNX model it was
+    quantized from, run by the same runtime (for like-for-like latency)."""
 
     model: nn.Module
     kind: str
     bits_per_weight: float
     details: dict = field(default_factory=dict)
+    reference: nn.Module | None = None
 
 
 def nominal_bits_per_weight(model: nn.Module) -> float:
@@ -272,12 +299,23 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration_data, *, t
                          "set qat_epochs=0 for post-training quantization")
     details: dict = {"mode": config.mode, "calibration": config.calibration}
     t0 = time.perf_counter()
+    if config.mode == "int8" and config.int8_engine == "onnxruntime":
+        from .compress.int8_ort import quantize_int8_ort
+
+        res = quantize_int8_ort(model, calibration_data, method=config.calibration, percentile=config.percentile,
+                                max_samples=config.calibration_samples, reduce_range=config.reduce_range)
+        details.update(res.details, seconds_calibrate=time.perf_counter() - t0)
+        return QuantResult(model=res.int8, kind="int8-onnxruntime", bits_per_weight=8.0, details=details,
+                           reference=res.fp32)
     if config.mode == "int8":
         from .compress.int8 import quantize_int8
+        from .compress.int8_ort import cpu_has_vnni
 
+        reduce_range = (not cpu_has_vnni()) if config.reduce_range is None else config.reduce_range
         qmodel = quantize_int8(model, calibration_data, method=config.calibration, percentile=config.percentile,
-                               max_samples=config.calibration_samples, reduce_range=config.reduce_range)
-        details.update(backend="x86 FX graph mode (torch.ao.quantization)", reduce_range=config.reduce_range,
+                               max_samples=config.calibration_samples, reduce_range=reduce_range)
+        details.update(engine="torch", backend="x86 FX graph mode (torch.ao.quantization, deprecated)",
+                       reduce_range=reduce_range,
                        calibration_samples=sum(x.shape[0] for x in _batches(calibration_data,
                                                                              config.calibration_samples)),
                        seconds_calibrate=time.perf_counter() - t0)

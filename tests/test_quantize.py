@@ -148,7 +148,7 @@ def test_quantize_model_fake_modes(tiny, data, mode, kind, fmt):
 
 
 def test_quantize_model_int8_and_shiftadd(tiny, data):
-    res = quantize_model(tiny, QuantConfig(mode="int8", calibration="minmax"), data)
+    res = quantize_model(tiny, QuantConfig(mode="int8", calibration="minmax", int8_engine="torch"), data)
     assert res.kind == "int8-x86" and res.bits_per_weight == 8.0
     sa = quantize_model(tiny, QuantConfig(mode="pot4", shiftadd=True, calibration="minmax"), data)
     assert sa.kind == "shiftadd-pot4"
@@ -384,7 +384,8 @@ def test_resnet20_int8_and_pot4_on_jpeg_sample():
 
 
 # ----------------------------------------------------------------------------- CLI helper
-@pytest.mark.parametrize("quant,extra", [("int8", []), ("pot4", ["--shiftadd", "--sparsity", "50"])])
+@pytest.mark.parametrize("quant,extra", [("int8", []), ("int8", ["--int8-engine", "torch"]),
+                                         ("pot4", ["--shiftadd", "--sparsity", "50"])])
 def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
     import argparse
 
@@ -396,13 +397,24 @@ def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
     args = p.parse_args(["--quant", quant, "--quant-samples", "32", "--out", str(tmp_path), *extra])
     loader = DataLoader(TensorDataset(data, torch.arange(64) % 4), batch_size=32)
     m = apply_quant(args, tiny, loader, None, loader)
-    assert m["kind"] == ("int8-x86" if quant == "int8" else "shiftadd-pot4")
+    kind = {"int8": "int8-onnxruntime", "int8 torch": "int8-x86", "pot4": "shiftadd-pot4"}
+    assert m["kind"] == kind[quant + (" torch" if "torch" in extra else "")]
+    if m["kind"] == "int8-onnxruntime":
+        assert m["int8_onnx_bytes"] == (tmp_path / "model.int8.onnx").stat().st_size > 0
+        assert not (tmp_path / "model.int8.ts").exists()
+        lat = m["latency"]["batch1"]
+        assert lat["fp32_onnx_s"] > 0 and lat["speedup_vs_fp32_onnx"] == lat["fp32_onnx_s"] / lat["quant_s"]
+        assert "fp32_onnx" in m["accuracy"]
     assert m["size_on_disk_bytes"] == (tmp_path / "weights.siqp").stat().st_size
     assert 0 < m["size_on_disk_bytes"] < m["fp32_size_bytes"]
     assert set(m["accuracy"]) >= {"fp32", "quantized"} and m["latency"]["batch128"]["speedup"] > 0
-    if extra:
+    if "--sparsity" in extra:
         assert m["sparsity"] >= 0.5 - 0.01 and "pruned" in m["accuracy"]
     p2 = argparse.ArgumentParser()
     add_quant_args(p2)
     with pytest.raises(ValueError, match="--shiftadd"):
         apply_quant(p2.parse_args(["--quant", "int4", "--shiftadd"]), tiny, loader, None, loader)
+    with pytest.raises(ValueError, match="mse is offered by --int8-engine torch"):
+        apply_quant(p2.parse_args(["--quant", "int8", "--quant-calibration", "mse"]), tiny, loader, None, loader)
+    with pytest.raises(ValueError, match="does not apply to --quant pot4"):
+        apply_quant(p2.parse_args(["--quant", "pot4", "--quant-calibration", "entropy"]), tiny, loader, None, loader)
