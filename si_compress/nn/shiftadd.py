@@ -408,7 +408,7 @@ def _run_linear(x, terms, is_shift, row_sums):
     out = np.zeros((ks.shape[0], x.shape[0]), dtype=dtype)
     tile = k.tile_pixels(1, x.shape[0], _num_threads())
     k.linear_terms(xt, ks, vals.astype(dtype), n_pos, n_all, is_shift, out, tile)
-    return out.T.astype(np.int64)
+    return np.ascontiguousarray(out.T, dtype=np.int64)  # C order: the next float layer sees the usual layout
 
 
 def _mul_term_lists(weight: np.ndarray):
