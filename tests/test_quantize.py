@@ -408,6 +408,15 @@ def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
     assert m["size_on_disk_bytes"] == (tmp_path / "weights.siqp").stat().st_size
     assert 0 < m["size_on_disk_bytes"] < m["fp32_size_bytes"]
     assert set(m["accuracy"]) >= {"fp32", "quantized"} and m["latency"]["batch128"]["speedup"] > 0
+    if quant == "pot4":
+        from si_compress.compress.lowbit_export import load_codes
+
+        assert m["codes_path"] == str(tmp_path / "model.codes.npz")
+        assert "conv2_signs" in (tmp_path / "model.codes.h").read_text()
+        codes = load_codes(tmp_path / "model.codes.npz")
+        assert set(codes) == {"state", "conv1", "conv2", "linear"}
+        assert str(codes["conv2"]["kind"]) == "pow2"  # shift-add; first conv / last linear: 8-bit int fake-quant
+        assert str(codes["conv1"]["kind"]) == "int" and int(codes["linear"]["bits"]) == 8
     if "--sparsity" in extra:
         assert m["sparsity"] >= 0.5 - 0.01 and "pruned" in m["accuracy"]
     p2 = argparse.ArgumentParser()

@@ -5,7 +5,9 @@ test_loader)`` runs them on the (already SI-compressed) float model and returns 
 go into metrics.json under ``"quant"``. With ``args.out`` set it also writes
 ``<out>/weights.siqp`` (packed weights, :mod:`si_compress.storage`), ``<out>/model_fp32.pt`` (the
 float state dict, for the size comparison) and, for int8, ``<out>/model.int8.onnx`` (onnxruntime
-engine, the default: QDQ int8 ONNX) or ``<out>/model.int8.ts`` (``--int8-engine torch``: TorchScript).
+engine, the default: QDQ int8 ONNX) or ``<out>/model.int8.ts`` (``--int8-engine torch``: TorchScript);
+for int4 / pot4 / apot4, ``<out>/model.codes.npz`` and ``<out>/model.codes.h`` (integer weight codes
+per layer, :mod:`si_compress.compress.lowbit_export`).
 """
 from __future__ import annotations
 
@@ -147,6 +149,12 @@ def _apply(args, model, calib_loader, train_loader, test_loader, out: Path) -> d
         from ..compress.int8 import save_int8
 
         save_int8(qmodel, out / "model.int8.ts", example)
+    elif args.quant is not None:
+        from ..compress.lowbit_export import export_c_header, export_codes
+
+        export_codes(qmodel, out / "model.codes.npz")
+        export_c_header(out / "model.codes.npz", out / "model.codes.h")
+        metrics["codes_path"] = str(out / "model.codes.npz")
     lat = {}
     if args.quant == "int8" or args.shiftadd:
         shape = tuple(example.shape[1:])
