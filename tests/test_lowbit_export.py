@@ -102,3 +102,33 @@ def test_export_errors(tmp_path):
     (tmp_path / "bad.npz").write_bytes(b"nope")
     with pytest.raises(ValueError, match="not a readable"):
         load_codes(tmp_path / "bad.npz")
+
+
+@pytest.mark.parametrize("variant", ["pot", "apot2"])
+def test_qdq_onnx_holds_the_codes_and_runs(tmp_path, variant):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    from onnx import numpy_helper
+
+    from si_compress.compress.lowbit_export import export_qdq_onnx
+
+    sa, x = _shiftadd(variant)
+    path = export_qdq_onnx(sa, tmp_path / "m.onnx", x[:1])
+    codes = load_codes(export_codes(sa, tmp_path / "c.npz"))
+    g = onnx.load(str(path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    for layer in ("conv2", "conv3", "fc1"):
+        e = codes[layer]
+        sh = e["shifts"].astype(np.int64)
+        w = e["signs"].astype(np.int64) * np.where(sh >= 0, np.left_shift(1, np.maximum(sh, 0)), 0).sum(0)
+        assert inits[f"{layer}_codes"].dtype == np.int8
+        np.testing.assert_array_equal(inits[f"{layer}_codes"], w)
+        assert inits[f"{layer}_wscale"].shape == (w.shape[0],)
+        assert float(inits[f"{layer}_ascale"]) == float(e["act_scale"])
+    assert sum(n.op_type == "QuantizeLinear" for n in g.node) == 3
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        y = sa(x).numpy()
+    got = sess.run(None, {"input": x.numpy()})[0]
+    # float32 runtime vs our exact integer sums: equal up to float rounding
+    np.testing.assert_allclose(got, y, rtol=1e-4, atol=1e-4 * np.abs(y).max())

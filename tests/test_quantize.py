@@ -417,6 +417,7 @@ def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
         assert set(codes) == {"state", "conv1", "conv2", "linear"}
         assert str(codes["conv2"]["kind"]) == "pow2"  # shift-add; first conv / last linear: 8-bit int fake-quant
         assert str(codes["conv1"]["kind"]) == "int" and int(codes["linear"]["bits"]) == 8
+        assert m["codes_onnx_path"] == str(tmp_path / "model.codes.onnx")
     if "--sparsity" in extra:
         assert m["sparsity"] >= 0.5 - 0.01 and "pruned" in m["accuracy"]
     p2 = argparse.ArgumentParser()

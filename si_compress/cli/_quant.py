@@ -7,7 +7,8 @@ go into metrics.json under ``"quant"``. With ``args.out`` set it also writes
 float state dict, for the size comparison) and, for int8, ``<out>/model.int8.onnx`` (onnxruntime
 engine, the default: QDQ int8 ONNX) or ``<out>/model.int8.ts`` (``--int8-engine torch``: TorchScript);
 for int4 / pot4 / apot4, ``<out>/model.codes.npz`` and ``<out>/model.codes.h`` (integer weight codes
-per layer, :mod:`si_compress.compress.lowbit_export`).
+per layer, :mod:`si_compress.compress.lowbit_export`) and ``<out>/model.codes.onnx`` (the same codes as
+int8 initializers behind DequantizeLinear, when onnx is installed).
 """
 from __future__ import annotations
 
@@ -155,6 +156,17 @@ def _apply(args, model, calib_loader, train_loader, test_loader, out: Path) -> d
         export_codes(qmodel, out / "model.codes.npz")
         export_c_header(out / "model.codes.npz", out / "model.codes.h")
         metrics["codes_path"] = str(out / "model.codes.npz")
+        from ..compress.int8_ort import ort_available
+
+        if ort_available():  # onnx is an optional dependency
+            from ..compress.lowbit_export import export_qdq_onnx
+
+            try:
+                export_qdq_onnx(qmodel, out / "model.codes.onnx", example)
+                metrics["codes_onnx_path"] = str(out / "model.codes.onnx")
+            except ValueError as exc:  # integer weights wider than int8: the .npz holds them
+                metrics["codes_onnx_path"] = None
+                metrics["codes_onnx_skipped"] = str(exc)
     lat = {}
     if args.quant == "int8" or args.shiftadd:
         shape = tuple(example.shape[1:])

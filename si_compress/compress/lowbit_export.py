@@ -28,7 +28,8 @@ integers, then ``y = float32(float64(acc) * (weight_scale[c] * act_scale) + floa
 :func:`reference_model` rebuilds a model from the file: every pow2 layer becomes a
 :class:`ReferenceIntLayer` that computes the integer sum with numpy int64 (im2col + matmul, no Numba,
 no torch conv) and the formula above; the rest comes from ``state/``. Its logits equal the shift-add
-model's bit for bit. :func:`export_c_header` writes the codes as C arrays.
+model's bit for bit. :func:`export_c_header` writes the codes as C arrays; :func:`export_qdq_onnx`
+writes an ONNX model whose quantized layers hold the same int8 codes behind ``DequantizeLinear``.
 """
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ from torch import Tensor, nn
 
 from .._io import atomic_path
 
-__all__ = ["FORMAT", "VERSION", "ReferenceIntLayer", "export_c_header", "export_codes", "load_codes",
-           "reference_model"]
+__all__ = ["FORMAT", "VERSION", "ReferenceIntLayer", "export_c_header", "export_codes", "export_qdq_onnx",
+           "load_codes", "reference_model"]
 
 FORMAT = "si_compress.codes"
 VERSION = 1
@@ -254,3 +255,110 @@ def export_c_header(path_npz, path_h) -> Path:
     with atomic_path(path_h) as tmp:
         Path(tmp).write_text("\n".join(lines) + "\n")
     return Path(path_h)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX with integer codes and scales (QDQ)
+# --------------------------------------------------------------------------------------------
+def _surrogate(model: nn.Module, codes: dict) -> tuple[nn.Module, dict]:
+    """Float copy of ``model`` whose quantized layers are plain Conv2d / Linear (dequantized weights),
+    and {layer name: name of its weight parameter in the copy}."""
+    from ..nn.fixed_point import _set_submodule
+
+    sur = copy.deepcopy(model).eval()
+    weight_names = {}
+    modules = dict(sur.named_modules())
+    for name, e in codes.items():
+        if name == "state":
+            continue
+        wi = _integer_weight(e)
+        w = torch.from_numpy(wi.astype(np.float64) * e["weight_scale"].reshape(-1, *[1] * (wi.ndim - 1)))
+        old = modules[name]
+        bias = "bias" in e
+        if str(e["op"]) == "linear":
+            new = nn.Linear(w.shape[1], w.shape[0], bias=bias)
+            weight_names[name] = f"{name}.weight"
+        else:
+            pt, pb, pl, pr = (int(v) for v in e["padding"])
+            if getattr(old, "padding_mode", "zeros") != "zeros":
+                raise ValueError(f"{name}: only zero padding exports to ONNX codes; got {old.padding_mode}")
+            conv = nn.Conv2d(w.shape[1] * int(e["groups"]), w.shape[0], tuple(w.shape[2:]),
+                             stride=tuple(int(v) for v in e["stride"]), dilation=tuple(int(v) for v in e["dilation"]),
+                             groups=int(e["groups"]), bias=bias)
+            new = nn.Sequential(nn.ZeroPad2d((pl, pr, pt, pb)), conv)
+            weight_names[name] = f"{name}.1.weight"
+        target = new if isinstance(new, nn.Linear) else new[1]
+        with torch.no_grad():
+            target.weight.copy_(w.float())
+            if bias:
+                target.bias.copy_(torch.from_numpy(e["bias"]))
+        _set_submodule(sur, name, new)
+    return sur, weight_names
+
+
+def export_qdq_onnx(model: nn.Module, path, example_input: Tensor) -> Path:
+    """ONNX (opset 17) of a model with shift-add / int fake-quant layers, their weights stored as int8
+    integer codes with per-output-channel float scales (``DequantizeLinear``, axis 0, zero point 0)
+    and, for shift-add layers, their input as a ``QuantizeLinear`` / ``DequantizeLinear`` pair with the
+    layer's power-of-two activation scale (uint8 when unsigned, int8 when signed, zero point 0). Any
+    QDQ-aware runtime (onnxruntime, hardware flows) reads it; the codes equal the .npz ones. Integer
+    weights must fit int8 (pot up to 4 bits, apot2 up to 6, int up to 8); wider ones: use the .npz."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from .export import export_onnx
+
+    codes: dict = {"state": {}}
+    for name, m in model.named_modules():
+        e = _layer_entries(name, m)
+        if e is not None:
+            codes[name] = {k: np.asarray(v) for k, v in e.items()}
+    if len(codes) == 1:
+        raise ValueError("the model has no quantized layer (shift-add or int fake-quant) to export")
+    for name, e in codes.items():
+        if name != "state" and np.abs(_integer_weight(e)).max(initial=0) > 127:
+            raise ValueError(f"{name}: integer weights up to {np.abs(_integer_weight(e)).max()} do not fit int8 "
+                             "codes in ONNX; use the .npz export")
+    sur, weight_names = _surrogate(model, codes)
+    with atomic_path(path) as tmp:
+        export_onnx(sur, tmp, example_input)
+        m = onnx.load(str(tmp))
+        g = m.graph
+        inits = {i.name: i for i in g.initializer}
+        nodes = list(g.node)
+        new_nodes = []
+        for node in nodes:
+            layer = next((L for L, wn in weight_names.items() if len(node.input) > 1 and node.input[1] == wn), None)
+            if layer is None:
+                new_nodes.append(node)
+                continue
+            e = codes[layer]
+            base = _c_name(layer)
+            wq = _integer_weight(e).astype(np.int8)
+            co = wq.shape[0]
+            g.initializer.remove(inits[weight_names[layer]])
+            g.initializer.extend([numpy_helper.from_array(wq, f"{base}_codes"),
+                                  numpy_helper.from_array(e["weight_scale"].astype(np.float32), f"{base}_wscale"),
+                                  numpy_helper.from_array(np.zeros(co, np.int8), f"{base}_wzp")])
+            new_nodes.append(helper.make_node("DequantizeLinear", [f"{base}_codes", f"{base}_wscale", f"{base}_wzp"],
+                                              [f"{base}_weight"], axis=0, name=f"{base}_weight_dq"))
+            node.input[1] = f"{base}_weight"
+            if str(e["kind"]) == "pow2":
+                signed = bool(e["act_signed"])
+                zp = np.array(0, np.int8 if signed else np.uint8)
+                g.initializer.extend([numpy_helper.from_array(np.array(float(e["act_scale"]), np.float32),
+                                                              f"{base}_ascale"),
+                                      numpy_helper.from_array(zp, f"{base}_azp")])
+                x = node.input[0]
+                new_nodes += [helper.make_node("QuantizeLinear", [x, f"{base}_ascale", f"{base}_azp"], [f"{base}_xq"],
+                                               name=f"{base}_input_q"),
+                              helper.make_node("DequantizeLinear", [f"{base}_xq", f"{base}_ascale", f"{base}_azp"],
+                                               [f"{base}_xdq"], name=f"{base}_input_dq")]
+                node.input[0] = f"{base}_xdq"
+            new_nodes.append(node)
+        del g.node[:]
+        g.node.extend(new_nodes)
+        m.metadata_props.append(onnx.StringStringEntryProto(key="si_compress.codes", value=f"{FORMAT} v{VERSION}"))
+        onnx.checker.check_model(m)
+        onnx.save(m, str(tmp))
+    return Path(path)
