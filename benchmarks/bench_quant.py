@@ -62,10 +62,11 @@ def _latency(models: dict, shape, repeats: int) -> dict:
     return out
 
 
-def _int8_engines(model, ctx, args, tag: str) -> dict:
+def _int8_engines(model, ctx, args, tag: str, extra: dict | None = None) -> dict:
     """int8 of ``model`` with both engines, timed in one interleaved run: torch fp32 eager, onnxruntime
     fp32 (the exported graph), onnxruntime int8 (QDQ, per-channel) and torch.ao int8 (deprecated FX
-    path, for comparison). Accuracy of each on the test loader; sizes on disk."""
+    path, for comparison), plus ``extra`` models in the same rounds. Accuracy of each quantized /
+    exported model on the test loader; sizes on disk."""
     import torch
 
     from si_compress.compress import evaluate
@@ -80,13 +81,13 @@ def _int8_engines(model, ctx, args, tag: str) -> dict:
                                            calibration_samples=args.calib_samples), ctx["calib"])
     models = {"fp32": model, "onnx_fp32": ort.reference, "onnx_int8": ort.model, "torch_ao_int8": fx.model}
     acc = {k: evaluate(m, ctx["test"]) for k, m in models.items() if k != "fp32"}
-    lat = _latency(models, (3, 32, 32), args.latency_repeats)
+    lat = _latency({**models, **(extra or {})}, (3, 32, 32), args.latency_repeats)
     sizes = {"int8_onnx": ort.model.save(tmp / f"{tag}.int8.onnx").stat().st_size,
              "fp32_onnx": ort.reference.save(tmp / f"{tag}.fp32.onnx").stat().st_size,
              "torch_ao_int8_torchscript": save_int8(fx.model, tmp / f"{tag}_int8.ts",
                                                     torch.zeros(1, 3, 32, 32)).stat().st_size,
              "int8_packed": save_packed(tmp / f"{tag}_int8.siqp", fx.model).size_bytes}
-    speedup = {b: {k: v["fp32"] / v[k] for k in models if k != "fp32"} for b, v in lat.items()}
+    speedup = {b: {k: v["fp32"] / v[k] for k in v if k != "fp32"} for b, v in lat.items()}
     return {"acc": acc, "latency_s": lat, "speedup_vs_torch_fp32": speedup,
             "onnx_int8_vs_onnx_fp32": {b: v["onnx_fp32"] / v["onnx_int8"] for b, v in lat.items()},
             "onnx_int8_vs_torch_ao_int8": {b: v["torch_ao_int8"] / v["onnx_int8"] for b, v in lat.items()},
@@ -107,6 +108,10 @@ def section_a(ctx, args) -> dict:
            "acc_int8": r["acc"]["onnx_int8"], "acc_drop_points": 100 * (acc_fp32 - r["acc"]["onnx_int8"]),
            **r}
     out["size_bytes"]["fp32_state_dict"] = fp32_bytes
+    # summary keys read by report.py: the default engine's int8 against torch fp32
+    out["speedup"] = {b: v["onnx_int8"] for b, v in r["speedup_vs_torch_fp32"].items()}
+    out["size_reduction_packed"] = 1 - out["size_bytes"]["int8_packed"] / fp32_bytes
+    out["size_reduction_onnx"] = 1 - out["size_bytes"]["int8_onnx"] / fp32_bytes
     sp = r["speedup_vs_torch_fp32"]
     log(f"(a) fp32 {acc_fp32:.4f} onnx int8 {r['acc']['onnx_int8']:.4f} torch.ao int8 {r['acc']['torch_ao_int8']:.4f}; "
         f"x torch fp32: onnx int8 b1 {sp['batch1']['onnx_int8']:.2f} b128 {sp['batch128']['onnx_int8']:.2f}, "
@@ -334,11 +339,10 @@ def section_d(ctx, args) -> dict:
     x0 = torch.zeros(1, 3, 32, 32)
     acc_base = ctx.setdefault("r56_acc", evaluate(base, ctx["test"]))
     acc_pruned = evaluate(pruned, ctx["test"])
-    r = _int8_engines(pruned, ctx, args, "pruned")
+    r = _int8_engines(pruned, ctx, args, "pruned", extra={"base_fp32": base})
     tmp = Path(ctx["tmp"])
     base_bytes = fp32_state_dict_bytes(base, tmp / "base_fp32.pt")
     pruned_bytes = fp32_state_dict_bytes(pruned, tmp / "pruned_fp32.pt")
-    lat_base = _latency({"base_fp32": base}, (3, 32, 32), args.latency_repeats)
     base_macs, base_params = count_tp(base, x0)
     macs, params = count_tp(pruned, x0)
     acc_q = r["acc"]["onnx_int8"]
@@ -346,9 +350,13 @@ def section_d(ctx, args) -> dict:
            "macs": {"base": base_macs, "pruned": macs}, "params": {"base": base_params, "pruned": params},
            "acc_base_fp32": acc_base, "acc_pruned_fp32": acc_pruned, "acc_pruned_int8": acc_q,
            "drop_vs_base_points": 100 * (acc_base - acc_q), "drop_vs_pruned_points": 100 * (acc_pruned - acc_q),
-           "base_latency_s": lat_base, **r}
-    out["size_bytes"].update(base_fp32_state_dict=base_bytes, pruned_fp32_state_dict=pruned_bytes)
-    out["size_reduction_vs_base"] = 1 - out["size_bytes"]["int8_onnx"] / base_bytes
+           **r}
+    out["size_bytes"].update(base_fp32_state_dict=base_bytes, pruned_fp32_state_dict=pruned_bytes,
+                             pruned_int8_packed=out["size_bytes"]["int8_packed"])
+    # summary keys read by report.py: the default engine (onnxruntime int8) against the fp32 base, same run
+    out["speedup_vs_base"] = {b: v["base_fp32"] / v["onnx_int8"] for b, v in r["latency_s"].items()}
+    out["size_reduction_vs_base"] = 1 - out["size_bytes"]["int8_packed"] / base_bytes
+    out["size_reduction_vs_base_onnx"] = 1 - out["size_bytes"]["int8_onnx"] / base_bytes
     sp = r["speedup_vs_torch_fp32"]
     log(f"(d) base {acc_base:.4f} pruned {acc_pruned:.4f} pruned+int8 (onnx) {acc_q:.4f}; onnx int8 x pruned fp32 "
         f"b1 {sp['batch1']['onnx_int8']:.2f} b128 {sp['batch128']['onnx_int8']:.2f}; x torch.ao int8 "
@@ -498,8 +506,8 @@ def table(path: Path, sections=SECTIONS) -> str:
         lines += ["### (d) SI pruning + int8, ResNet-56-jpeg, full JPEG test split", "",
                   f"Base fp32: {_pct(d['acc_base_fp32'])}, {d['macs']['base'] / 1e6:.1f} M MACs, "
                   f"{d['size_bytes']['base_fp32_state_dict'] / 1024:.0f} KiB, batch 1 / 128: "
-                  f"{1e3 * d['base_latency_s']['batch1']['base_fp32']:.1f} / "
-                  f"{1e3 * d['base_latency_s']['batch128']['base_fp32']:.0f} ms. SI-pruned: "
+                  f"{1e3 * d['latency_s']['batch1']['base_fp32']:.1f} / "
+                  f"{1e3 * d['latency_s']['batch128']['base_fp32']:.0f} ms (same run). SI-pruned: "
                   f"{d['macs']['pruned'] / 1e6:.1f} M MACs; rows below are the pruned model "
                   "(speed-ups against its torch fp32 eager).", "",
                   *_int8_rows(d, d["acc_pruned_fp32"], d["size_bytes"]["pruned_fp32_state_dict"]), ""]
