@@ -53,7 +53,7 @@ def log(*a):
 def _latency(models: dict, shape, repeats: int) -> dict:
     import torch
 
-    from si_compress.quantize import compare_latency
+    from si_compress.quant.api import compare_latency
 
     out = {}
     for b in (1, 128):
@@ -70,9 +70,9 @@ def _int8_engines(model, ctx, args, tag: str, extra: dict | None = None) -> dict
     import torch
 
     from si_compress.compress import evaluate
-    from si_compress.compress.int8 import save_int8
-    from si_compress.quantize import QuantConfig, quantize_model
-    from si_compress.storage import save_packed
+    from si_compress.quant.engine_torch import save_int8
+    from si_compress.quant.api import QuantConfig, quantize_model
+    from si_compress.quant.storage import save_packed
 
     tmp = Path(ctx["tmp"])
     ort = quantize_model(model, QuantConfig(mode="int8", calibration=args.int8_calibration,
@@ -97,7 +97,7 @@ def _int8_engines(model, ctx, args, tag: str, extra: dict | None = None) -> dict
 
 def section_a(ctx, args) -> dict:
     from si_compress.compress import evaluate
-    from si_compress.storage import fp32_state_dict_bytes
+    from si_compress.quant.storage import fp32_state_dict_bytes
 
     base = ctx["r56"]
     log("(a) fp32 ResNet-56 accuracy on", len(ctx["test"].dataset))
@@ -124,7 +124,7 @@ def _shiftadd_check(model, x) -> dict:
     import numpy as np
     import torch
 
-    from si_compress.nn import ShiftAddConv2d, conv2d_mul, conv2d_shift
+    from si_compress.quant import ShiftAddConv2d, conv2d_mul, conv2d_shift
 
     name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, ShiftAddConv2d))
     seen = {}
@@ -151,8 +151,8 @@ def section_b(ctx, args) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from si_compress.compress import cifar_augment, evaluate
-    from si_compress.nn import convert_to_shiftadd
-    from si_compress.quantize import QuantConfig, quantize_model, run_qat
+    from si_compress.quant import convert_to_shiftadd
+    from si_compress.quant.api import QuantConfig, quantize_model, run_qat
 
     base = ctx["r20"]
     log("(b) fp32 ResNet-20 accuracy")
@@ -225,7 +225,7 @@ def _r20_grid_setup(ctx, args):
     from torch.utils.data import DataLoader, Subset
 
     from si_compress.compress import evaluate
-    from si_compress.storage import fp32_state_dict_bytes
+    from si_compress.quant.storage import fp32_state_dict_bytes
 
     base = ctx["r20"]
     idx = ctx["balanced_test"](args.grid_samples)
@@ -236,8 +236,8 @@ def _r20_grid_setup(ctx, args):
 
 def section_c(ctx, args) -> dict:
     from si_compress.compress import evaluate
-    from si_compress.quantize import QuantConfig, percentile_prune, quantize_model
-    from si_compress.storage import save_packed
+    from si_compress.quant.api import QuantConfig, percentile_prune, quantize_model
+    from si_compress.quant.storage import save_packed
 
     base, idx, loader, tmp, fp32_bytes, acc_base = _r20_grid_setup(ctx, args)
     rows = []
@@ -266,9 +266,9 @@ def section_c(ctx, args) -> dict:
 
 def section_e(ctx, args) -> dict:
     from si_compress.compress import cifar_augment, evaluate, finetune
-    from si_compress.quantize import (QuantConfig, dynamic_percentile_search, holding_masks, percentile_prune,
+    from si_compress.quant.api import (QuantConfig, dynamic_percentile_search, holding_masks, percentile_prune,
                                       quantize_model)
-    from si_compress.storage import save_packed
+    from si_compress.quant.storage import save_packed
 
     base, idx, loader, tmp, fp32_bytes, acc_base = _r20_grid_setup(ctx, args)
     train = ctx["train_loader"]()
@@ -326,7 +326,7 @@ def section_e(ctx, args) -> dict:
 def section_d(ctx, args) -> dict:
     from si_compress.compress import evaluate, load_compressed
     from si_compress.pipeline import count_tp
-    from si_compress.storage import fp32_state_dict_bytes
+    from si_compress.quant.storage import fp32_state_dict_bytes
 
     import torch
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from si_compress.nn import conv2d_mul, conv2d_shift, quantize, quantize_pow2_weight  # noqa: E402
+from si_compress.quant import conv2d_mul, conv2d_shift, quantize, quantize_pow2_weight  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "shiftadd.json"
 SHAPES = [

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from si_compress.compress.int8 import check_fx_traceable, is_int8_model, load_int8, quantize_int8, save_int8
+from si_compress.quant.engine_torch import check_fx_traceable, is_int8_model, load_int8, quantize_int8, save_int8
 from si_compress.models import cifar_resnet
-from si_compress.nn import FakeQuantConv2d, ShiftAddConv2d, prepare_qat
-from si_compress.quantize import (
+from si_compress.quant import FakeQuantConv2d, ShiftAddConv2d, prepare_qat
+from si_compress.quant.api import (
     QuantConfig,
     apply_masks,
     compare_latency,
@@ -23,7 +23,7 @@ from si_compress.quantize import (
     percentile_prune,
     quantize_model,
 )
-from si_compress.storage import load_packed, pack_bits, save_packed, size_on_disk, unpack_bits
+from si_compress.quant.storage import load_packed, pack_bits, save_packed, size_on_disk, unpack_bits
 
 
 class TinyNet(nn.Module):
@@ -292,7 +292,7 @@ def test_pack_bits_round_trip_and_size(bits, rng):
 @pytest.mark.parametrize("fmt,bits", [("int", 8), ("int", 4), ("int", 2), ("pot", 4), ("apot2", 4)])
 @pytest.mark.parametrize("sparse", ["dense", "bitmap", "delta", "auto"])
 def test_packed_round_trip_equals_dequantized_weights(tiny, tmp_path, fmt, bits, sparse):
-    from si_compress.nn import fold_bn_model
+    from si_compress.quant import fold_bn_model
 
     model = fold_bn_model(tiny)
     percentile_prune(model, 80.0, hold=False)
@@ -409,7 +409,7 @@ def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
     assert 0 < m["size_on_disk_bytes"] < m["fp32_size_bytes"]
     assert set(m["accuracy"]) >= {"fp32", "quantized"} and m["latency"]["batch128"]["speedup"] > 0
     if quant == "pot4":
-        from si_compress.compress.lowbit_export import load_codes
+        from si_compress.quant.export import load_codes
 
         assert m["codes_path"] == str(tmp_path / "model.codes.npz")
         assert "conv2_signs" in (tmp_path / "model.codes.h").read_text()

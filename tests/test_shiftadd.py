@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from si_compress.nn.fixed_point import calibrating, dequantize, fixed_point_format, quantize
-from si_compress.nn.shiftadd import (
+from si_compress.quant import calibrating, dequantize, fixed_point_format, quantize
+from si_compress.quant.shiftadd import (
     PowerOfTwoWeight,
     ShiftAddConv2d,
     ShiftAddLinear,
@@ -196,7 +196,7 @@ ODD_CASES = [
 def test_conv_kernels_match_slow_reference(case, acc, monkeypatch):
     """Both kernels against the per-pixel definition, on the int32 path (small exponents) and on the
     int64 path (large ones), with pixel tiles of 16 so tiles cross rows and images."""
-    from si_compress.nn import _kernels
+    from si_compress.quant import _kernels
 
     xs, (co, kh, kw), stride, padding, dilation, groups, n_terms = case
     rng = np.random.default_rng(sum(xs) * 7 + co)
@@ -207,7 +207,7 @@ def test_conv_kernels_match_slow_reference(case, acc, monkeypatch):
     shifts[0].flat[0], signs.flat[0] = max_shift, -1
     w = _integer_weight(shifts, signs)
     row_sums = np.abs(w.astype(np.float64)).reshape(co, -1).sum(axis=1)
-    from si_compress.nn.shiftadd import _acc_dtype
+    from si_compress.quant.shiftadd import _acc_dtype
 
     assert _acc_dtype(x, row_sums) == (np.int32 if acc == "int32" else np.int64)
     monkeypatch.setattr(_kernels, "TILE_TARGET", 16 * xs[1] // groups * kh * kw)
@@ -221,7 +221,7 @@ def test_conv_kernels_match_slow_reference(case, acc, monkeypatch):
 @pytest.mark.parametrize("x_val,hi_shift,acc", [(2**14, 15, np.int32), (2**15, None, np.int64)])
 def test_int32_accumulator_boundary(x_val, hi_shift, acc):
     """A worst case just under 2**31 stays on int32 and is exact; exactly 2**31 needs (and gets) int64."""
-    from si_compress.nn.shiftadd import _acc_dtype
+    from si_compress.quant.shiftadd import _acc_dtype
 
     x = np.full((1, 1, 3, 3), x_val, np.int32)
     shifts = np.full((2, 1, 1, 3, 3), -1, np.int8)
@@ -377,7 +377,7 @@ def test_import_does_not_load_numba():
     import sys
     from pathlib import Path
 
-    code = "import sys, si_compress.nn; print('numba' in sys.modules)"
+    code = "import sys, si_compress.quant, si_compress.nn; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"

@@ -3,11 +3,11 @@
 ``add_quant_args(parser)`` adds the options; ``apply_quant(args, model, calib_loader, train_loader,
 test_loader)`` runs them on the (already SI-compressed) float model and returns the metrics that
 go into metrics.json under ``"quant"``. With ``args.out`` set it also writes
-``<out>/weights.siqp`` (packed weights, :mod:`si_compress.storage`), ``<out>/model_fp32.pt`` (the
+``<out>/weights.siqp`` (packed weights, :mod:`si_compress.quant.storage`), ``<out>/model_fp32.pt`` (the
 float state dict, for the size comparison) and, for int8, ``<out>/model.int8.onnx`` (onnxruntime
 engine, the default: QDQ int8 ONNX) or ``<out>/model.int8.ts`` (``--int8-engine torch``: TorchScript);
 for int4 / pot4 / apot4, ``<out>/model.codes.npz`` and ``<out>/model.codes.h`` (integer weight codes
-per layer, :mod:`si_compress.compress.lowbit_export`) and ``<out>/model.codes.onnx`` (the same codes as
+per layer, :mod:`si_compress.quant.export`) and ``<out>/model.codes.onnx`` (the same codes as
 int8 initializers behind DequantizeLinear, when onnx is installed).
 """
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _check(args) -> None:
             raise ValueError(f"--quant-calibration {cal} does not apply to {who}: use one of "
                              f"{', '.join(allowed)}{extra}")
     if args.quant == "int8" and engine == "onnxruntime":
-        from ..compress.int8_ort import ort_available
+        from ..quant.engine_ort import ort_available
 
         if not ort_available():
             raise ValueError("--quant int8 runs through onnxruntime, which is not installed: "
@@ -105,8 +105,8 @@ def _apply(args, model, calib_loader, train_loader, test_loader, out: Path) -> d
     import torch
 
     from ..compress import cifar_augment, evaluate
-    from ..quantize import QuantConfig, compare_latency, percentile_prune, quantize_model, run_qat
-    from ..storage import fp32_state_dict_bytes, save_packed
+    from ..quant.api import QuantConfig, compare_latency, percentile_prune, quantize_model, run_qat
+    from ..quant.storage import fp32_state_dict_bytes, save_packed
 
     if args.quant is None and not args.sparsity:
         return {}
@@ -147,19 +147,19 @@ def _apply(args, model, calib_loader, train_loader, test_loader, out: Path) -> d
         metrics["int8_onnx_bytes"] = (out / "model.int8.onnx").stat().st_size
         metrics["accuracy"]["fp32_onnx"] = evaluate(res.reference, test_loader)
     elif args.quant == "int8":
-        from ..compress.int8 import save_int8
+        from ..quant.engine_torch import save_int8
 
         save_int8(qmodel, out / "model.int8.ts", example)
     elif args.quant is not None:
-        from ..compress.lowbit_export import export_c_header, export_codes
+        from ..quant.export import export_c_header, export_codes
 
         export_codes(qmodel, out / "model.codes.npz")
         export_c_header(out / "model.codes.npz", out / "model.codes.h")
         metrics["codes_path"] = str(out / "model.codes.npz")
-        from ..compress.int8_ort import ort_available
+        from ..quant.engine_ort import ort_available
 
         if ort_available():  # onnx is an optional dependency
-            from ..compress.lowbit_export import export_qdq_onnx
+            from ..quant.export import export_qdq_onnx
 
             try:
                 export_qdq_onnx(qmodel, out / "model.codes.onnx", example)

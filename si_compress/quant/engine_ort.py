@@ -126,7 +126,7 @@ class OrtInt8Result:
 def _calibration_reader(calibration_data, max_samples: int, input_name: str):
     from onnxruntime.quantization import CalibrationDataReader
 
-    from .int8 import _batches  # plain batching helper; does not import torch.ao
+    from .engine_torch import _batches  # plain batching helper; does not import torch.ao
 
     batches = [x.detach().cpu().float().contiguous().numpy() for x in _batches(calibration_data, max_samples)]
     if not batches:
@@ -184,8 +184,8 @@ def quantize_int8_ort(model: nn.Module, calibration_data, *, method: str = "minm
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from .export import export_onnx
-    from .int8 import _batches
+    from ..compress.export import export_onnx
+    from .engine_torch import _batches
 
     first = next(iter(_batches(calibration_data, 1)), None)
     if first is None:

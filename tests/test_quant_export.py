@@ -1,17 +1,17 @@
-"""Low-bit code export (.npz, C header) and the integer reference that re-reads it."""
+"""si_compress.quant.export: low-bit code export (.npz, C header, QDQ ONNX) and the integer reference that re-reads it."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
-from si_compress.compress.lowbit_export import (
+from si_compress.quant.export import (
     ReferenceIntLayer,
     export_c_header,
     export_codes,
     load_codes,
     reference_model,
 )
-from si_compress.nn import ShiftAddConv2d, calibrating, convert_to_shiftadd, prepare_qat
+from si_compress.quant import ShiftAddConv2d, calibrating, convert_to_shiftadd, prepare_qat
 
 
 class Net(nn.Module):
@@ -110,7 +110,7 @@ def test_qdq_onnx_holds_the_codes_and_runs(tmp_path, variant):
     onnx = pytest.importorskip("onnx")
     from onnx import numpy_helper
 
-    from si_compress.compress.lowbit_export import export_qdq_onnx
+    from si_compress.quant.export import export_qdq_onnx
 
     sa, x = _shiftadd(variant)
     path = export_qdq_onnx(sa, tmp_path / "m.onnx", x[:1])

@@ -16,7 +16,7 @@ registration order). For each quantized layer ``L`` (a module name such as ``lay
 * ``L/weight_scale`` float64 (Co,): real weight = ``weight_scale[c] * integer weight``;
 * ``L/act_scale`` float64 (), ``L/act_bits``, ``L/act_signed`` (pow2 layers only: the input is
   ``q = clamp(round_half_even(x / act_scale), qmin, qmax)``, qmin/qmax as in
-  :func:`si_compress.nn.qrange`; act_scale is a power of two);
+  :func:`si_compress.quant.qrange`; act_scale is a power of two);
 * ``L/bias`` float32 (Co,) when the layer has one.
 
 Every other tensor of the model's state dict (float layers such as the first conv and the last
@@ -52,8 +52,8 @@ VERSION = 1
 
 
 def _layer_entries(name: str, m: nn.Module) -> dict | None:
-    from ..nn import FakeQuantConv2d, FakeQuantLinear, ShiftAddConv2d, ShiftAddLinear
-    from ..nn.fixed_point import calibrate_scale, quantize
+    from . import FakeQuantConv2d, FakeQuantLinear, ShiftAddConv2d, ShiftAddLinear
+    from .primitives import calibrate_scale, quantize
 
     e: dict = {}
     if isinstance(m, (ShiftAddConv2d, ShiftAddLinear)):
@@ -73,7 +73,7 @@ def _layer_entries(name: str, m: nn.Module) -> dict | None:
     else:
         return None
     if conv:
-        from ..nn.shiftadd import conv_padding
+        from .shiftadd import conv_padding
 
         pad = m.padding if isinstance(m, ShiftAddConv2d) else conv_padding(m.padding, m.kernel_size, m.dilation)
         e.update(op="conv2d", stride=np.array(m.stride, np.int64), padding=np.array(pad, np.int64),
@@ -207,7 +207,7 @@ def reference_model(path, skeleton: nn.Module) -> nn.Module:
     """A copy of ``skeleton`` (a model with the same module names, e.g. the shift-add model or the
     BN-folded float model) whose pow2 layers are :class:`ReferenceIntLayer` built from the code file
     and whose other tensors are loaded from its ``state/`` entries. Eval mode."""
-    from ..nn.fixed_point import _set_submodule
+    from .primitives import _set_submodule
 
     codes = load_codes(path)
     model = copy.deepcopy(skeleton).eval()
@@ -263,7 +263,7 @@ def export_c_header(path_npz, path_h) -> Path:
 def _surrogate(model: nn.Module, codes: dict) -> tuple[nn.Module, dict]:
     """Float copy of ``model`` whose quantized layers are plain Conv2d / Linear (dequantized weights),
     and {layer name: name of its weight parameter in the copy}."""
-    from ..nn.fixed_point import _set_submodule
+    from .primitives import _set_submodule
 
     sur = copy.deepcopy(model).eval()
     weight_names = {}
@@ -306,7 +306,7 @@ def export_qdq_onnx(model: nn.Module, path, example_input: Tensor) -> Path:
     import onnx
     from onnx import helper, numpy_helper
 
-    from .export import export_onnx
+    from ..compress.export import export_onnx
 
     codes: dict = {"state": {}}
     for name, m in model.named_modules():

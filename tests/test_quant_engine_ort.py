@@ -1,4 +1,4 @@
-"""int8 through onnxruntime (si_compress.compress.int8_ort): QDQ per-channel export, calibration
+"""int8 through onnxruntime (si_compress.quant.engine_ort): QDQ per-channel export, calibration
 methods, the CLI default path free of deprecation warnings."""
 import subprocess
 import sys
@@ -14,8 +14,8 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 from onnx import numpy_helper  # noqa: E402
 
-from si_compress.compress.int8_ort import ORT_CALIBRATION, cpu_has_vnni, quantize_int8_ort  # noqa: E402
-from si_compress.quantize import QuantConfig, quantize_model  # noqa: E402
+from si_compress.quant.engine_ort import ORT_CALIBRATION, cpu_has_vnni, quantize_int8_ort  # noqa: E402
+from si_compress.quant.api import QuantConfig, quantize_model  # noqa: E402
 
 from test_quantize import TinyNet, _trained_bn  # noqa: E402
 
