@@ -381,3 +381,23 @@ def test_import_does_not_load_numba():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_quant_module_imports_have_no_circle():
+    """Module-level imports inside si_compress.quant form a DAG: primitives <- pow2 <- fakequant <- shiftadd."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "si_compress" / "quant"
+
+    def deps(name):
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        return {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert deps("primitives") == set()
+    assert deps("pow2") == {"primitives"}
+    assert deps("fakequant") == {"pow2", "primitives"}
+    assert deps("shiftadd") == {"fakequant", "pow2", "primitives"}
+    # and no function-level back-import either
+    for name in ("primitives", "pow2", "fakequant"):
+        assert "shiftadd" not in (pkg / f"{name}.py").read_text().replace("si_compress.quant.shiftadd", "")

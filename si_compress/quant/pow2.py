@@ -17,13 +17,8 @@ Weights (per output channel c, scale ``s_c``):
 ``s_c = max|w_c| / max_level`` ("minmax") or the MSE-best fraction of it ("mse"); each weight
 goes to the nearest level in the linear domain (ties to the smaller magnitude). On the integer grid
 a magnitude is ``sum_t 2**(e_t - e_min) >= 1``, so every shift is a non-negative left shift and the
-shift kernel is bit-exact with the integer-multiply reference.
-
-Activations: signed int (restricted range) or unsigned int with a power-of-two scale (rounded up
-from max / qmax), i.e. a Qm.n fixed-point format; unsigned when the calibrated minimum is >= 0.
-
-Output: ``y = acc * (scale_w[c] * scale_x) + bias`` with the int64 accumulator ``acc``, in float64
-then cast to the input dtype. The bias is added in float (not quantized).
+shift kernel (:mod:`si_compress.quant.shiftadd`) is bit-exact with the integer-multiply reference.
+This module imports only :mod:`.primitives` (no import circle with the fake-quant or shift-add modules).
 """
 from __future__ import annotations
 
