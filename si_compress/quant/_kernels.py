@@ -247,7 +247,8 @@ def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1) -> int:
     that every one of ``n_threads`` threads gets a job when there are enough pixels."""
     t = max(16, (TILE_TARGET // max(k_size, 1)) // 16 * 16)
     if n_threads > 1:
-        t = min(t, max(16, -(-n_pix // n_threads + 15) // 16 * 16))
+        per_thread = -(-n_pix // n_threads)  # ceil
+        t = min(t, max(16, -(-per_thread // 16) * 16))  # rounded up to a multiple of 16
     return min(t, n_pix)
 
 
