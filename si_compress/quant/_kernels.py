@@ -10,20 +10,25 @@ Two kernels per layer type share one layout and loop structure:
 Layout (the speed comes from here, not from the shift):
 
 1. Each output channel's weight becomes a *term list*: the (column k, exponent e) pairs of its
-   non-zero terms, positive terms first (``k`` indexes the flattened (C/groups, KH, KW) fan-in).
-   Zero weights cost nothing.
-2. Activations are unfolded per (image, tile of output pixels, group) into ``cols (K, P)``
-   (im2col): row k holds the input pixel that weight column k meets at each of the P output
-   pixels (0 in the zero padding), so stride, dilation and padding are resolved once.
-3. ``acc[p] += (cols[k0, p] << e0) + (cols[k1, p] << e1) + ... `` over four terms per pass: the
-   innermost loop runs over contiguous output pixels (SIMD lanes, no branches), and the
-   accumulator row is loaded and stored once per four terms.
+   non-zero terms, positive terms first, each sign grouped by exponent (``k`` indexes the flattened
+   (C/groups, KH, KW) fan-in). Zero weights cost nothing.
+2. Activations are unfolded per tile of output pixels (the pixel axis runs over the whole batch)
+   and group into ``cols (K, P)`` (im2col from the zero-padded input): row k holds the input pixel
+   that weight column k meets at each of the P output pixels, so stride, dilation and padding are
+   resolved once.
+3. Conv, shift: per exponent group, ``tmp[p] = sum_k cols[k, p]`` (additions only, eight rows per
+   pass), then ``acc[p] +/-= tmp[p] << e``: one shift per group, ``sum_e (sum_k x_k) << e``.
+   Conv, multiply: ``acc[p] += cols[k0, p] * w0 + ... `` eight terms per pass, fan-in in blocks of
+   K_BLOCK rows so a block stays in L1 while every channel reads it. Linear layers: eight terms per
+   pass (``x << e``) over the batch. Innermost loops run over contiguous pixels (SIMD lanes, no
+   branches).
 
-Jobs (image, pixel tile) run in parallel (``prange``). Integers only (no fastmath is involved), so
+Pixel tiles run in parallel (``prange``, one reused im2col buffer per thread). Integers only (no fastmath is involved), so
 every summation order gives the same result: the shift and multiply kernels are bit-exact.
 The accumulator dtype is the dtype of the ``cols`` scratch, chosen by the caller: int32 when the
 worst-case sum ``max|x| * max_c sum_k |w[c, k]|`` fits in int32 (twice the SIMD lanes of int64),
-else int64. Every partial sum is bounded by that worst case, so int32 never wraps when chosen.
+else int64. Every partial sum (group sums included) is bounded by that worst case, so int32 never
+wraps when chosen.
 """
 from __future__ import annotations
 
@@ -40,25 +45,35 @@ def shift_terms(shifts, signs):
 
     Returns (ks (Co, T*K) int32, es (Co, T*K) int64, n_pos (Co,) int64, n_all (Co,) int64): for
     channel c, ``ks[c, :n_pos[c]]`` / ``es`` are the positive terms and ``[n_pos[c]:n_all[c]]`` the
-    negative ones.
+    negative ones; within each sign the terms are grouped by exponent (ascending), then by column.
     """
     n_terms, c_out, k_size = shifts.shape
     ks = np.zeros((c_out, n_terms * k_size), np.int32)
     es = np.zeros((c_out, n_terms * k_size), np.int64)
     n_pos = np.zeros(c_out, np.int64)
     n_all = np.zeros(c_out, np.int64)
+    count = np.zeros(64, np.int64)
     for c in range(c_out):
         i = 0
         for want in (1, -1):
+            count[:] = 0  # counting sort by exponent (0..62)
             for k in range(k_size):
-                if signs[c, k] != want:
-                    continue
-                for t in range(n_terms):
-                    e = shifts[t, c, k]
-                    if e >= 0:
-                        ks[c, i] = k
-                        es[c, i] = e
-                        i += 1
+                if signs[c, k] == want:
+                    for t in range(n_terms):
+                        if shifts[t, c, k] >= 0:
+                            count[shifts[t, c, k] + 1] += 1
+            for e in range(1, 64):
+                count[e] += count[e - 1]
+            for k in range(k_size):
+                if signs[c, k] == want:
+                    for t in range(n_terms):
+                        e = shifts[t, c, k]
+                        if e >= 0:
+                            j = i + count[e]
+                            ks[c, j] = k
+                            es[c, j] = e
+                            count[e] += 1
+            i += count[63]
             if want == 1:
                 n_pos[c] = i
         n_all[c] = i
@@ -144,6 +159,53 @@ def _shift_row(acc, cols, ks, es, lo, hi, n_p, negate, mask):
             for p in range(n_p):
                 acc[p] += r0[p] << e0
         i += 1
+
+
+@njit(cache=True, inline="always")
+def _sum_rows(tmp, cols, ks, lo, hi, n_p):
+    """tmp[:n_p] = sum over terms i in [lo, hi) (hi > lo) of cols[ks[i], :n_p]: additions only."""
+    r0 = cols[ks[lo]]
+    for p in range(n_p):
+        tmp[p] = r0[p]
+    i = lo + 1
+    while i + 8 <= hi:
+        r0 = cols[ks[i]]
+        r1 = cols[ks[i + 1]]
+        r2 = cols[ks[i + 2]]
+        r3 = cols[ks[i + 3]]
+        r4 = cols[ks[i + 4]]
+        r5 = cols[ks[i + 5]]
+        r6 = cols[ks[i + 6]]
+        r7 = cols[ks[i + 7]]
+        for p in range(n_p):
+            tmp[p] += ((r0[p] + r1[p]) + (r2[p] + r3[p])) + ((r4[p] + r5[p]) + (r6[p] + r7[p]))
+        i += 8
+    while i < hi:
+        r0 = cols[ks[i]]
+        for p in range(n_p):
+            tmp[p] += r0[p]
+        i += 1
+
+
+@njit(cache=True, inline="always")
+def _shift_grouped(acc, tmp, cols, ks, es, lo, hi, n_p, negate, mask):
+    """acc[:n_p] (+/-)= sum over terms in [lo, hi) of cols[ks[i]] << es[i], for terms grouped by
+    exponent: each group's rows are added first, then shifted once (``sum_e (sum_k x_k) << e``)."""
+    i = lo
+    while i < hi:
+        e = es[i]
+        j = i + 1
+        while j < hi and es[j] == e:
+            j += 1
+        _sum_rows(tmp, cols, ks, i, j, n_p)
+        sh = e & mask
+        if negate:
+            for p in range(n_p):
+                acc[p] -= tmp[p] << sh
+        else:
+            for p in range(n_p):
+                acc[p] += tmp[p] << sh
+        i = j
 
 
 @njit(cache=True, inline="always")
@@ -274,8 +336,8 @@ def conv2d_terms(xp, ks, vals, n_pos, n_all, is_shift, out, kh_size, kw_size, sh
     narrow = out.itemsize == 4
     for chunk in prange(n_chunks):
         cols = scratch[chunk]
-        next_pos = np.empty(c_out, np.int64)  # per channel: first term not yet applied (pos, neg)
-        next_neg = np.empty(c_out, np.int64)
+        tmp = np.empty(tile, out.dtype)  # one exponent group's sum of rows
+        next_pos = np.empty(c_out, np.int64)  # mul path, per channel: first term not yet applied
         for tile_i in range(chunk, n_tiles, n_chunks):
             q0 = tile_i * tile
             n_p = min(tile, n_q - q0)
@@ -283,34 +345,29 @@ def conv2d_terms(xp, ks, vals, n_pos, n_all, is_shift, out, kh_size, kw_size, sh
                 _im2col(cols, xp, g * c_per_g, c_per_g, kh_size, kw_size, q0, n_p, oh_size, ow_size, sh, sw, dh,
                         dw)
                 co0 = g * co_per_g
+                if is_shift:
+                    # terms grouped by exponent (shift_terms): adds per term, one shift per group
+                    for co in range(co0, co0 + co_per_g):
+                        acc = out[co, q0:q0 + n_p]
+                        if narrow:
+                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], 0, n_pos[co], n_p, False, 31)
+                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], n_pos[co], n_all[co], n_p, True, 31)
+                        else:
+                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], 0, n_pos[co], n_p, False, 63)
+                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], n_pos[co], n_all[co], n_p, True, 63)
+                    continue
                 for co in range(co0, co0 + co_per_g):
                     next_pos[co] = 0
-                    next_neg[co] = n_pos[co] if is_shift else n_all[co]
                 # K blocks of K_BLOCK rows: the block's rows stay in L1 while every channel reads them
                 for k1 in range(K_BLOCK, k_size + K_BLOCK, K_BLOCK):
                     for co in range(co0, co0 + co_per_g):
-                        acc = out[co, q0:q0 + n_p]
                         kc = ks[co]
                         a = next_pos[co]
                         b = a
-                        hi = n_pos[co] if is_shift else n_all[co]
-                        while b < hi and kc[b] < k1:
+                        while b < n_all[co] and kc[b] < k1:
                             b += 1
                         next_pos[co] = b
-                        if not is_shift:
-                            _mul_row(acc, cols, kc, vals[co], a, b, n_p)
-                            continue
-                        c = next_neg[co]
-                        d = c
-                        while d < n_all[co] and kc[d] < k1:
-                            d += 1
-                        next_neg[co] = d
-                        if narrow:
-                            _shift_row(acc, cols, kc, vals[co], a, b, n_p, False, 31)
-                            _shift_row(acc, cols, kc, vals[co], c, d, n_p, True, 31)
-                        else:
-                            _shift_row(acc, cols, kc, vals[co], a, b, n_p, False, 63)
-                            _shift_row(acc, cols, kc, vals[co], c, d, n_p, True, 63)
+                        _mul_row(out[co, q0:q0 + n_p], cols, kc, vals[co], a, b, n_p)
     return out
 
 
