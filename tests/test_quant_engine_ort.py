@@ -138,3 +138,24 @@ def test_cli_int8_default_is_free_of_deprecation_warnings(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DeprecationWarning" not in proc.stderr and "AssertionError" not in proc.stderr, proc.stderr[-2000:]
     assert (out / "model.int8.onnx").stat().st_size > 0
+
+
+def test_cli_rejects_mse_for_onnxruntime_before_any_work(tmp_path, capsys, monkeypatch):
+    import si_compress.structure
+    from si_compress.cli.compress import main
+    from si_compress.demo import train_digits_cnn
+
+    ckpt = tmp_path / "digits.pt"
+    train_digits_cnn(ckpt, epochs=1)
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was analysed before the options were checked")
+
+    monkeypatch.setattr(si_compress.structure, "describe", no_work)
+    code = main([str(ckpt), "--arch", "digits_cnn", "--data", "digits", "--out", str(tmp_path / "o"), "--quiet",
+                 "--quant", "int8", "--quant-calibration", "mse"])
+    out, err = capsys.readouterr()
+    assert code == 2
+    lines = [ln for ln in err.strip().splitlines() if ln]
+    assert len(lines) == 1 and "mse" in lines[0] and "--int8-engine torch" in lines[0], err
+    assert "Traceback" not in err and not (tmp_path / "o" / "metrics.json").exists()

@@ -47,7 +47,9 @@ def add_quant_args(parser) -> None:
                    help="fine-tuning epochs after --sparsity pruning, before quantization (masks held)")
 
 
-def _check(args) -> None:
+def check_quant_args(args) -> None:
+    """ValueError (one line) when the quantization options do not fit together; cheap, so the CLI
+    calls it before any compression work."""
     if args.quant_samples < 1:
         raise ValueError(f"--quant-samples must be >= 1; got {args.quant_samples}")
     if args.qat_epochs < 0 or args.sparsity_epochs < 0:
@@ -110,7 +112,7 @@ def _apply(args, model, calib_loader, train_loader, test_loader, out: Path) -> d
 
     if args.quant is None and not args.sparsity:
         return {}
-    _check(args)
+    check_quant_args(args)
     if (args.qat_epochs and args.quant != "int8") or args.sparsity_epochs:
         if train_loader is None:
             raise ValueError("--qat-epochs / --sparsity-epochs need the training split (train_loader)")
