@@ -1,15 +1,18 @@
 """Quantization claims on the JPEG CIFAR-10 ResNets, measured in one run.
 
-(a) int8 PTQ of ResNet-56-jpeg (x86 FX kernels): fp32 vs int8 top-1 on the full 10k JPEG test split,
-    latency at batch 1 and 128 (interleaved medians, same run), size on disk (fp32 state dict vs
-    packed int8 weights and the int8 TorchScript file).
+(a) int8 PTQ of ResNet-56-jpeg with both engines: onnxruntime (QDQ, per-channel; the default) and
+    the deprecated torch.ao FX path. Top-1 on the full 10k JPEG test split of torch fp32, onnxruntime
+    fp32, onnxruntime int8 and torch.ao int8; latency of all four at batch 1 and 128 in one
+    interleaved run; sizes on disk (ONNX files, TorchScript, packed weights).
 (b) pot4 (4-bit power-of-two weights, 8-bit activations) on ResNet-20-jpeg: PTQ, then QAT (at
     most 2 epochs; steps per epoch capped so QAT fits --qat-minutes), top-1 on the full test split;
     the shift-add kernel against the integer-multiply reference on one real layer (bit-exact?),
-    and the converted shift-add model's top-1 on --shiftadd-samples test images.
+    and the converted shift-add model's top-1 and evaluation time on the test split (the Numba
+    shift-add kernels; --shiftadd-samples 0 = all 10,000 images).
 (c) unstructured percentile pruning x bits on ResNet-20: sparsity {0, 50, 70, 90}% x {int8 x86,
     int4 fake-quant}, post-training (no fine-tuning) top-1 on --grid-samples test images and size.
-(d) SI pruning + int8 on ResNet-56: a model.pt written by si-compress (--pruned), quantized to int8:
+(d) SI pruning + int8 on ResNet-56: a model.pt written by si-compress (--pruned), quantized to int8
+    with both engines as in (a):
     size, batch-128 speed-up and top-1 against the fp32 base.
 (e) percentile pruning with fine-tuning on ResNet-20: (1) the (c) grid again after --prune-ft-steps
     SGD steps with the masks held; (2) the dynamic-threshold search (raise the percentile while the
@@ -50,7 +53,7 @@ def log(*a):
 def _latency(models: dict, shape, repeats: int) -> dict:
     import torch
 
-    from si_compress.quantize import compare_latency
+    from si_compress.quant.api import compare_latency
 
     out = {}
     for b in (1, 128):
@@ -59,37 +62,60 @@ def _latency(models: dict, shape, repeats: int) -> dict:
     return out
 
 
-def section_a(ctx, args) -> dict:
+def _int8_engines(model, ctx, args, tag: str, extra: dict | None = None) -> dict:
+    """int8 of ``model`` with both engines, timed in one interleaved run: torch fp32 eager, onnxruntime
+    fp32 (the exported graph), onnxruntime int8 (QDQ, per-channel) and torch.ao int8 (deprecated FX
+    path, for comparison), plus ``extra`` models in the same rounds. Accuracy of each quantized /
+    exported model on the test loader; sizes on disk."""
     import torch
 
     from si_compress.compress import evaluate
-    from si_compress.compress.int8 import save_int8
-    from si_compress.quantize import QuantConfig, quantize_model
-    from si_compress.storage import fp32_state_dict_bytes, save_packed
+    from si_compress.quant.engine_torch import save_int8
+    from si_compress.quant.api import QuantConfig, quantize_model
+    from si_compress.quant.storage import save_packed
+
+    tmp = Path(ctx["tmp"])
+    ort = quantize_model(model, QuantConfig(mode="int8", calibration=args.int8_calibration,
+                                            calibration_samples=args.calib_samples), ctx["calib"])
+    fx = quantize_model(model, QuantConfig(mode="int8", int8_engine="torch", calibration=args.torch_int8_calibration,
+                                           calibration_samples=args.calib_samples), ctx["calib"])
+    models = {"fp32": model, "onnx_fp32": ort.reference, "onnx_int8": ort.model, "torch_ao_int8": fx.model}
+    acc = {k: evaluate(m, ctx["test"]) for k, m in models.items() if k != "fp32"}
+    lat = _latency({**models, **(extra or {})}, (3, 32, 32), args.latency_repeats)
+    sizes = {"int8_onnx": ort.model.save(tmp / f"{tag}.int8.onnx").stat().st_size,
+             "fp32_onnx": ort.reference.save(tmp / f"{tag}.fp32.onnx").stat().st_size,
+             "torch_ao_int8_torchscript": save_int8(fx.model, tmp / f"{tag}_int8.ts",
+                                                    torch.zeros(1, 3, 32, 32)).stat().st_size,
+             "int8_packed": save_packed(tmp / f"{tag}_int8.siqp", fx.model).size_bytes}
+    speedup = {b: {k: v["fp32"] / v[k] for k in v if k != "fp32"} for b, v in lat.items()}
+    return {"acc": acc, "latency_s": lat, "speedup_vs_torch_fp32": speedup,
+            "onnx_int8_vs_onnx_fp32": {b: v["onnx_fp32"] / v["onnx_int8"] for b, v in lat.items()},
+            "onnx_int8_vs_torch_ao_int8": {b: v["torch_ao_int8"] / v["onnx_int8"] for b, v in lat.items()},
+            "size_bytes": sizes, "onnxruntime": {k: v for k, v in ort.details.items()},
+            "torch_ao": {"calibration": fx.details["calibration"], "reduce_range": fx.details["reduce_range"]}}
+
+
+def section_a(ctx, args) -> dict:
+    from si_compress.compress import evaluate
+    from si_compress.quant.storage import fp32_state_dict_bytes
 
     base = ctx["r56"]
     log("(a) fp32 ResNet-56 accuracy on", len(ctx["test"].dataset))
     acc_fp32 = ctx.setdefault("r56_acc", evaluate(base, ctx["test"]))
-    cfg = QuantConfig(mode="int8", calibration=args.int8_calibration, calibration_samples=args.calib_samples)
-    res = quantize_model(base, cfg, ctx["calib"])
-    ctx["r56_int8"] = res.model
-    acc_int8 = evaluate(res.model, ctx["test"])
-    log(f"(a) fp32 {acc_fp32:.4f} int8 {acc_int8:.4f} (calibration {res.details['seconds_calibrate']:.1f} s)")
-    lat = _latency({"fp32": base, "int8": res.model}, (3, 32, 32), args.latency_repeats)
-    tmp = Path(ctx["tmp"])
-    fp32_bytes = fp32_state_dict_bytes(base, tmp / "r56_fp32.pt")
-    rep = save_packed(tmp / "r56_int8.siqp", res.model)
-    ts_bytes = save_int8(res.model, tmp / "r56_int8.ts", torch.zeros(1, 3, 32, 32)).stat().st_size
-    out = {"model": "resnet56-cifar10-jpeg", "test_images": len(ctx["test"].dataset),
-           "calibration": cfg.calibration, "calibration_samples": res.details["calibration_samples"],
-           "reduce_range": cfg.reduce_range, "seconds_calibrate": res.details["seconds_calibrate"],
-           "acc_fp32": acc_fp32, "acc_int8": acc_int8, "acc_drop_points": 100 * (acc_fp32 - acc_int8),
-           "latency_s": lat, "speedup": {k: v["fp32"] / v["int8"] for k, v in lat.items()},
-           "size_bytes": {"fp32_state_dict": fp32_bytes, "int8_packed": rep.size_bytes, "int8_torchscript": ts_bytes},
-           "int8_stored_bits_per_weight": rep.bits_per_weight,
-           "size_reduction_packed": 1 - rep.size_bytes / fp32_bytes}
-    log(f"(a) speed-up b1 {out['speedup']['batch1']:.2f}x b128 {out['speedup']['batch128']:.2f}x; size "
-        f"{fp32_bytes} -> {rep.size_bytes} B packed, {ts_bytes} B TorchScript")
+    r = _int8_engines(base, ctx, args, "r56")
+    fp32_bytes = fp32_state_dict_bytes(base, Path(ctx["tmp"]) / "r56_fp32.pt")
+    out = {"model": "resnet56-cifar10-jpeg", "test_images": len(ctx["test"].dataset), "acc_fp32": acc_fp32,
+           "acc_int8": r["acc"]["onnx_int8"], "acc_drop_points": 100 * (acc_fp32 - r["acc"]["onnx_int8"]),
+           **r}
+    out["size_bytes"]["fp32_state_dict"] = fp32_bytes
+    # summary keys read by report.py: the default engine's int8 against torch fp32
+    out["speedup"] = {b: v["onnx_int8"] for b, v in r["speedup_vs_torch_fp32"].items()}
+    out["size_reduction_packed"] = 1 - out["size_bytes"]["int8_packed"] / fp32_bytes
+    out["size_reduction_onnx"] = 1 - out["size_bytes"]["int8_onnx"] / fp32_bytes
+    sp = r["speedup_vs_torch_fp32"]
+    log(f"(a) fp32 {acc_fp32:.4f} onnx int8 {r['acc']['onnx_int8']:.4f} torch.ao int8 {r['acc']['torch_ao_int8']:.4f}; "
+        f"x torch fp32: onnx int8 b1 {sp['batch1']['onnx_int8']:.2f} b128 {sp['batch128']['onnx_int8']:.2f}, "
+        f"torch.ao b1 {sp['batch1']['torch_ao_int8']:.2f} b128 {sp['batch128']['torch_ao_int8']:.2f}")
     return out
 
 
@@ -98,7 +124,7 @@ def _shiftadd_check(model, x) -> dict:
     import numpy as np
     import torch
 
-    from si_compress.nn import ShiftAddConv2d, conv2d_mul, conv2d_shift
+    from si_compress.quant import ShiftAddConv2d, conv2d_mul, conv2d_shift
 
     name, layer = next((n, m) for n, m in model.named_modules() if isinstance(m, ShiftAddConv2d))
     seen = {}
@@ -125,8 +151,8 @@ def section_b(ctx, args) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from si_compress.compress import cifar_augment, evaluate
-    from si_compress.nn import convert_to_shiftadd
-    from si_compress.quantize import QuantConfig, quantize_model, run_qat
+    from si_compress.quant import convert_to_shiftadd
+    from si_compress.quant.api import QuantConfig, quantize_model, run_qat
 
     base = ctx["r20"]
     log("(b) fp32 ResNet-20 accuracy")
@@ -155,9 +181,10 @@ def section_b(ctx, args) -> dict:
     log(f"(b) pot4 QAT {acc_qat:.4f} ({qat_s:.0f} s)")
     # shift-add conversion of the QAT model, checked on a test subset
     sa = convert_to_shiftadd(res.model, bits=4, act_bits=8, variant="pot", weight_method="minmax").eval()
-    sub = Subset(ctx["test"].dataset, range(0, len(ctx["test"].dataset),
-                                            max(1, len(ctx["test"].dataset) // args.shiftadd_samples)))
-    sub_loader = DataLoader(sub, batch_size=100)
+    n_test = len(ctx["test"].dataset)
+    step = 1 if not args.shiftadd_samples else max(1, n_test // args.shiftadd_samples)
+    sub = Subset(ctx["test"].dataset, range(0, n_test, step))
+    sub_loader = DataLoader(sub, batch_size=500)
     check = _shiftadd_check(sa, next(iter(sub_loader))[0][:16])
     t0 = time.perf_counter()
     acc_sa = evaluate(sa, sub_loader)
@@ -175,7 +202,21 @@ def section_b(ctx, args) -> dict:
                     "augment": "cifar_augment", "bf16": False, "seconds": qat_s, "probe_step_s": step_s,
                     "history": hist},
             "shiftadd": {"samples": len(sub), "acc_shiftadd": acc_sa, "acc_fakequant_same_images": acc_fq_sub,
-                         "acc_fp32_same_images": acc_fp32_sub, "seconds_eval": sa_s, "kernel_check": check}}
+                         "acc_fp32_same_images": acc_fp32_sub, "seconds_eval": sa_s,
+                         "seconds_per_10k_images": sa_s * 10000 / len(sub), "numba_threads": _numba_threads(),
+                         "kernel_check": check}}
+
+
+def _numba_threads() -> int:
+    import numba
+
+    return int(numba.get_num_threads())
+
+
+def _packable(res, float_model):
+    """The module whose weights the packed file stores: an onnxruntime int8 model keeps its weights in
+    the ONNX file, so its float source is packed at 8 bits (per-channel, the same grid); others as they are."""
+    return float_model if res.kind == "int8-onnxruntime" else res.model
 
 
 def _r20_grid_setup(ctx, args):
@@ -184,7 +225,7 @@ def _r20_grid_setup(ctx, args):
     from torch.utils.data import DataLoader, Subset
 
     from si_compress.compress import evaluate
-    from si_compress.storage import fp32_state_dict_bytes
+    from si_compress.quant.storage import fp32_state_dict_bytes
 
     base = ctx["r20"]
     idx = ctx["balanced_test"](args.grid_samples)
@@ -195,8 +236,8 @@ def _r20_grid_setup(ctx, args):
 
 def section_c(ctx, args) -> dict:
     from si_compress.compress import evaluate
-    from si_compress.quantize import QuantConfig, percentile_prune, quantize_model
-    from si_compress.storage import save_packed
+    from si_compress.quant.api import QuantConfig, percentile_prune, quantize_model
+    from si_compress.quant.storage import save_packed
 
     base, idx, loader, tmp, fp32_bytes, acc_base = _r20_grid_setup(ctx, args)
     rows = []
@@ -209,7 +250,7 @@ def section_c(ctx, args) -> dict:
                                                      else args.act_calibration,
                                                      calibration_samples=args.calib_samples), ctx["calib"])
             acc = evaluate(res.model, loader)
-            rep = save_packed(tmp / f"grid_{sparsity}_{bits}.siqp", res.model)
+            rep = save_packed(tmp / f"grid_{sparsity}_{bits}.siqp", _packable(res, pruned), bits=8)
             rows.append({"sparsity_pct": sparsity, "bits": bits, "kind": res.kind,
                          "weight_sparsity": pr.sparsity if pr else 0.0, "stored_sparsity": rep.sparsity,
                          "acc_fp32_pruned": acc_pruned, "acc_quant": acc, "size_bytes": rep.size_bytes,
@@ -225,9 +266,9 @@ def section_c(ctx, args) -> dict:
 
 def section_e(ctx, args) -> dict:
     from si_compress.compress import cifar_augment, evaluate, finetune
-    from si_compress.quantize import (QuantConfig, dynamic_percentile_search, holding_masks, percentile_prune,
+    from si_compress.quant.api import (QuantConfig, dynamic_percentile_search, holding_masks, percentile_prune,
                                       quantize_model)
-    from si_compress.storage import save_packed
+    from si_compress.quant.storage import save_packed
 
     base, idx, loader, tmp, fp32_bytes, acc_base = _r20_grid_setup(ctx, args)
     train = ctx["train_loader"]()
@@ -242,7 +283,7 @@ def section_e(ctx, args) -> dict:
             res = quantize_model(model, QuantConfig(mode=mode, calibration=args.int8_calibration if bits == 8
                                                     else args.act_calibration,
                                                     calibration_samples=args.calib_samples), ctx["calib"])
-            rep = save_packed(tmp / f"e_{tag}_{bits}.siqp", res.model)
+            rep = save_packed(tmp / f"e_{tag}_{bits}.siqp", _packable(res, model), bits=8)
             out[bits] = {"kind": res.kind, "acc_quant": evaluate(res.model, loader), "size_bytes": rep.size_bytes,
                          "stored_bits_per_weight": rep.bits_per_weight, "stored_sparsity": rep.sparsity,
                          "size_vs_fp32": rep.size_bytes / fp32_bytes}
@@ -285,8 +326,7 @@ def section_e(ctx, args) -> dict:
 def section_d(ctx, args) -> dict:
     from si_compress.compress import evaluate, load_compressed
     from si_compress.pipeline import count_tp
-    from si_compress.quantize import QuantConfig, quantize_model
-    from si_compress.storage import fp32_state_dict_bytes, save_packed
+    from si_compress.quant.storage import fp32_state_dict_bytes
 
     import torch
 
@@ -299,28 +339,28 @@ def section_d(ctx, args) -> dict:
     x0 = torch.zeros(1, 3, 32, 32)
     acc_base = ctx.setdefault("r56_acc", evaluate(base, ctx["test"]))
     acc_pruned = evaluate(pruned, ctx["test"])
-    res = quantize_model(pruned, QuantConfig(mode="int8", calibration=args.int8_calibration,
-                                             calibration_samples=args.calib_samples), ctx["calib"])
-    acc_q = evaluate(res.model, ctx["test"])
+    r = _int8_engines(pruned, ctx, args, "pruned", extra={"base_fp32": base})
     tmp = Path(ctx["tmp"])
     base_bytes = fp32_state_dict_bytes(base, tmp / "base_fp32.pt")
     pruned_bytes = fp32_state_dict_bytes(pruned, tmp / "pruned_fp32.pt")
-    rep = save_packed(tmp / "pruned_int8.siqp", res.model)
-    lat = _latency({"base_fp32": base, "pruned_fp32": pruned, "pruned_int8": res.model}, (3, 32, 32),
-                   args.latency_repeats)
     base_macs, base_params = count_tp(base, x0)
     macs, params = count_tp(pruned, x0)
+    acc_q = r["acc"]["onnx_int8"]
     out = {"pruned_path": str(Path(args.pruned).resolve()), "plan_arch": plan.arch,
            "macs": {"base": base_macs, "pruned": macs}, "params": {"base": base_params, "pruned": params},
            "acc_base_fp32": acc_base, "acc_pruned_fp32": acc_pruned, "acc_pruned_int8": acc_q,
            "drop_vs_base_points": 100 * (acc_base - acc_q), "drop_vs_pruned_points": 100 * (acc_pruned - acc_q),
-           "size_bytes": {"base_fp32_state_dict": base_bytes, "pruned_fp32_state_dict": pruned_bytes,
-                          "pruned_int8_packed": rep.size_bytes},
-           "size_reduction_vs_base": 1 - rep.size_bytes / base_bytes, "latency_s": lat,
-           "speedup_vs_base": {k: v["base_fp32"] / v["pruned_int8"] for k, v in lat.items()}}
-    log(f"(d) base {acc_base:.4f} pruned {acc_pruned:.4f} pruned+int8 {acc_q:.4f}; size {base_bytes} -> "
-        f"{rep.size_bytes} B ({100 * out['size_reduction_vs_base']:.1f}% smaller); speed-up b128 "
-        f"{out['speedup_vs_base']['batch128']:.2f}x")
+           **r}
+    out["size_bytes"].update(base_fp32_state_dict=base_bytes, pruned_fp32_state_dict=pruned_bytes,
+                             pruned_int8_packed=out["size_bytes"]["int8_packed"])
+    # summary keys read by report.py: the default engine (onnxruntime int8) against the fp32 base, same run
+    out["speedup_vs_base"] = {b: v["base_fp32"] / v["onnx_int8"] for b, v in r["latency_s"].items()}
+    out["size_reduction_vs_base"] = 1 - out["size_bytes"]["int8_packed"] / base_bytes
+    out["size_reduction_vs_base_onnx"] = 1 - out["size_bytes"]["int8_onnx"] / base_bytes
+    sp = r["speedup_vs_torch_fp32"]
+    log(f"(d) base {acc_base:.4f} pruned {acc_pruned:.4f} pruned+int8 (onnx) {acc_q:.4f}; onnx int8 x pruned fp32 "
+        f"b1 {sp['batch1']['onnx_int8']:.2f} b128 {sp['batch128']['onnx_int8']:.2f}; x torch.ao int8 "
+        f"b1 {r['onnx_int8_vs_torch_ao_int8']['batch1']:.2f} b128 {r['onnx_int8_vs_torch_ao_int8']['batch128']:.2f}")
     return out
 
 
@@ -378,6 +418,29 @@ def _pct(v):
     return "-" if v is None else f"{100 * v:.2f}%"
 
 
+def _int8_rows(sec, acc_fp32, fp32_bytes) -> list[str]:
+    """Table rows of :func:`_int8_engines` results: torch fp32, onnxruntime fp32 / int8, torch.ao int8."""
+    lat, sp, size = sec["latency_s"], sec["speedup_vs_torch_fp32"], sec["size_bytes"]
+    rows = ["| model | top-1 | batch 1 latency | batch 128 latency | size on disk |", "|---|---|---|---|---|",
+            f"| torch fp32 eager | {_pct(acc_fp32)} | {1e3 * lat['batch1']['fp32']:.1f} ms | "
+            f"{1e3 * lat['batch128']['fp32']:.0f} ms | {fp32_bytes / 1024:.0f} KiB state dict |"]
+    labels = {"onnx_fp32": ("onnxruntime fp32", f"{size['fp32_onnx'] / 1024:.0f} KiB ONNX"),
+              "onnx_int8": ("**onnxruntime int8 (QDQ, default)**", f"{size['int8_onnx'] / 1024:.0f} KiB ONNX"),
+              "torch_ao_int8": ("torch.ao int8 (`--int8-engine torch`)",
+                                f"{size['torch_ao_int8_torchscript'] / 1024:.0f} KiB TorchScript")}
+    for k, (label, sz) in labels.items():
+        rows.append(f"| {label} | {_pct(sec['acc'][k])} | {1e3 * lat['batch1'][k]:.1f} ms ({sp['batch1'][k]:.2f}x) | "
+                    f"{1e3 * lat['batch128'][k]:.0f} ms ({sp['batch128'][k]:.2f}x) | {sz} |")
+    o = sec["onnx_int8_vs_onnx_fp32"]
+    t = sec["onnx_int8_vs_torch_ao_int8"]
+    ort = sec["onnxruntime"]
+    rows += ["", f"onnxruntime int8 vs onnxruntime fp32: {o['batch1']:.2f}x (batch 1), {o['batch128']:.2f}x "
+             f"(batch 128); vs torch.ao int8: {t['batch1']:.2f}x, {t['batch128']:.2f}x. Calibration "
+             f"{ort['calibration']} on {ort['calibration_samples']} class-balanced train images, reduce_range "
+             f"{ort['reduce_range']} (VNNI {ort['vnni']})."]
+    return rows
+
+
 def table(path: Path, sections=SECTIONS) -> str:
     """Markdown tables of the ``sections`` present in the JSON (a section still to run says so)."""
     r = json.loads(Path(path).read_text())
@@ -386,14 +449,7 @@ def table(path: Path, sections=SECTIONS) -> str:
     if "a" in r:
         a = r["a"]
         lines += ["### (a) int8 PTQ, ResNet-56-jpeg, full JPEG test split", "",
-                  "| model | top-1 | batch 1 latency | batch 128 latency | size on disk |", "|---|---|---|---|---|",
-                  f"| fp32 | {_pct(a['acc_fp32'])} | {1e3 * a['latency_s']['batch1']['fp32']:.1f} ms | "
-                  f"{1e3 * a['latency_s']['batch128']['fp32']:.0f} ms | "
-                  f"{a['size_bytes']['fp32_state_dict'] / 1024:.0f} KiB |",
-                  f"| int8 x86 (FX) | {_pct(a['acc_int8'])} | {1e3 * a['latency_s']['batch1']['int8']:.1f} ms "
-                  f"({a['speedup']['batch1']:.2f}x) | {1e3 * a['latency_s']['batch128']['int8']:.0f} ms "
-                  f"({a['speedup']['batch128']:.2f}x) | {a['size_bytes']['int8_packed'] / 1024:.0f} KiB packed, "
-                  f"{a['size_bytes']['int8_torchscript'] / 1024:.0f} KiB TorchScript |", ""]
+                  *_int8_rows(a, a["acc_fp32"], a["size_bytes"]["fp32_state_dict"]), ""]
     if "b" in r:
         b = r["b"]
         q = b["qat"]
@@ -406,6 +462,9 @@ def table(path: Path, sections=SECTIONS) -> str:
                   f"| {_pct(b['acc_qat'])} |",
                   f"| shift-add kernels ({sa['samples']} images; fake-quant {_pct(sa['acc_fakequant_same_images'])}) "
                   f"| {_pct(sa['acc_shiftadd'])} |", "",
+                  f"Shift-add evaluation: {sa['seconds_eval']:.0f} s for {sa['samples']} images "
+                  f"({sa['seconds_per_10k_images'] / 60:.1f} min per 10,000; {sa.get('numba_threads', '?')} Numba "
+                  "threads, first call's compilation included).", "",
                   f"Shift kernel vs multiply reference on `{sa['kernel_check']['layer']}` "
                   f"({sa['kernel_check']['input_shape']}): bit-exact = {sa['kernel_check']['bit_exact']}.", ""]
     if "c" in r:
@@ -445,19 +504,13 @@ def table(path: Path, sections=SECTIONS) -> str:
     if "d" in r and "skipped" not in r["d"]:
         d = r["d"]
         lines += ["### (d) SI pruning + int8, ResNet-56-jpeg, full JPEG test split", "",
-                  "| model | top-1 | size | batch 128 latency | MACs |", "|---|---|---|---|---|",
-                  f"| base fp32 | {_pct(d['acc_base_fp32'])} | "
-                  f"{d['size_bytes']['base_fp32_state_dict'] / 1024:.0f} KiB | "
-                  f"{1e3 * d['latency_s']['batch128']['base_fp32']:.0f} ms | {d['macs']['base'] / 1e6:.1f} M |",
-                  f"| SI-pruned fp32 | {_pct(d['acc_pruned_fp32'])} | "
-                  f"{d['size_bytes']['pruned_fp32_state_dict'] / 1024:.0f} KiB | "
-                  f"{1e3 * d['latency_s']['batch128']['pruned_fp32']:.0f} ms | {d['macs']['pruned'] / 1e6:.1f} M |",
-                  f"| SI-pruned int8 | {_pct(d['acc_pruned_int8'])} | "
-                  f"{d['size_bytes']['pruned_int8_packed'] / 1024:.0f} KiB "
-                  f"({100 * d['size_reduction_vs_base']:.1f}% smaller) | "
-                  f"{1e3 * d['latency_s']['batch128']['pruned_int8']:.0f} ms "
-                  f"({d['speedup_vs_base']['batch128']:.2f}x) | - |",
-                  ""]
+                  f"Base fp32: {_pct(d['acc_base_fp32'])}, {d['macs']['base'] / 1e6:.1f} M MACs, "
+                  f"{d['size_bytes']['base_fp32_state_dict'] / 1024:.0f} KiB, batch 1 / 128: "
+                  f"{1e3 * d['latency_s']['batch1']['base_fp32']:.1f} / "
+                  f"{1e3 * d['latency_s']['batch128']['base_fp32']:.0f} ms (same run). SI-pruned: "
+                  f"{d['macs']['pruned'] / 1e6:.1f} M MACs; rows below are the pruned model "
+                  "(speed-ups against its torch fp32 eager).", "",
+                  *_int8_rows(d, d["acc_pruned_fp32"], d["size_bytes"]["pruned_fp32_state_dict"]), ""]
     for s in sections:
         if s not in r or "skipped" in r[s]:
             why = f" ({r[s]['skipped']})" if s in r else ""
@@ -481,12 +534,16 @@ def main(argv=None) -> int:
     p.add_argument("--prune-trials", type=int, default=6)
     p.add_argument("--test-samples", type=int, default=0, help="0: the full test split (smoke runs: fewer)")
     p.add_argument("--calib-samples", type=int, default=512)
-    p.add_argument("--int8-calibration", default="mse", choices=("minmax", "percentile", "mse"))
+    p.add_argument("--int8-calibration", default="minmax", choices=("minmax", "entropy", "percentile", "distribution"),
+                   help="onnxruntime int8 calibration (default minmax)")
+    p.add_argument("--torch-int8-calibration", default="mse", choices=("minmax", "percentile", "mse"),
+                   help="calibration of the torch.ao int8 comparison (default mse)")
     p.add_argument("--act-calibration", default="mse", choices=("minmax", "percentile", "mse"))
     p.add_argument("--train-samples", type=int, default=0, help="0: the full train split (smoke runs: fewer)")
     p.add_argument("--qat-minutes", type=float, default=15.0, help="time budget of the 2 QAT epochs")
     p.add_argument("--qat-lr", type=float, default=2e-3)
-    p.add_argument("--shiftadd-samples", type=int, default=500)
+    p.add_argument("--shiftadd-samples", type=int, default=0,
+                   help="(b) test images evaluated with the shift-add kernels (0: the whole test split)")
     p.add_argument("--grid-samples", type=int, default=2000)
     p.add_argument("--latency-repeats", type=int, default=7)
     p.add_argument("--seed", type=int, default=0)

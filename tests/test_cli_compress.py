@@ -99,7 +99,7 @@ def test_compress_then_int8(digits_ckpt, tmp_path, capsys):
     q = json.loads((out_dir / "metrics.json").read_text())["quant"]
     assert q["kind"].startswith("int8") and q["size_on_disk_bytes"] < 0.3 * q["fp32_size_bytes"]
     assert q["accuracy"]["quantized"] > 0.8
-    assert (out_dir / "model.int8.ts").exists() and "bits/weight" in out
+    assert (out_dir / "model.int8.onnx").exists() and "bits/weight" in out  # onnxruntime: the default int8 engine
 
 
 def test_user_class_compresses_reloads_and_compresses_again(tmp_path, capsys):

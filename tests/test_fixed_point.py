@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from si_compress.nn.fixed_point import (
+from si_compress.quant import (
     FakeQuantConv2d,
     FakeQuantLinear,
     QuantSpec,

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from si_compress.compress.int8 import check_fx_traceable, is_int8_model, load_int8, quantize_int8, save_int8
+from si_compress.quant.engine_torch import check_fx_traceable, is_int8_model, load_int8, quantize_int8, save_int8
 from si_compress.models import cifar_resnet
-from si_compress.nn import FakeQuantConv2d, ShiftAddConv2d, prepare_qat
-from si_compress.quantize import (
+from si_compress.quant import FakeQuantConv2d, ShiftAddConv2d, prepare_qat
+from si_compress.quant.api import (
     QuantConfig,
     apply_masks,
     compare_latency,
@@ -23,7 +23,7 @@ from si_compress.quantize import (
     percentile_prune,
     quantize_model,
 )
-from si_compress.storage import load_packed, pack_bits, save_packed, size_on_disk, unpack_bits
+from si_compress.quant.storage import load_packed, pack_bits, save_packed, size_on_disk, unpack_bits
 
 
 class TinyNet(nn.Module):
@@ -148,7 +148,7 @@ def test_quantize_model_fake_modes(tiny, data, mode, kind, fmt):
 
 
 def test_quantize_model_int8_and_shiftadd(tiny, data):
-    res = quantize_model(tiny, QuantConfig(mode="int8", calibration="minmax"), data)
+    res = quantize_model(tiny, QuantConfig(mode="int8", calibration="minmax", int8_engine="torch"), data)
     assert res.kind == "int8-x86" and res.bits_per_weight == 8.0
     sa = quantize_model(tiny, QuantConfig(mode="pot4", shiftadd=True, calibration="minmax"), data)
     assert sa.kind == "shiftadd-pot4"
@@ -292,7 +292,7 @@ def test_pack_bits_round_trip_and_size(bits, rng):
 @pytest.mark.parametrize("fmt,bits", [("int", 8), ("int", 4), ("int", 2), ("pot", 4), ("apot2", 4)])
 @pytest.mark.parametrize("sparse", ["dense", "bitmap", "delta", "auto"])
 def test_packed_round_trip_equals_dequantized_weights(tiny, tmp_path, fmt, bits, sparse):
-    from si_compress.nn import fold_bn_model
+    from si_compress.quant import fold_bn_model
 
     model = fold_bn_model(tiny)
     percentile_prune(model, 80.0, hold=False)
@@ -384,7 +384,8 @@ def test_resnet20_int8_and_pot4_on_jpeg_sample():
 
 
 # ----------------------------------------------------------------------------- CLI helper
-@pytest.mark.parametrize("quant,extra", [("int8", []), ("pot4", ["--shiftadd", "--sparsity", "50"])])
+@pytest.mark.parametrize("quant,extra", [("int8", []), ("int8", ["--int8-engine", "torch"]),
+                                         ("pot4", ["--shiftadd", "--sparsity", "50"])])
 def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
     import argparse
 
@@ -396,13 +397,34 @@ def test_cli_apply_quant_metrics(tiny, data, tmp_path, quant, extra):
     args = p.parse_args(["--quant", quant, "--quant-samples", "32", "--out", str(tmp_path), *extra])
     loader = DataLoader(TensorDataset(data, torch.arange(64) % 4), batch_size=32)
     m = apply_quant(args, tiny, loader, None, loader)
-    assert m["kind"] == ("int8-x86" if quant == "int8" else "shiftadd-pot4")
+    kind = {"int8": "int8-onnxruntime", "int8 torch": "int8-x86", "pot4": "shiftadd-pot4"}
+    assert m["kind"] == kind[quant + (" torch" if "torch" in extra else "")]
+    if m["kind"] == "int8-onnxruntime":
+        assert m["int8_onnx_bytes"] == (tmp_path / "model.int8.onnx").stat().st_size > 0
+        assert not (tmp_path / "model.int8.ts").exists()
+        lat = m["latency"]["batch1"]
+        assert lat["fp32_onnx_s"] > 0 and lat["speedup_vs_fp32_onnx"] == lat["fp32_onnx_s"] / lat["quant_s"]
+        assert "fp32_onnx" in m["accuracy"]
     assert m["size_on_disk_bytes"] == (tmp_path / "weights.siqp").stat().st_size
     assert 0 < m["size_on_disk_bytes"] < m["fp32_size_bytes"]
     assert set(m["accuracy"]) >= {"fp32", "quantized"} and m["latency"]["batch128"]["speedup"] > 0
-    if extra:
+    if quant == "pot4":
+        from si_compress.quant.export import load_codes
+
+        assert m["codes_path"] == str(tmp_path / "model.codes.npz")
+        assert "conv2_signs" in (tmp_path / "model.codes.h").read_text()
+        codes = load_codes(tmp_path / "model.codes.npz")
+        assert set(codes) == {"state", "conv1", "conv2", "linear"}
+        assert str(codes["conv2"]["kind"]) == "pow2"  # shift-add; first conv / last linear: 8-bit int fake-quant
+        assert str(codes["conv1"]["kind"]) == "int" and int(codes["linear"]["bits"]) == 8
+        assert m["codes_onnx_path"] == str(tmp_path / "model.codes.onnx")
+    if "--sparsity" in extra:
         assert m["sparsity"] >= 0.5 - 0.01 and "pruned" in m["accuracy"]
     p2 = argparse.ArgumentParser()
     add_quant_args(p2)
     with pytest.raises(ValueError, match="--shiftadd"):
         apply_quant(p2.parse_args(["--quant", "int4", "--shiftadd"]), tiny, loader, None, loader)
+    with pytest.raises(ValueError, match="mse is offered by --int8-engine torch"):
+        apply_quant(p2.parse_args(["--quant", "int8", "--quant-calibration", "mse"]), tiny, loader, None, loader)
+    with pytest.raises(ValueError, match="does not apply to --quant pot4"):
+        apply_quant(p2.parse_args(["--quant", "pot4", "--quant-calibration", "entropy"]), tiny, loader, None, loader)

@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from si_compress.nn.fixed_point import calibrating, dequantize, fixed_point_format, quantize
-from si_compress.nn.shiftadd import (
+from si_compress.quant import calibrating, dequantize, fixed_point_format, quantize
+from si_compress.quant.shiftadd import (
     PowerOfTwoWeight,
     ShiftAddConv2d,
     ShiftAddLinear,
@@ -156,6 +156,106 @@ def test_conv_shift_is_bit_exact_with_multiply(case):
     assert np.array_equal(acc_mul, ref.numpy().astype(np.int64))
 
 
+def _slow_conv_reference(x, w, stride, padding, dilation, groups):
+    """The obvious definition: for every output pixel, the dot product of the window with the weight
+    (python ints: no overflow, no reordering question). padding: (top, bottom, left, right)."""
+    n, c, h, wd = x.shape
+    co, cg, kh, kw = w.shape
+    sh, sw = stride
+    dh, dw = dilation
+    pt, pb, pl, pr = padding
+    xp = np.zeros((n, c, h + pt + pb, wd + pl + pr), dtype=object)
+    xp[:, :, pt:pt + h, pl:pl + wd] = x.astype(object)
+    oh = (h + pt + pb - dh * (kh - 1) - 1) // sh + 1
+    ow = (wd + pl + pr - dw * (kw - 1) - 1) // sw + 1
+    out = np.zeros((n, co, oh, ow), dtype=object)
+    wo = w.astype(object)
+    for b in range(n):
+        for o in range(co):
+            g = o // (co // groups)
+            for i in range(oh):
+                for j in range(ow):
+                    win = xp[b, g * cg:(g + 1) * cg, i * sh:i * sh + dh * (kh - 1) + 1:dh,
+                             j * sw:j * sw + dw * (kw - 1) + 1:dw]
+                    out[b, o, i, j] = int((win * wo[o]).sum())
+    return out
+
+
+ODD_CASES = [
+    # (N, C, H, W), (Co, KH, KW), stride, padding (t, b, l, r), dilation, groups, n_terms
+    ((2, 3, 5, 7), (4, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, 1),  # 1x1
+    ((3, 6, 6, 5), (6, 3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 6, 1),  # depthwise
+    ((2, 4, 9, 8), (8, 3, 3), (2, 2), (1, 1, 1, 1), (1, 1), 1, 2),  # stride 2
+    ((1, 2, 3, 3), (3, 3, 3), (1, 1), (2, 0, 0, 2), (1, 1), 1, 1),  # asymmetric pad larger than input edge
+    ((5, 4, 7, 7), (4, 3, 3), (1, 2), (1, 1, 1, 1), (2, 1), 2, 2),  # pixel tiles cross images
+]
+
+
+@pytest.mark.parametrize("case", ODD_CASES)
+@pytest.mark.parametrize("acc", ["int32", "int64"])
+def test_conv_kernels_match_slow_reference(case, acc, monkeypatch):
+    """Both kernels against the per-pixel definition, on the int32 path (small exponents) and on the
+    int64 path (large ones), with pixel tiles of 16 so tiles cross rows and images."""
+    from si_compress.quant import _kernels
+
+    xs, (co, kh, kw), stride, padding, dilation, groups, n_terms = case
+    rng = np.random.default_rng(sum(xs) * 7 + co)
+    x = rng.integers(-255, 256, xs).astype(np.int32)
+    x.flat[0], x.flat[-1] = 255, -255  # the extremes of the grid
+    max_shift = 6 if acc == "int32" else 28  # 28: weights fit int32, sums do not
+    shifts, signs = _random_shift_weight(rng, (co, xs[1] // groups, kh, kw), n_terms, max_shift)
+    shifts[0].flat[0], signs.flat[0] = max_shift, -1
+    w = _integer_weight(shifts, signs)
+    row_sums = np.abs(w.astype(np.float64)).reshape(co, -1).sum(axis=1)
+    from si_compress.quant.shiftadd import _acc_dtype
+
+    assert _acc_dtype(x, row_sums) == (np.int32 if acc == "int32" else np.int64)
+    monkeypatch.setattr(_kernels, "TILE_TARGET", 16 * xs[1] // groups * kh * kw)
+    opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ref = _slow_conv_reference(x, w, stride, padding, dilation, groups)
+    for got in (conv2d_shift(x, shifts, signs, **opts), conv2d_mul(x, w, **opts)):
+        assert got.dtype == np.int64 and got.shape == ref.shape
+        assert np.array_equal(got.astype(object), ref)
+
+
+@pytest.mark.parametrize("x_val,hi_shift,acc", [(2**14, 15, np.int32), (2**15, None, np.int64)])
+def test_int32_accumulator_boundary(x_val, hi_shift, acc):
+    """A worst case just under 2**31 stays on int32 and is exact; exactly 2**31 needs (and gets) int64."""
+    from si_compress.quant.shiftadd import _acc_dtype
+
+    x = np.full((1, 1, 3, 3), x_val, np.int32)
+    shifts = np.full((2, 1, 1, 3, 3), -1, np.int8)
+    signs = np.zeros((1, 1, 3, 3), np.int8)
+    shifts[0, 0, 0, 1, 1], signs[0, 0, 1, 1] = 16, 1  # the centre tap only: w = 2**16 (+ 2**hi_shift)
+    if hi_shift is not None:
+        shifts[1, 0, 0, 1, 1] = hi_shift
+    w = _integer_weight(shifts, signs)
+    assert _acc_dtype(x, np.abs(w.astype(np.float64)).reshape(1, -1).sum(axis=1)) == acc
+    expect = x_val * int(w[0, 0, 1, 1])
+    for sign in (1, -1):
+        got = conv2d_shift(x * sign, shifts, signs, padding=1)
+        assert int(got[0, 0, 1, 1]) == sign * expect and int(np.abs(got).max()) == expect
+        ref = _slow_conv_reference(x * sign, w, (1, 1), (1, 1, 1, 1), (1, 1), 1)
+        assert np.array_equal(got.astype(object), ref)
+
+
+def test_kernels_threads_agree():
+    import numba
+
+    rng = np.random.default_rng(5)
+    x = rng.integers(0, 256, (3, 8, 12, 12)).astype(np.int32)
+    shifts, signs = _random_shift_weight(rng, (16, 8, 3, 3), 1, 6)
+    prev = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = conv2d_shift(x, shifts, signs, padding=1)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        many = conv2d_shift(x, shifts, signs, padding=1)
+    finally:
+        numba.set_num_threads(prev)
+    assert np.array_equal(one, many)
+
+
 @pytest.mark.parametrize("n,k,m,n_terms", [(3, 17, 5, 1), (1, 9, 4, 2), (7, 33, 1, 2)])
 def test_linear_shift_is_bit_exact_with_multiply(n, k, m, n_terms):
     rng = np.random.default_rng(n * 100 + k)
@@ -277,7 +377,27 @@ def test_import_does_not_load_numba():
     import sys
     from pathlib import Path
 
-    code = "import sys, si_compress.nn; print('numba' in sys.modules)"
+    code = "import sys, si_compress.quant, si_compress.nn; print('numba' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "False"
+
+
+def test_quant_module_imports_have_no_circle():
+    """Module-level imports inside si_compress.quant form a DAG: primitives <- pow2 <- fakequant <- shiftadd."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(__file__).resolve().parents[1] / "si_compress" / "quant"
+
+    def deps(name):
+        tree = ast.parse((pkg / f"{name}.py").read_text())
+        return {node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.level == 1}
+
+    assert deps("primitives") == set()
+    assert deps("pow2") == {"primitives"}
+    assert deps("fakequant") == {"pow2", "primitives"}
+    assert deps("shiftadd") == {"fakequant", "pow2", "primitives"}
+    # and no function-level back-import either
+    for name in ("primitives", "pow2", "fakequant"):
+        assert "shiftadd" not in (pkg / f"{name}.py").read_text().replace("si_compress.quant.shiftadd", "")

@@ -99,6 +99,13 @@ def _body(argv) -> int:
         raise CLIError(f"--truncate-tol is an absolute SI tolerance in [0, 1); got {args.truncate_tol}")
     if args.si_samples < 20:
         raise CLIError(f"--si-samples must be >= 20; got {args.si_samples}")
+    if args.quant or args.sparsity:  # quantization options are checked before any expensive step
+        from ._quant import check_quant_args
+
+        try:
+            check_quant_args(args)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
     torch.manual_seed(args.seed)
     progress = Progress(enabled=not args.quiet)
     from ._common import parse_arch_kwargs
