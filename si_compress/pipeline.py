@@ -225,6 +225,29 @@ def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:
     return CompressionPlan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, **changes})
 
 
+def check_plan_base(plan: CompressionPlan, model, example_input) -> None:
+    """ValueError when ``plan.predicted`` was made for another base model than ``model``.
+
+    A plan records its base's parameter and MAC counts; a plan whose ``arch`` was edited to fit
+    another model would otherwise apply (its layer names may exist there too) and report a
+    prediction that belongs to the other model. Plans without counts (hand-written) pass.
+    """
+    p = plan.predicted or {}
+    if p.get("counter"):
+        macs, params = count_tp(model, example_input)
+    else:  # the planner's own conv/linear count
+        from .structure import describe
+
+        st = describe(model, example_input)
+        macs, params = st.total_macs, st.total_params
+    for key, have in (("base_params", params), ("base_macs", macs)):
+        want = p.get(key)
+        if want is not None and int(want) != int(have):
+            raise ValueError(f"the plan was made for a model with {key} {int(want):,} but this model has {int(have):,} "
+                             f"(was its arch edited, or is it another checkpoint's plan?); make a plan for this "
+                             "model with si-compress, without --plan")
+
+
 def count_tp(model, example_input) -> tuple[int, int]:
     """(MACs, params) per sample: the one count of the pipeline (``features.cost.count_ops``)."""
     from .features.cost import count_ops

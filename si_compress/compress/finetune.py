@@ -198,7 +198,7 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
     ``"constant"``. ``augment``: applied to each input batch (e.g. :func:`cifar_augment`).
     ``bf16``: autocast to bfloat16 when the CPU supports it natively. ``max_steps``: stop each
     epoch after that many batches (for quick runs). ``progress(record)`` is called after each
-    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16"}``; the model is
+    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16", "steps"}``; the model is
     left in eval mode.
     """
     epochs = _check_epochs(epochs)
@@ -218,9 +218,11 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
             model.train()
             t0 = time.perf_counter()
             loss_sum = correct = total = 0.0
+            steps = 0
             for step, item in enumerate(train_loader):
                 if step >= per_epoch:
                     break
+                steps += 1
                 x, y = _xy(item)
                 if augment is not None:
                     x = augment(x)
@@ -235,7 +237,8 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
                 correct += float((logits.argmax(1) == y).sum())
                 total += len(y)
             record = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
-                      "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "bf16": use_bf16}
+                      "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "bf16": use_bf16,
+                      "steps": steps}
             history.append(record)
             if progress is not None:
                 progress(record)
