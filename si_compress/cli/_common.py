@@ -20,8 +20,8 @@ class CLIError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: one line like ours, exit 2
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+    def error(self, message):  # argparse's own errors: one line like ours, exit 2 (from run_main)
+        raise CLIError(f"{message}; see {self.prog} --help")
 
 
 def _number(text: str, kind, what: str, ok) -> int | float:
