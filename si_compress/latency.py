@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["block_latency_table", "compare_models", "interleaved_times", "latency", "NOISY_SPREAD"]
+__all__ = ["block_latency_table", "compare_models", "interleaved_times", "latency", "speedup_table", "NOISY_SPREAD"]
 
 #: A timing whose interquartile range exceeds this fraction of its median is marked noisy: two
 #: timings of the same model on a quiet machine agree far better than that.
@@ -83,6 +83,23 @@ def compare_models(models: dict, batch: int, example_shape, *, threads: int | No
         torch.set_num_threads(before)
     return {"batch": int(batch), "threads": used, "repeats": repeats, "warmup": warmup,
             "noisy": max(r["spread"] for r in res.values()) > noisy_spread, "retried": retried, "models": res}
+
+
+def speedup_table(base, compressed, example_shape, *, batches=(1, 128), threads: int | None = None,
+                  repeats: int = 7, warmup: int = 2, timer=time.perf_counter) -> dict:
+    """"batch<b>" -> {"base_s", "compressed_s", "speedup", "base_spread", "compressed_spread", "noisy",
+    "retried", "repeats", "threads"}: ``base`` and ``compressed`` timed together per batch size
+    (:func:`compare_models`), as si-compress and the benchmarks report them."""
+    out = {}
+    for b in batches:
+        t = compare_models({"base": base, "compressed": compressed}, b, example_shape, threads=threads,
+                           repeats=repeats, warmup=warmup, timer=timer)
+        tb, tc = t["models"]["base"], t["models"]["compressed"]
+        out[f"batch{b}"] = dict(base_s=tb["median_s"], compressed_s=tc["median_s"],
+                                speedup=tb["median_s"] / tc["median_s"] if tc["median_s"] > 0 else float("nan"),
+                                base_spread=tb["spread"], compressed_spread=tc["spread"], noisy=t["noisy"],
+                                retried=t["retried"], repeats=t["repeats"], threads=t["threads"])
+    return out
 
 
 def latency(model, batch: int, example_shape, *, repeats: int = 7, warmup: int = 2) -> float:

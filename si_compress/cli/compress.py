@@ -129,7 +129,7 @@ def _run(args, folder) -> list[str]:
     from .._io import save_figure, write_json, write_text
     from ..compress import (cifar_augment, evaluate, export_onnx, export_torchscript, preload, save_compressed)
     from ..data import balanced_indices, load_dataset
-    from ..latency import compare_models
+    from ..latency import speedup_table
     from ..models import load_model
     from ..pipeline import CompressConfig, check_plan_base, config_dict, count_tp, execute, si_plan
     from ..plan import CompressionPlan
@@ -209,13 +209,7 @@ def _run(args, folder) -> list[str]:
                                           base_params=int(base_params), params=int(m["params"]),
                                           counter="torch_pruning.utils.count_ops_and_params"))
     shape = tuple(x0.shape[1:])
-    timing = {f"batch{b}": compare_models({"base": model, "compressed": compressed}, b, shape)
-              for b in (1, 128)}
-    lat = {k: dict(base_s=t["models"]["base"]["median_s"], compressed_s=t["models"]["compressed"]["median_s"],
-                   speedup=t["models"]["base"]["median_s"] / t["models"]["compressed"]["median_s"],
-                   base_spread=t["models"]["base"]["spread"], compressed_spread=t["models"]["compressed"]["spread"],
-                   noisy=t["noisy"], retried=t["retried"], repeats=t["repeats"], threads=t["threads"])
-           for k, t in timing.items()}
+    lat = speedup_table(model, compressed, shape, threads=args.threads)
     ft = m.get("finetune_history") or []
     ft_steps = sum(int(r.get("steps", 0)) for r in ft)
     metrics = dict(
