@@ -256,23 +256,29 @@ def count_tp(model, example_input) -> tuple[int, int]:
 
 
 def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_loader, train_loader=None,
-            config: CompressConfig, progress=None, augment=None) -> tuple[torch.nn.Module, dict]:
+            config: CompressConfig, progress=None, augment=None, stage=None) -> tuple[torch.nn.Module, dict]:
     """Apply ``plan`` to a copy of ``base``, compensate, optionally fine-tune; accuracy at each stage.
 
     A truncated chain (``plan.truncate_after``) has a new head: ``refit`` compensation fits it to
     ``base``'s logits by least squares (``refit_head``), and it is then always trained on frozen
     features (``train_head``, ``config.head_epochs``) on ``train_loader``, or on ``calib_loader``
-    when no training split is given (``m["head_data"]`` says which).
+    when no training split is given (``m["head_data"]`` says which). ``progress(record)``: after
+    each fine-tuning epoch; ``stage(name)``: as each step starts (so a long step is visibly running).
     """
+    say = stage if stage is not None else (lambda name: None)
     from .compress import apply_plan, evaluate, finetune, recalibrate_bn, refit_consumers, refit_head, train_head
 
     m = {}
     t0 = time.perf_counter()
+    say("apply plan")
     pruned = apply_plan(base, plan, example_input=example_input)
     m["seconds_apply"] = time.perf_counter() - t0
     m["macs"], m["params"] = count_tp(pruned, example_input)
+    say("evaluate pruned")
     m["acc_pruned"] = evaluate(pruned, test_loader)
     t0 = time.perf_counter()
+    if config.compensation != "none":
+        say(f"compensate ({config.compensation})")
     if config.compensation in ("refit", "refit+bn"):
         rep = refit_consumers(pruned, base, plan, calib_loader)
         m["refit"] = {k: {kk: vv for kk, vv in v.items() if kk in ("before", "after")} for k, v in rep.items()}
@@ -283,6 +289,7 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         # to the original network's logits on the calibration sample.
         m.setdefault("refit", {})["head"] = refit_head(pruned, base, calib_loader)
     m["seconds_compensate"] = time.perf_counter() - t0
+    say("evaluate compensated")
     m["acc_compensated"] = evaluate(pruned, test_loader)
     truncated = plan.truncate_after is not None
     if (plan.head is not None and plan.head.kind == "mlp") or config.head_only or truncated:
@@ -293,17 +300,21 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
             raise ValueError("training the head needs the training split")
         m["head_data"] = "train" if head_loader is train_loader else "calibration sample"
         t0 = time.perf_counter()
+        say("train head")
         train_head(pruned, head_loader, epochs=config.head_epochs, lr=config.lr, seed=config.seed)
         m["seconds_head"] = time.perf_counter() - t0
+        say("evaluate head")
         m["acc_head"] = evaluate(pruned, test_loader)
     if config.finetune_epochs and not config.head_only:
         if train_loader is None:
             raise ValueError("fine-tuning needs the training split")
         t0 = time.perf_counter()
+        say("fine-tune")
         hist = finetune(pruned, train_loader, epochs=config.finetune_epochs, lr=config.lr, augment=augment,
                         bf16=config.bf16, max_steps=config.finetune_steps, progress=progress)
         m["seconds_finetune"] = time.perf_counter() - t0
         m["finetune_history"] = hist
+        say("evaluate fine-tuned")
         m["acc_finetuned"] = evaluate(pruned, test_loader)
     pruned.eval()
     return pruned, m

@@ -133,6 +133,16 @@ class Progress:
             self.stream.write(line + "\n")
             self.stream.flush()
 
+    def step(self, name: str) -> None:
+        """A step without a count (compensating, evaluating, timing): one line as it starts."""
+        if not self.enabled:
+            return
+        if self.tty and self._last[0] is not None:
+            self.stream.write("\n")
+        self._last = (None, -1)
+        self.stream.write(f"{name} ... ({time.perf_counter() - self.t0:.1f}s)\n")
+        self.stream.flush()
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint file (a state dict or an si-compress output; a full pickle needs "

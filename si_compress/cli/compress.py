@@ -199,9 +199,12 @@ def _run(args, folder) -> list[str]:
         plan, _ = si_plan(model, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes, example_input=x0,
                           config=config, progress=progress)
     augment = cifar_augment if tuple(x0.shape[-2:]) == (32, 32) else None
+    step = progress.step
+    step("evaluate base")
     base_acc = evaluate(model, test_loader)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                            train_loader=train_loader, config=config, augment=augment)
+                            train_loader=train_loader, config=config, augment=augment, stage=step,
+                            progress=lambda r: progress("fine-tune epochs", r["epoch"], args.finetune_epochs))
     base_macs, base_params = count_tp(model, x0)
     if args.plan:
         # An applied (possibly edited) plan predicts what was measured, in the one count of metrics.json.
@@ -209,6 +212,7 @@ def _run(args, folder) -> list[str]:
                                           base_params=int(base_params), params=int(m["params"]),
                                           counter="torch_pruning.utils.count_ops_and_params"))
     shape = tuple(x0.shape[1:])
+    step("time base vs compressed (batch 1 and 128)")
     lat = speedup_table(model, compressed, shape, threads=args.threads)
     ft = m.get("finetune_history") or []
     ft_steps = sum(int(r.get("steps", 0)) for r in ft)
