@@ -245,7 +245,7 @@ def _run(args, folder) -> list[str]:
                     num_classes=loaded.num_classes, base=model, input_shape=shape, arch_kwargs=loaded.arch_kwargs,
                     prior=_prior(loaded))
     write_json(stage / "metrics.json", metrics)
-    fig, _ = plots.kept_filters_figure(plan)
+    fig, _ = plots.kept_filters_figure(plan, model_name=Path(args.model).name)
     save_figure(fig, stage / "kept_filters.png", dpi=130)
     if "torchscript" in args.export:
         export_torchscript(compressed, stage / "model.ts", x0)
