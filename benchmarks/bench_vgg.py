@@ -289,7 +289,7 @@ def run(args) -> dict:
         m["widths"] = {d.name: [len(d.keep), d.out_channels] for d in p.layers}
         m["macs_reduction"] = 1 - m["macs"] / base_macs
         m["params_reduction"] = 1 - m["params"] / base_params
-        m["latency"] = speedup_table(base, model, tuple(x0.shape[1:]), repeats=args.latency_repeats)
+        m["latency"] = lat = speedup_table(base, model, tuple(x0.shape[1:]), repeats=args.latency_repeats)
         m["seconds_total"] = time.perf_counter() - t0
         results[name] = m
         log(f"{name}: MACs -{100 * m['macs_reduction']:.1f}%, params -{100 * m['params_reduction']:.1f}%, top-1 "
