@@ -320,5 +320,27 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
     return pruned, m
 
 
+def compress(model, sample_loader, test_loader, *, example_input, arch: str = "model", num_classes: int | None = None,
+             config: CompressConfig | None = None, plan: CompressionPlan | None = None, train_loader=None,
+             progress=None) -> tuple[torch.nn.Module, CompressionPlan, dict]:
+    """Plan by SI on ``sample_loader`` (or apply ``plan``), prune a copy of ``model``, compensate,
+    optionally fine-tune; returns (compressed model, plan, metrics of :func:`execute`).
+
+    ``example_input``: one batch-of-one input. ``num_classes``: default the model's output width.
+    Save the result with ``si_compress.compress.save_compressed`` and reload it with
+    ``si_compress.load_compressed``.
+    """
+    config = config or CompressConfig()
+    if num_classes is None:
+        with torch.inference_mode():
+            num_classes = int(model.eval()(example_input).shape[1])
+    if plan is None:
+        plan, _ = si_plan(model, sample_loader, arch=arch, num_classes=num_classes, example_input=example_input,
+                          config=config, progress=progress)
+    small, metrics = execute(model, plan, example_input=example_input, calib_loader=sample_loader,
+                             test_loader=test_loader, train_loader=train_loader, config=config)
+    return small, plan, metrics
+
+
 def config_dict(config: CompressConfig) -> dict:
     return asdict(config)

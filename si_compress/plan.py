@@ -163,6 +163,23 @@ class CompressionPlan:
             raise ValueError(f"plan is not valid JSON: {exc}") from None
         return cls.from_dict(d)
 
+    def save(self, path) -> "Path":
+        """Write the plan as JSON, atomically (what ``si-compress --plan`` reads)."""
+        from ._io import write_text
+
+        return write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "CompressionPlan":
+        """Read a plan written by :meth:`save` or si-compress; ValueError on anything else."""
+        from pathlib import Path
+
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"plan file {path} does not exist") from None
+        return cls.from_json(text)
+
     # ------------------------------------------------------------------ summary
     def summary(self) -> str:
         p = self.predicted
