@@ -84,8 +84,8 @@ def run_main(prog: str, body, argv) -> int:
 
     try:
         return int(body(argv) or 0)
-    except (CLIError, DataError, ModelLoadError, ValueError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
+    except (CLIError, DataError, ModelLoadError, ValueError, OSError) as exc:
+        # OSError: missing files, permissions, a full disk: the environment, not a bug
         if os.environ.get("SI_COMPRESS_DEBUG"):
             traceback.print_exc()
         print(f"{prog}: error: {user_message(exc)}", file=sys.stderr)

@@ -37,7 +37,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--order", type=positive_int, default=3, help="order r of the high-order and soft SI (default 3)")
     p.add_argument("--reference-split", choices=("train", "test"),
                    help="also compute cross-SI of the analysed features against a sample of this split")
-    p.add_argument("--backend", default="auto", choices=("auto", "numba", "faiss", "numpy"))
+    p.add_argument("--backend", default="auto", choices=("auto", "numba", "faiss", "numpy"),
+                   help="nearest-neighbour search (default auto: the fastest for the data; numpy is the "
+                        "brute-force oracle)")
     p.add_argument("--memory-budget", type=positive_float, default=4.0,
                    help="GiB of features held at once; more layers take more passes (default 4)")
     p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
