@@ -171,11 +171,12 @@ def test_reused_out_loses_stale_exports_and_says_what_ran(digits_ckpt, tmp_path,
     out.mkdir()
     for stale in ("model.onnx", "model.ts"):
         (out / stale).write_text("from an earlier run")
+    threads_before = torch.get_num_threads()
     old = os.umask(0o027)
     try:
         code, stdout, err = _run(compress_main, [digits_ckpt, *DIGITS, "--si-samples", "100", "--eval-samples", "100",
                                                  "--objective", "macs", "--finetune-epochs", "1", "--finetune-steps", "2",
-                                                 "--out", out, "--quiet"], capsys)
+                                                 "--threads", "1", "--out", out, "--quiet"], capsys)
     finally:
         os.umask(old)
     assert code == 0, err
@@ -189,7 +190,9 @@ def test_reused_out_loses_stale_exports_and_says_what_ran(digits_ckpt, tmp_path,
     assert "(test," in m["data"]["accuracy"] and "(train," in m["data"]["si"]
     assert m["finetune_steps"] == 2
     for b in ("batch1", "batch128"):
-        assert set(m["latency"][b]) >= {"speedup", "base_spread", "compressed_spread", "noisy", "threads"}
+        assert set(m["latency"][b]) >= {"speedup", "base_spread", "compressed_spread", "noisy"}
+        assert m["latency"][b]["threads"] == m["threads"] == 1
+    assert torch.get_num_threads() == threads_before and "(1 threads," in stdout
 
 
 # ----------------------------------------------------------------------------- plans

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -104,6 +105,35 @@ def run_main(prog: str, body, argv) -> int:
         print(f"{prog}: internal error (a bug in si_compress, not in your input): {type(exc).__name__}: "
               f"{user_message(exc)}; {where}; please report it", file=sys.stderr)
         return EXIT_BUG
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the enclosed code on ``n`` threads (None: unchanged), torch's and Numba's both: Numba's
+    OpenMP layer shares torch's thread pool setting, so restoring Numba's own count after an SI
+    search would otherwise undo ``--threads`` for torch. The previous counts come back after, so a
+    CLI called in-process (tests, notebooks) leaves the caller's settings alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    numba_before = None
+    if n:
+        try:
+            import numba
+
+            numba_before = numba.get_num_threads()
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if numba_before is not None:
+            import numba
+
+            numba.set_num_threads(numba_before)
+        torch.set_num_threads(before)
 
 
 class Progress:

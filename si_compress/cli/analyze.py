@@ -21,6 +21,7 @@ from ._common import (
     positive_float,
     positive_int,
     run_main,
+    torch_threads,
 )
 
 PROG = "si-analyze"
@@ -42,7 +43,7 @@ def build_parser() -> ArgumentParser:
                         "brute-force oracle)")
     p.add_argument("--memory-budget", type=positive_float, default=4.0,
                    help="GiB of features held at once; more layers take more passes (default 4)")
-    p.add_argument("--threads", type=positive_int, help="torch threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="torch and Numba threads (default: all cores)")
     p.add_argument("--out", default="runs/analyze", help="output folder (default runs/analyze)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -50,8 +51,6 @@ def build_parser() -> ArgumentParser:
 
 def _body(argv) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
     from .._io import OutputFolder
 
     if args.order < 1:
@@ -60,10 +59,8 @@ def _body(argv) -> int:
         raise CLIError(f"--max-dim must be >= 1; got {args.max_dim}")
     if args.memory_budget <= 0:
         raise CLIError(f"--memory-budget must be > 0 GiB; got {args.memory_budget}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     folder = OutputFolder(args.out)   # a file or unwritable folder fails here, before any work
-    with folder:
+    with folder, torch_threads(args.threads):
         _run(args, folder)
     folder.commit()
     return 0

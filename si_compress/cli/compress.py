@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ._common import (ArgumentParser, CLIError, Progress, add_model_args, nonneg_int, positive_float,
-                      positive_int, run_main)
+                      positive_int, run_main, torch_threads)
 from ._quant import add_quant_args
 
 PROG = "si-compress"
@@ -78,7 +78,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, ranking and fine-tuning (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=128, help="fine-tuning batch size (default 128)")
     p.add_argument("--threads", type=positive_int, default=None,
-                   help="torch threads for everything, latency timing included (default: all cores)")
+                   help="torch and Numba threads for everything, latency timing included (default: all cores)")
     p.add_argument("--out", default="runs/compress", help="output folder (default runs/compress)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_quant_args(p)
@@ -111,7 +111,7 @@ def _body(argv) -> int:
     from .._io import OutputFolder
 
     folder = OutputFolder(args.out, produced=OUTPUTS)   # a file or unwritable --out fails before any work
-    with folder:
+    with folder, torch_threads(args.threads):
         report = _run(args, folder)
     stale = folder.commit()
     report.append(f"wrote {folder.path}/" + (f" (removed {', '.join(stale)} of an earlier run)" if stale else ""))
@@ -135,8 +135,6 @@ def _run(args, folder) -> list[str]:
     from ..plan import CompressionPlan
     from ._common import parse_arch_kwargs, parse_normalize
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     progress = Progress(enabled=not args.quiet)
     stage = folder.staging
