@@ -76,7 +76,13 @@ def run(args) -> dict:
     cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, objective=args.objective,
                          round_to=args.round_to, compensation=args.compensation,
                          finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
-                         seed=args.seed)
+                         seed=args.seed, reconstruct_steps=args.reconstruct_steps,
+                         reconstruct_seconds=args.reconstruct_seconds, reconstruct_images=args.reconstruct_images,
+                         teacher=args.teacher)
+    # reconstruction reads unlabelled train images (a class-balanced sample apart from the SI sample)
+    recon_loader = DL(preload(train.dataset, balanced_indices(train.labels, args.reconstruct_images,
+                                                              seed=args.seed + 1)), batch_size=128) \
+        if "reconstruct" in args.compensation else None
     base_macs, base_params = count_tp(base, x0)
     base_acc = evaluate(base, test_loader)
     log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")
@@ -95,28 +101,32 @@ def run(args) -> dict:
     l1 = {u.conv: rank_filters("l1", weight=mods[u.conv].weight.detach().numpy(), curve=False) for u in st.convs}
     from si_compress.structure import collect_filter_groups
 
-    groups, glabels = collect_filter_groups(base, sample_loader, [u.activation for u in st.convs], grid=cfg.grid)
-    sir = {u.conv: rank_filters("si", G=groups[u.activation], y=glabels, curve=False) for u in st.convs}
-    del groups
-    rnd = {u.conv: rank_filters("random", weight=mods[u.conv].weight.detach().numpy(), seed=args.seed + i,
-                                curve=False) for i, u in enumerate(st.convs)}
-    si_tp_macs = count_tp(apply_plan(
-        base, plan, example_input=x0), x0)[0]
+    plans = {"si": plan}
+    si_tp_macs = count_tp(apply_plan(base, plan, example_input=x0), x0)[0]
     ratio = si_tp_macs / base_macs
-    plans = {"si": plan, "si-ranked-same-widths": plan_with_widths(plan, sir),
-             "random-same-widths": plan_with_widths(plan, rnd)}
-    # uniform L1 and torch-pruning's pruner: the same torch-pruning MAC count as the SI plan
-    lo_t, hi_t = 0.05, 1.0
-    for _ in range(30):
-        mid = (lo_t + hi_t) / 2
-        u = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st, rankings=l1, target_macs=mid)
-        got = count_tp(apply_plan(
-            base, u, example_input=x0), x0)[0]
-        lo_t, hi_t = (mid, hi_t) if got <= si_tp_macs else (lo_t, mid)
-    plans["uniform-l1"] = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st, rankings=l1,
-                                       target_macs=lo_t)
-    plans["tp-magnitude"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
-                                              num_classes=loaded.num_classes)
+    if "si-ranked-same-widths" in args.methods:   # each baseline is built only when it is run
+        groups, glabels = collect_filter_groups(base, sample_loader, [u.activation for u in st.convs], grid=cfg.grid)
+        sir = {u.conv: rank_filters("si", G=groups[u.activation], y=glabels, curve=False) for u in st.convs}
+        del groups
+        plans["si-ranked-same-widths"] = plan_with_widths(plan, sir)
+    if "random-same-widths" in args.methods:
+        rnd = {u.conv: rank_filters("random", weight=mods[u.conv].weight.detach().numpy(), seed=args.seed + i,
+                                    curve=False) for i, u in enumerate(st.convs)}
+        plans["random-same-widths"] = plan_with_widths(plan, rnd)
+    if "uniform-l1" in args.methods:
+        # uniform L1 and torch-pruning's pruner: the same torch-pruning MAC count as the SI plan
+        lo_t, hi_t = 0.05, 1.0
+        for _ in range(30):
+            mid = (lo_t + hi_t) / 2
+            u = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st, rankings=l1,
+                             target_macs=mid)
+            got = count_tp(apply_plan(base, u, example_input=x0), x0)[0]
+            lo_t, hi_t = (mid, hi_t) if got <= si_tp_macs else (lo_t, mid)
+        plans["uniform-l1"] = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st,
+                                           rankings=l1, target_macs=lo_t)
+    if "tp-magnitude" in args.methods:
+        plans["tp-magnitude"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
+                                                  num_classes=loaded.num_classes)
     results = {}
     from dataclasses import replace
 
@@ -124,7 +134,7 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         run_cfg = cfg if name in args.finetune_methods else replace(cfg, finetune_epochs=0)
         model, m = execute(base, plans[name], example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                           train_loader=train_loader, config=run_cfg, augment=cifar_augment,
+                           train_loader=train_loader, config=run_cfg, augment=cifar_augment, recon_loader=recon_loader,
                            progress=lambda h, n=name: log(f"  {n} epoch {h.get('epoch')}: {h}"))
         m.pop("refit", None)
         m["widths"] = {d.name: len(d.keep) for d in plans[name].layers}
@@ -139,7 +149,7 @@ def run(args) -> dict:
             save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes,
                             base=base)
             m["saved_model"] = str(save_path.relative_to(ROOT))
-        if name == "si" or not args.latency_si_only:
+        if not args.no_latency and (name == "si" or not args.latency_si_only):
             m["latency"] = speedup_table(base, model, tuple(x0.shape[1:]), repeats=args.latency_repeats)
         results[name] = m
         log(f"{name}: MACs -{100 * m['macs_reduction']:.1f}%, acc pruned {m['acc_pruned']:.4f}, "
@@ -165,13 +175,21 @@ def table(path: Path) -> str:
              "| method | MACs | params | blocks dropped | top-1 pruned | after compensation (no training) "
              "| after fine-tuning | CPU speed-up b1 / b128 |",
              "|---|---|---|---:|---|---|---|---|"]
+    recon = any("acc_refit" in m for m in r.values())
+    if recon:   # the re-fit alone, then the label-free reconstruction (what it used)
+        rc = next(m["reconstruct"] for m in r.values() if "reconstruct" in m)
+        lines[0] += (f" Reconstruction: {rc['steps']} Adam steps on {rc['images']:,} unlabelled train images "
+                     f"(targets: {rc['targets']}), then BN re-estimated.")
+        lines[2] = lines[2].replace("after compensation (no training)", "after re-fit (no training) | after reconstruction (no labels)")
+        lines[3] = lines[3] + "---|"
     for name, m in r.items():
         ft = "" if m.get("acc_finetuned") is None else f"{100 * m['acc_finetuned']:.2f}%"
         lat = m.get("latency")
         sp = f"{lat['batch1']['speedup']:.2f}x / {lat['batch128']['speedup']:.2f}x" if lat else ""
         lines.append(f"| {name} | -{100 * m['macs_reduction']:.1f}% | -{100 * m['params_reduction']:.1f}% | "
                      f"{len(m.get('dropped_blocks', []))} | {100 * m['acc_pruned']:.2f}% | "
-                     f"{100 * m['acc_compensated']:.2f}% | {ft} | {sp} |")
+                     + (f"{100 * m['acc_refit']:.2f}% | " if recon else "")
+                     + f"{100 * m['acc_compensated']:.2f}% | {ft} | {sp} |")
     lines += ["", f"Speed-up: base latency / compressed latency, eager PyTorch on the CPU, "
                   f"{d['machine'].get('torch_threads', '?')} threads, median of {d['settings'].get('latency_repeats', 7)} "
                   "runs, both models timed back to back in one run."]
@@ -186,6 +204,11 @@ def main(argv=None):
     p.add_argument("--objective", default="both", choices=("macs", "latency", "both"))
     p.add_argument("--round-to", type=int, default=8)
     p.add_argument("--compensation", default="refit")
+    p.add_argument("--reconstruct-steps", type=int, default=600)
+    p.add_argument("--reconstruct-seconds", type=float, default=900.0)
+    p.add_argument("--reconstruct-images", type=int, default=5000)
+    p.add_argument("--teacher", default="base", choices=("base", "none"))
+    p.add_argument("--no-latency", action="store_true", help="skip timing (accuracy-only runs on a busy machine)")
     p.add_argument("--si-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=0)
     p.add_argument("--epochs", type=int, default=1)

@@ -42,6 +42,7 @@ TABLES = {
     "shiftadd": (_script("bench_shiftadd.py", "--table"), "shiftadd.json", None),
     "vgg": (_script("bench_vgg.py", "--table"), "vgg.json", None),
     "adapter": (_script("bench_adapter.py", "--table"), "adapter.json", None),
+    "cluster": (_script("bench_cluster.py", "--table"), "cluster.json", None),
     "compress_noft": (_script("bench_compress.py", "--table", "--out", str(HERE / "results" / "compress_resnet56_noft.json")),
                       "compress_resnet56_noft.json",
                       "python benchmarks/bench_compress.py --methods si tp-magnitude uniform-l1 --epochs 0 "

@@ -5,8 +5,8 @@ its full-width output whatever its inner width, and odd channel counts miss the 
 planner can therefore rank its moves by *measured* seconds saved instead of MACs saved.
 
 ``block_latency_table`` times each distinct residual section (same modules, same input shape) per
-candidate inner width k (multiples of ``step`` plus the full width; k = 0 is the dropped section,
-i.e. its shortcut path alone) at ``batch``. A plan must not depend on how busy the machine was: the
+candidate width k of each channel group inside it (up to ``points`` multiples of ``step`` plus the
+full width; k = 0 is the dropped section, i.e. its shortcut path alone) at ``batch``. A plan must not depend on how busy the machine was: the
 configurations are timed round-robin (a busy spell hits all of them), each keeps its *fastest*
 of ``repeats`` rounds (the cost of the kernels themselves, not of the neighbours), times are made
 non-decreasing in k, and widths in between are interpolated linearly.
@@ -129,24 +129,25 @@ def _with_width(section: nn.Module, conv: str, k: int, shape) -> nn.Module:
 
 
 def block_latency_table(model: nn.Module, structure, example_input, *, batch: int = 128, step: int = 8,
-                        repeats: int = 9) -> dict[str, tuple[float, ...]]:
-    """group root -> seconds of its section with k channels, k = 0..C (see module doc).
+                        repeats: int = 9, points: int = 9, budget_s: float = 60.0) -> dict[str, tuple[float, ...]]:
+    """group root -> seconds of its section with k channels in that group, k = 0..C (see module doc).
 
-    Timed: every channel group that is the only group of a removable residual section (a block's
-    inner width); the section is timed whole (its shortcut, BN, activation and addition included).
-    Other groups are left out and the planner falls back to MACs.
+    Timed: every channel group inside a removable residual section (a bottleneck's two inner groups
+    each, the other groups at full width); the section is timed whole (its shortcut, BN, activation
+    and addition included), at no more than ``points`` widths per group (multiples of ``step``, the
+    full width and k = 0). Other groups are left out; the planner counts their MACs. ``budget_s``:
+    seconds the timed rounds may take; fewer rounds (at least one) when one round costs more.
     """
     if step < 1:
         raise ValueError(f"step must be >= 1; got {step}")
+    if points < 3:
+        raise ValueError(f"points must be >= 3; got {points}")
     mods = dict(model.named_modules())
-    per_section: dict[str, list] = {}
-    for u in structure.convs:
-        if u.block:
-            per_section.setdefault(u.block, []).append(u)
-    units = [us[0] for us in per_section.values() if len(us) == 1]
+    residual = {b.name for b in structure.blocks if getattr(b, "kind", "residual") == "residual"}
+    units = [u for u in structure.convs if u.block in residual]
     shapes: dict[str, tuple] = {}
-    hooks = [mods[u.block].register_forward_pre_hook(
-        lambda m, inp, name=u.block: shapes.__setitem__(name, tuple(inp[0].shape[1:]))) for u in units]
+    hooks = [mods[b].register_forward_pre_hook(
+        lambda m, inp, name=b: shapes.__setitem__(name, tuple(inp[0].shape[1:]))) for b in {u.block for u in units}]
     try:
         with torch.inference_mode():
             model.eval()(example_input)
@@ -159,7 +160,10 @@ def block_latency_table(model: nn.Module, structure, example_input, *, batch: in
         sec = mods[u.block]
         inner = u.conv[len(u.block) + 1:]
         key0 = (repr(sec), shapes[u.block], inner)
-        ks = sorted({0, u.out_channels, *range(step, u.out_channels, step)})
+        ks = list(range(step, u.out_channels, step))
+        if len(ks) > points - 2:   # evenly spaced multiples of step: the timing cost stays bounded
+            ks = [ks[int(round(i))] for i in np.linspace(0, len(ks) - 1, points - 2)]
+        ks = sorted({0, u.out_channels, *ks})
         for k in ks:
             if key0 + (k,) not in configs:
                 configs[key0 + (k,)] = (_with_width(sec, inner, k, shapes[u.block]),
@@ -167,9 +171,11 @@ def block_latency_table(model: nn.Module, structure, example_input, *, batch: in
         plan.append((u, key0, ks))
     best = {key: np.inf for key in configs}
     with torch.inference_mode():
+        t0 = time.perf_counter()
         for m, x in configs.values():  # warm-up: first calls allocate and pick kernels
             m(x)
-        for _ in range(repeats):
+        one_round = time.perf_counter() - t0
+        for _ in range(max(1, min(repeats, int(budget_s / max(one_round, 1e-9))))):
             for key, (m, x) in configs.items():
                 t = time.perf_counter()
                 m(x)

@@ -16,7 +16,7 @@ import torch
 from .latency import latency  # noqa: F401  (re-exported: callers time models through the pipeline)
 from .plan import CompressionPlan
 
-COMPENSATIONS = ("refit+bn", "refit", "bn", "none")
+COMPENSATIONS = ("refit+bn", "refit", "bn", "none", "refit+reconstruct", "reconstruct")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,14 @@ class CompressConfig:
     round_to: int = 8                  # channel counts in multiples of 8: the fast CPU kernels need them
     grid: int = 4                      # per-filter pooled grid for filter SI
     order: int = 3
-    compensation: str = "refit"
+    compensation: str = "refit"         # + "reconstruct": train against the base on unlabelled images after
+    reconstruct_steps: int = 600        # ... at most this many Adam steps
+    reconstruct_seconds: float = 300.0  # ... or this many seconds
+    reconstruct_images: int = 5000      # ... on this many images (their labels are never read)
+    reconstruct_targets: str = "logits"  # "logits", "features" (section outputs) or "both"
+    teacher: str = "base"               # fine-tuning distils from the base model ("none": labels only)
+    kd_weight: float = 0.5
+    kd_temperature: float = 4.0
     finetune_epochs: int = 0
     finetune_steps: int | None = None   # stop fine-tuning after this many SGD steps (None: full epochs)
     head_only: bool = False
@@ -50,6 +57,16 @@ class CompressConfig:
             raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}; got {self.compensation!r}")
         if self.finetune_epochs < 0 or self.head_epochs < 0:
             raise ValueError("epochs must be >= 0")
+        if self.teacher not in ("base", "none"):
+            raise ValueError(f"teacher must be 'base' or 'none'; got {self.teacher!r}")
+        if not (0.0 <= self.kd_weight <= 1.0):
+            raise ValueError(f"kd_weight must be in [0, 1]; got {self.kd_weight}")
+        if self.reconstruct_steps < 1 or not self.reconstruct_seconds > 0 or self.reconstruct_images < 1:
+            raise ValueError("reconstruct_steps, reconstruct_seconds and reconstruct_images must be positive")
+        from .compress.reconstruct import TARGETS
+
+        if self.reconstruct_targets not in TARGETS:
+            raise ValueError(f"reconstruct_targets must be one of {', '.join(TARGETS)}; got {self.reconstruct_targets!r}")
 
 
 @dataclass(frozen=True)
@@ -93,10 +110,8 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     truncation = None
     plan_model, plan_structure = model, structure
     trunc_settings: dict = {}
-    from .planning.truncate import TRUNCATE_FORMAT
-
     recorded = {r.name for r in report.layers}
-    chain = [c for c in structure.chain if c in recorded and TRUNCATE_FORMAT.match(c)]
+    chain = [c for c in structure.chain if c in recorded]
     if config.truncate and chain and not structure.blocks:
         truncation = choose_truncation(report.layers, chain=chain,
                                        total_macs=report.total_macs, tol=config.truncate_tol)
@@ -150,6 +165,9 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
 
     # SI gain of every recorded module (sections and scopes); only sections can be dropped.
     gains = block_si(report.layers, [SimpleNamespace(name=r.name) for r in report.layers if ":" not in r.name])
+    branches = [b for b in plan_structure.blocks if b.kind == "concat" and b.channels]
+    if branches:
+        gains.update(concat_gains(plan_model, sample_loader, branches, grid=config.grid, progress=progress))
     lat_table = None
     if config.objective != "macs" and plan_structure.convs and config.target_macs is not None:
         from .latency import block_latency_table
@@ -221,6 +239,37 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
                               truncation=truncation, base_structure=structure)
 
 
+def concat_gains(model, sample_loader, branches, *, grid: int = 4, max_dim: int = 4096,
+                 progress=None) -> dict[str, tuple[float, float]]:
+    """SI gain of each concatenation branch: name -> (SI of its parent's output without the branch's
+    channels, SI with them). The parent's output (N, C, H, W) is average-pooled per channel to a
+    k x k grid, k = min(grid, H, W) halved until C*k*k <= max_dim; one pass over ``sample_loader``."""
+    from .separability import separation_index
+    from .structure import collect_filter_groups
+
+    parents = list(dict.fromkeys(b.parent for b in branches))
+    maps, labels = collect_filter_groups(model, sample_loader, parents, grid=grid)
+    out = {}
+    for i, parent in enumerate(parents):
+        G = maps[parent]                           # (n, C, k*k)
+        n, C, kk = G.shape
+        k = int(round(kk ** 0.5))
+        while C * k * k > max_dim and k > 1:       # 2 x 2 average pooling of the k x k grid
+            h = k // 2
+            G = G.reshape(n, C, h, 2, h, 2).mean(axis=(3, 5)).reshape(n, C, h * h) if k % 2 == 0 else \
+                G.mean(axis=2, keepdims=True)
+            k = h if k % 2 == 0 else 1
+        full = separation_index(G.reshape(n, -1), labels)
+        for b in branches:
+            if b.parent != parent:
+                continue
+            rest = np.setdiff1d(np.arange(C), np.asarray(b.channels))
+            out[b.name] = (separation_index(G[:, rest].reshape(n, -1), labels), full)
+        if progress is not None:
+            progress("branch SI", i + 1, len(parents))
+    return out
+
+
 def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:
     return CompressionPlan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, **changes})
 
@@ -256,14 +305,18 @@ def count_tp(model, example_input) -> tuple[int, int]:
 
 
 def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_loader, train_loader=None,
-            config: CompressConfig, progress=None, augment=None, stage=None) -> tuple[torch.nn.Module, dict]:
+            config: CompressConfig, progress=None, augment=None, recon_loader=None,
+            stage=None) -> tuple[torch.nn.Module, dict]:
     """Apply ``plan`` to a copy of ``base``, compensate, optionally fine-tune; accuracy at each stage.
 
     A truncated chain (``plan.truncate_after``) has a new head: ``refit`` compensation fits it to
     ``base``'s logits by least squares (``refit_head``), and it is then always trained on frozen
     features (``train_head``, ``config.head_epochs``) on ``train_loader``, or on ``calib_loader``
-    when no training split is given (``m["head_data"]`` says which). ``progress(record)``: after
-    each fine-tuning epoch; ``stage(name)``: as each step starts (so a long step is visibly running).
+    when no training split is given (``m["head_data"]`` says which). ``*+reconstruct`` compensation
+    then trains the model against ``base`` on the images of ``recon_loader`` (default ``calib_loader``;
+    labels never read; ``m["reconstruct"]`` says what was used). Fine-tuning distils from ``base``
+    unless ``config.teacher == "none"``. ``progress(record)``: after each fine-tuning
+    epoch; ``stage(name)``: as each step starts (so a long step is visibly running).
     """
     say = stage if stage is not None else (lambda name: None)
     from .compress import apply_plan, evaluate, finetune, recalibrate_bn, refit_consumers, refit_head, train_head
@@ -279,11 +332,22 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
     t0 = time.perf_counter()
     if config.compensation != "none":
         say(f"compensate ({config.compensation})")
-    if config.compensation in ("refit", "refit+bn"):
+    if config.compensation in ("refit", "refit+bn", "refit+reconstruct"):
         rep = refit_consumers(pruned, base, plan, calib_loader)
         m["refit"] = {k: {kk: vv for kk, vv in v.items() if kk in ("before", "after")} for k, v in rep.items()}
     if config.compensation in ("bn", "refit+bn"):
         recalibrate_bn(pruned, calib_loader)
+    if config.compensation in ("refit+reconstruct", "reconstruct"):
+        from .compress import reconstruct
+
+        if config.compensation == "refit+reconstruct":
+            m["acc_refit"] = evaluate(pruned, test_loader)   # the least-squares step alone, for comparison
+
+        m["reconstruct"] = reconstruct(
+            pruned, base, recon_loader if recon_loader is not None else calib_loader, steps=config.reconstruct_steps,
+            seconds=config.reconstruct_seconds, images=config.reconstruct_images, targets=config.reconstruct_targets,
+            augment=augment, bf16=config.bf16,
+            progress=None if progress is None else (lambda r: progress({"stage": "reconstruct", **r})))
     if plan.truncate_after is not None and config.compensation in ("refit", "refit+bn"):
         # The cut chain's new head reads features the old head never saw: fit it (least squares)
         # to the original network's logits on the calibration sample.
@@ -311,7 +375,10 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         t0 = time.perf_counter()
         say("fine-tune")
         hist = finetune(pruned, train_loader, epochs=config.finetune_epochs, lr=config.lr, augment=augment,
-                        bf16=config.bf16, max_steps=config.finetune_steps, progress=progress)
+                        bf16=config.bf16, max_steps=config.finetune_steps, progress=progress,
+                        teacher=base if config.teacher == "base" else None, kd_weight=config.kd_weight,
+                        temperature=config.kd_temperature)
+        m["finetune_teacher"] = config.teacher
         m["seconds_finetune"] = time.perf_counter() - t0
         m["finetune_history"] = hist
         say("evaluate fine-tuned")

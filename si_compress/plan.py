@@ -3,10 +3,11 @@
 A plan is plain data (frozen dataclasses <-> versioned JSON); the planner writes it, a user may
 edit it, and the executor (``si_compress.compress``) applies it to the original model:
 
-- ``dropped_blocks``: residual blocks replaced by their shortcut (identity, or the parameter-free
-  option-A shortcut of a downsampling block);
-- ``truncate_after``: for a plain chain, the module after which the feature extractor is cut,
-  as ``"features.<i>"`` (``features[:i + 1]`` is kept; ``None``: no truncation); a new head is
+- ``dropped_blocks``: removable sections (``structure.describe(...).blocks``): a residual section
+  replaced by its shortcut (identity, projection or the parameter-free option-A shortcut), or a
+  concatenation branch (inception branch, dense layer) removed with its channels;
+- ``truncate_after``: for a plain chain, the module after which the forward is cut (a module name
+  such as ``"features.23"``; ``None``: no truncation); a new head is
   attached to that layer's pooled output (the SI planner cuts after the SI peak, see
   ``planning/truncate.py``);
 - ``layers``: per conv, the output filters to keep (sorted indices into the original filters);

@@ -50,13 +50,22 @@ class UnsupportedModel(ValueError):
 
 @dataclass(frozen=True)
 class BlockUnit:
-    """A removable residual section ``y = post(p(x) + f(x))``; dropping it keeps ``post(p(x))``."""
+    """A removable section.
+
+    ``kind="residual"``: ``y = post(p(x) + f(x))``; dropping it keeps ``post(p(x))``.
+    ``kind="concat"``: a branch whose output is an operand of a channel concatenation (an inception
+    branch, a dense layer); dropping it removes the branch and its channels from every consumer.
+    """
 
     name: str
-    macs: int          # MACs per sample of the branch f (what a drop removes)
+    macs: int          # MACs per sample a drop removes (the branch, plus its channels' consumers for concat)
     downsample: bool   # the shortcut is not the identity (a projection or a parameter-free reshape)
-    params: int        # parameters of the branch f
-    branch: tuple[str, ...] = ()   # leaf modules of f
+    params: int        # parameters a drop removes
+    branch: tuple[str, ...] = ()   # leaf modules of the branch
+    kind: str = "residual"
+    parent: str = ""               # concat: the recorded module whose concatenation holds the branch
+    channels: tuple[int, ...] = ()  # concat: the branch's channels in the parent's output (() = unknown)
+    needs_one: bool = False        # concat: every operand is a branch; one must stay
 
 
 @dataclass(frozen=True)
@@ -86,7 +95,7 @@ class SkippedGroup:
 class ModelStructure:
     blocks: tuple[BlockUnit, ...]            # removable sections
     convs: tuple[ConvUnit, ...]              # channel groups the planner may resize
-    chain: tuple[str, ...]                   # plain chains (no sections): recorded activations in order
+    chain: tuple[str, ...]                   # plain chains (no sections): recorded modules in order (cut points)
     total_macs: int
     total_params: int
     layers: tuple[str, ...] = ()             # layers to record for SI, in execution order
@@ -358,6 +367,223 @@ def drop_section(module: nn.Module) -> nn.Module:
     return fx.GraphModule(gm, gm.graph, class_name=f"{type(module).__name__}Dropped")
 
 
+# --------------------------------------------------------------------------- concat sections
+
+_CATS = {torch.cat, torch.concat, torch.concatenate} if hasattr(torch, "concatenate") else {torch.cat, torch.concat}
+_KEEP_CHANNELS_FN = {torch.relu, torch.sigmoid, torch.tanh, torch.nn.functional.relu, torch.nn.functional.relu6,
+                     torch.nn.functional.gelu, torch.nn.functional.silu, torch.nn.functional.hardswish,
+                     torch.nn.functional.leaky_relu, torch.nn.functional.elu, torch.nn.functional.dropout,
+                     torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d}
+_KEEP_CHANNELS_METHODS = {"relu", "relu_", "sigmoid", "tanh", "contiguous"}
+_KEEP_CHANNELS_MODULES = _ACTIVATIONS + (nn.Dropout, nn.Identity, nn.MaxPool2d, nn.AvgPool2d)
+
+
+def _trace_children(module: nn.Module):
+    """``module`` traced by torch.fx with its direct children as leaves: (GraphModule, None) or
+    (None, reason)."""
+    import torch.fx as fx
+
+    kids = {id(m) for m in module.children()}
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return id(m) in kids or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = _Tracer().trace(module)
+    except Exception as exc:
+        return None, f"torch.fx cannot trace it ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''})"
+    return fx.GraphModule(module, graph, class_name=type(module).__name__), None
+
+
+def _is_cat(n) -> bool:
+    if n.op != "call_function" or n.target not in _CATS or not n.args or not isinstance(n.args[0], (list, tuple)):
+        return False
+    dim = n.args[1] if len(n.args) > 1 else n.kwargs.get("dim", 0)
+    return dim in (1, -3)
+
+
+def _keeps_channels(n, mods) -> bool:
+    """A parameter-free op on one tensor that leaves channel indices where they are."""
+    inputs = n.all_input_nodes
+    if len(inputs) != 1:
+        return False
+    if n.op == "call_module":
+        return isinstance(mods.get(n.target), _KEEP_CHANNELS_MODULES)
+    if n.op == "call_function":
+        return n.target in _KEEP_CHANNELS_FN
+    return n.op == "call_method" and n.target in _KEEP_CHANNELS_METHODS
+
+
+def _in_list_arg(user, node) -> bool:
+    return any(isinstance(a, (list, tuple)) and node in a for a in list(user.args) + list(user.kwargs.values()))
+
+
+def concat_branches(module: nn.Module) -> tuple[object, dict]:
+    """The branches of ``module`` that feed channel concatenations only, and can be dropped.
+
+    Returns (GraphModule traced with the direct children as leaves, or None;
+    ``{child: (call node, end node)}``) where ``end`` is the child's output after channel-preserving,
+    parameter-free ops (ReLU, pooling, dropout), used only inside lists: as an operand of a
+    ``torch.cat(..., dim=1)`` or in a list another child reads (a DenseNet layer reads the list of all
+    earlier outputs and concatenates it itself). A child called more than once never qualifies.
+    """
+    gm, _ = _trace_children(module)
+    if gm is None:
+        return None, {}
+    mods = dict(gm.named_modules())
+    calls: dict[str, list] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and "." not in n.target:
+            calls.setdefault(n.target, []).append(n)
+    out = {}
+    for child, nodes in calls.items():
+        if len(nodes) != 1 or not _has_conv(mods[child]):
+            continue
+        end = nodes[0]
+        while len(end.users) == 1 and _keeps_channels(next(iter(end.users)), mods):
+            end = next(iter(end.users))
+        users = list(end.users)
+        cats = [u for u in users if _is_cat(u) and end in u.args[0]]
+        if not cats or not all(u in cats or (u.op == "call_module" and "." not in u.target and _in_list_arg(u, end))
+                               for u in users):
+            continue
+        out[child] = (nodes[0], end)
+    return gm, out
+
+
+def _output_cat(gm):
+    """The concatenation that is the graph's output (through channel-preserving ops), or None."""
+    mods = dict(gm.named_modules())
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    n = out.args[0]
+    while hasattr(n, "op") and not _is_cat(n) and _keeps_channels(n, mods):
+        n = n.all_input_nodes[0]
+    return n if hasattr(n, "op") and _is_cat(n) else None
+
+
+def _concat_sections(run: "_Run", atomic: list[str], sections: dict) -> dict[str, dict]:
+    """section name -> {parent, leaves, channels, needs_one} for droppable concatenation branches."""
+    found = {}
+    for parent in atomic:
+        if parent in sections or not list(run.named[parent].children()):
+            continue
+        gm, branches = concat_branches(run.named[parent])
+        if not branches:
+            continue
+        cat = _output_cat(gm)
+        offsets = {}
+        if cat is not None:
+            at = 0
+            for operand in cat.args[0]:
+                src = operand
+                while src.op != "call_module" or "." in src.target:
+                    if not src.all_input_nodes:
+                        break
+                    src = src.all_input_nodes[0]
+                shape = run.out_shape.get(f"{parent}.{src.target}") if src.op == "call_module" else None
+                if shape is None and src.op == "placeholder":
+                    shape = run.in_shape.get(parent)
+                if shape is None or len(shape) < 2:
+                    offsets = {}
+                    break
+                offsets[operand] = (at, at + int(shape[1]))
+                at += int(shape[1])
+        for child, (node, end) in branches.items():
+            name = f"{parent}.{child}"
+            if run.calls.get(name) != 1:
+                continue
+            leaves = tuple(sorted(f"{name}.{n}" if n else name for n, m in run.named[name].named_modules()
+                                  if not list(m.children())))
+            span = offsets.get(end)
+            cats = [u for u in end.users if _is_cat(u)]
+            needs_one = any(all(a in {e for _, e in branches.values()} for a in c.args[0]) for c in cats)
+            found[name] = dict(parent=parent, leaves=leaves, channels=tuple(range(*span)) if span else (),
+                               needs_one=needs_one, out_channels=int(run.out_shape[name][1]))
+    return found
+
+
+def drop_concat_sections(model: nn.Module, names, example_input) -> None:
+    """Remove, in place, each branch in ``names`` (see :func:`concat_branches`) and its channels from
+    every consumer: torch-pruning removes the channels (its index mapping follows them through the
+    concatenations), then the parent is re-traced without the branch (a ``torch.fx.GraphModule`` that
+    keeps the other children under their names). Raises UnsupportedModel for a name that is not a
+    droppable branch or whose channels are tied by a residual addition."""
+    import torch_pruning as tp
+    from torch_pruning import ops
+
+    names = list(dict.fromkeys(names))
+    if not names:
+        return
+    by_parent: dict[str, list[str]] = {}
+    roots = {}
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        try:
+            pmod = model.get_submodule(parent) if parent else model
+            branch = model.get_submodule(name)
+        except AttributeError:
+            raise UnsupportedModel(f"section {name!r} is not a module of {type(model).__name__}") from None
+        _, branches = concat_branches(pmod)
+        if child not in branches:
+            raise UnsupportedModel(f"{name!r} is not a removable section: neither a residual section nor a branch "
+                                   f"feeding only channel concatenations of {parent or 'the model'}; only sections "
+                                   "listed by si_compress.structure.describe(model, x).blocks can be dropped")
+        by_parent.setdefault(parent, []).append(child)
+        # the branch's output channels are those of the last conv/linear run inside it
+        order = []
+        hooks = [m.register_forward_hook(lambda mod, a, o, n=n: order.append(n))
+                 for n, m in branch.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            with torch.no_grad():
+                model.eval()(example_input)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not order:
+            raise UnsupportedModel(f"branch {name!r} runs no conv; nothing to drop")
+        roots[name] = branch.get_submodule(order[-1])
+    for parent, children in by_parent.items():
+        _, branches = concat_branches(model.get_submodule(parent) if parent else model)
+        gone = {branches[c][1] for c in children}
+        if any(_is_cat(u) and all(a in gone for a in u.args[0]) for e in gone for u in e.users):
+            raise UnsupportedModel(f"dropping {', '.join(parent + '.' + c for c in children)} would leave a "
+                                   f"concatenation in {parent} empty; keep one of its branches")
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+    for name, root in roots.items():
+        fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+        width = root.out_features if isinstance(root, nn.Linear) else root.out_channels
+        group = DG.get_pruning_group(root, fn, idxs=list(range(width)))
+        for dep, _ in group:
+            kind = type(getattr(dep.target, "grad_fn", None)).__name__
+            if dep.target.type == ops.OPTYPE.ELEMENTWISE and kind.startswith(("Add", "Sub", "ConstantPad")):
+                raise UnsupportedModel(f"the channels of branch {name!r} are tied by a residual addition; "
+                                       "it cannot be dropped alone")
+    # Prune one branch at a time, re-deriving its group: concatenation offsets move as branches go.
+    for name, root in roots.items():
+        fn = tp.prune_linear_out_channels if isinstance(root, nn.Linear) else tp.prune_conv_out_channels
+        width = root.out_features if isinstance(root, nn.Linear) else root.out_channels
+        DG.get_pruning_group(root, fn, idxs=list(range(width))).prune()
+    import torch.fx as fx
+
+    for parent, children in by_parent.items():
+        pmod = model.get_submodule(parent) if parent else model
+        gm, branches = concat_branches(pmod)
+        for child in children:
+            _, end = branches[child]
+            for u in list(end.users):
+                u.args = tuple([a for a in arg if a is not end] if isinstance(arg, (list, tuple)) else arg
+                               for arg in u.args)
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        new = fx.GraphModule(gm, gm.graph, class_name=f"{type(pmod).__name__}Pruned")
+        if parent:
+            owner, _, attr = parent.rpartition(".")
+            setattr(model.get_submodule(owner) if owner else model, attr, new)
+        else:
+            raise UnsupportedModel("a branch of the model's own forward cannot be dropped; wrap the branches in a module")
+
+
 def _sections(model: nn.Module, run: _Run, atomic: list[str], notes: list[str]) -> dict[str, tuple[tuple[str, ...], bool]]:
     """section name -> (its branch's leaf module names (full names), whether its shortcut is the identity)."""
     out = {}
@@ -419,9 +645,10 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
     except Exception as exc:
         notes.append(f"torch-pruning could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                      "no channel groups")
-        return [], []
+        return [], [], {}
     ignored = [named[head]] if head in named else []
     units, skipped = [], []
+    costs = {}  # root -> [(member, MACs per root channel, params per root channel)]
     for group in DG.get_all_groups(ignored_layers=ignored, root_module_types=(nn.Conv2d, nn.Linear)):
         members = []
         outs, tied_add, pad = [], False, False
@@ -477,10 +704,12 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
         if len(in_dim) >= 3 and obs == tuple(range(C)) and in_dim[1] == C:
             obs = ()
         macs = params = 0.0
+        costs[root] = []
         for n, m, k, o in members:
             dm, dp = _unit_cost(m, run.macs.get(n, 0), k / C, o)
             macs += dm
             params += dp
+            costs[root].append((n, dm, dp))
         mem_names = tuple(sorted({n for n, *_ in members}))
         sec = None
         for s, (leaves, _) in sections.items():
@@ -492,7 +721,7 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
                               macs_per_filter=int(round(macs)), params_per_filter=int(round(params)), block=sec,
                               observe_index=obs, scope=scope, members=mem_names))
     units.sort(key=lambda u: run.post[u.conv])
-    return units, skipped
+    return units, skipped, costs
 
 
 # --------------------------------------------------------------------------- public
@@ -548,20 +777,59 @@ def _describe(model: nn.Module, example_input) -> ModelStructure:
     layers = sorted(set(atomic) | set(extra), key=lambda n: key[n]) + [head_input]
 
     sections = _sections(model, run, atomic, notes)
-    units, skipped = _groups(model, example_input, run, head, sections, atomic, notes)
+    units, skipped, costs = _groups(model, example_input, run, head, sections, atomic, notes)
     blocks = []
     for s, (leaves, identity) in sections.items():
         macs = sum(run.macs.get(n, 0) for n in leaves)
         params = sum(p.numel() for n in leaves for p in run.named[n].parameters())
         blocks.append(BlockUnit(name=s, macs=int(macs), downsample=not identity, params=int(params),
                                 branch=leaves))
+    blocks += _concat_blocks(run, atomic, sections, units, costs)
+    inside = {}
+    for b in blocks:
+        if b.kind == "concat":
+            for u in units:
+                if u.conv.startswith(b.name + ".") or u.conv == b.name:
+                    own = u.out_channels == run.out_shape[b.name][1] and u.conv == _last_root(run, b, units)
+                    if own or all(m.startswith(b.name + ".") or m == b.name for m in u.members):
+                        inside[u.conv] = b.name
+    if inside:
+        import dataclasses
+
+        units = [dataclasses.replace(u, block=inside[u.conv]) if u.conv in inside else u for u in units]
     blocks.sort(key=lambda b: run.post[b.name])
-    chain = tuple(a for a in atomic if isinstance(run.named[a], _ACTIVATIONS)) if not blocks else ()
+    chain = tuple(atomic) if not blocks else ()
     total_params = sum(p.numel() for p in model.parameters())
     return ModelStructure(blocks=tuple(blocks), convs=tuple(units), chain=chain,
                           total_macs=int(sum(run.macs.values())), total_params=int(total_params),
                           layers=tuple(layers), head=head, head_input=head_input, head_modules=head_modules,
                           skipped=tuple(skipped), notes=tuple(notes))
+
+
+def _last_root(run: _Run, block: BlockUnit, units) -> str | None:
+    """The group root run last inside a concat branch (its channels are the branch's output)."""
+    own = [u.conv for u in units if u.conv.startswith(block.name + ".") or u.conv == block.name]
+    return max(own, key=lambda n: run.post[n]) if own else None
+
+
+def _concat_blocks(run: _Run, atomic, sections, units, costs) -> list[BlockUnit]:
+    """BlockUnits for droppable concatenation branches whose output is one channel group; a drop
+    removes the branch and that group's share in every consumer."""
+    blocks = []
+    for name, info in _concat_sections(run, atomic, sections).items():
+        probe = BlockUnit(name=name, macs=0, downsample=False, params=0)
+        root = _last_root(run, probe, units)
+        unit = next((u for u in units if u.conv == root), None)
+        if unit is None or unit.out_channels != info["out_channels"]:
+            continue  # its channels are not one prunable group (tied, grouped conv, ...)
+        outside = [(n, dm, dp) for n, dm, dp in costs.get(root, ()) if not (n == name or n.startswith(name + "."))]
+        macs = sum(run.macs.get(n, 0) for n in info["leaves"]) + unit.out_channels * sum(dm for _, dm, _ in outside)
+        params = sum(p.numel() for n in info["leaves"] for p in run.named[n].parameters()) + \
+            unit.out_channels * sum(dp for *_, dp in outside)
+        blocks.append(BlockUnit(name=name, macs=int(round(macs)), downsample=False, params=int(round(params)),
+                                branch=info["leaves"], kind="concat", parent=info["parent"],
+                                channels=info["channels"], needs_one=info["needs_one"]))
+    return blocks
 
 
 def _is_identity(gm, short) -> bool:
@@ -625,3 +893,51 @@ def collect_filter_groups(model: nn.Module, loader, activations, *, grid: int = 
     finally:
         model.train(was)
     return out, labels
+
+
+def truncate_at(model: nn.Module, after: str, head: nn.Module, head_name: str) -> nn.Module:
+    """``model`` cut after module ``after``: its forward up to that module's output, then global average
+    pooling, flatten and ``head`` (registered as ``head_name``). A ``torch.fx.GraphModule`` that keeps
+    every kept module under its name, so a state dict of the result loads into a rebuilt one.
+    (N, ...) -> (N, head outputs). ``after`` must run once; only the modules holding it are traced.
+    """
+    import torch.fx as fx
+
+    modules = dict(model.named_modules())
+    if not after or after not in modules:
+        raise UnsupportedModel(f"truncate_after={after!r} is not a module of {type(model).__name__}; "
+                               "use a layer name from si_compress.structure.describe(model, x).chain")
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return not after.startswith(qualname + ".")   # trace only the containers holding the cut
+
+    try:
+        graph = _Tracer().trace(model)
+    except Exception as exc:
+        raise UnsupportedModel(f"cannot truncate {type(model).__name__} after {after!r}: torch.fx cannot trace the "
+                               f"modules holding it ({type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}); "
+                               "make their forward traceable or use --no-truncate") from None
+    hits = [n for n in graph.nodes if n.op == "call_module" and n.target == after]
+    if len(hits) != 1:
+        raise UnsupportedModel(f"cannot truncate after {after!r}: it runs {len(hits)} times in "
+                               f"{type(model).__name__}'s forward (a cut point must run once); use --no-truncate")
+    cut = hits[0]
+    keep = _ancestors(cut) | {cut}
+    new = fx.Graph()
+    env = {}
+    for n in graph.nodes:
+        if n.op == "placeholder" or n in keep:
+            env[n] = new.node_copy(n, lambda a: env[a])
+    # pooling as modules (not functions): MAC counters see the same work as in the base's own head
+    pooled = new.call_module("cut_pool", (env[cut],))
+    flat = new.call_module("cut_flatten", (pooled,))
+    new.output(new.call_module(head_name, (flat,)))
+    owners: dict[str, object] = {}
+    for n in new.nodes:
+        if n.op == "call_module" and n.target not in (head_name, "cut_pool", "cut_flatten"):
+            owners[n.target] = modules[n.target]
+        elif n.op == "get_attr":
+            owners[n.target] = operator.attrgetter(n.target)(model)
+    owners.update({head_name: head, "cut_pool": nn.AdaptiveAvgPool2d(1), "cut_flatten": nn.Flatten(1)})
+    return fx.GraphModule(owners, new, class_name=f"{type(model).__name__}Truncated")

@@ -143,3 +143,17 @@ def test_user_class_compresses_reloads_and_compresses_again(tmp_path, capsys):
     assert sum(p.numel() for p in twice.parameters()) < sum(p.numel() for p in small.parameters())
     payload = torch.load(out2 / "model.pt", weights_only=True)
     assert len(payload["prior_plans"]) == 1 and payload["arch_kwargs"] == {"in_channels": 1}
+
+
+def test_reconstruction_compensation_and_distilled_finetuning(digits_ckpt, tmp_path, capsys):
+    out_dir = tmp_path / "r"
+    code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
+                           "--target-macs", "0.4", "--out", out_dir, "--quiet", "--compensation", "refit+reconstruct",
+                           "--reconstruct-steps", "30", "--reconstruct-images", "400", "--finetune-epochs", "1",
+                           "--finetune-steps", "5"], capsys)
+    assert code == 0, err
+    m = json.loads((out_dir / "metrics.json").read_text())
+    r = m["reconstruct"]
+    assert r["labels_used"] is False and r["steps"] == 30 and r["images"] == 400 and r["targets"] == "logits"
+    assert m["refit"] and m["config"]["compensation"] == "refit+reconstruct"
+    assert m["finetune_teacher"] == "base" and m["finetune_history"][0]["teacher"] is True

@@ -107,7 +107,7 @@ def test_classifier_and_unknown_layers_are_refused(resnet):
         apply_plan(resnet, plan_of(layer("layer9.conv1", 8, range(5))), example_input=X1)
     with pytest.raises(ValueError, match="different model"):
         apply_plan(resnet, plan_of(layer("layer1.0.conv1", 16, range(5))), example_input=X1)
-    with pytest.raises(ValueError, match="not a removable residual section"):
+    with pytest.raises(ValueError, match="not a removable section"):
         apply_plan(resnet, plan_of(dropped_blocks=("layer1.0.conv1",)), example_input=X1)
 
 
@@ -136,8 +136,12 @@ def test_truncation_linear_and_mlp_heads():
     v = tiny_vgg()
     # Truncate after the second conv's ReLU: 16 channels feed the new head.
     p = apply_plan(v, plan_of(truncate_after="features.6"), example_input=X1)
-    assert len(p.features) == 7 and p.classifier.in_features == 16 and p(data(2)).shape == (2, 10)
-    torch.testing.assert_close(p.features(data(2)), v.features[:7](data(2)))
+    assert [n for n, _ in p.features.named_children()] == [str(i) for i in range(7)]
+    assert p.classifier.in_features == 16 and p(data(2)).shape == (2, 10)
+    # the kept prefix computes what the base's first 7 modules compute; the head reads its pooled map
+    x = data(2)
+    feats = v.features[:7](x)
+    torch.testing.assert_close(p(x), p.classifier(feats.mean((2, 3))))
     # A pruned conv after the cut is ignored; one before it shrinks the head's input.
     plan = plan_of(layer("features.4", 16, range(0, 16, 4)), layer("features.8", 32, range(3)),
                    truncate_after="features.6", head=HeadSpec(kind="mlp", in_features=4, num_classes=5, hidden=12))
@@ -149,8 +153,8 @@ def test_truncation_linear_and_mlp_heads():
     plan = plan_of(layer("features.11", 32, range(0, 32, 2)), head=HeadSpec(kind="linear", in_features=16, num_classes=10))
     p = apply_plan(v, plan, example_input=X1)
     assert torch.equal(p.classifier.weight, v.classifier.weight[:, ::2])
-    with pytest.raises(ValueError, match="plain chain"):
-        apply_plan(tiny_resnet(), plan_of(truncate_after="layer2.0"), example_input=X1)
+    with pytest.raises(ValueError, match="not a module"):
+        apply_plan(v, plan_of(truncate_after="features.99"), example_input=X1)
     with pytest.raises(ValueError, match="input features"):
         apply_plan(v, plan_of(head=HeadSpec(kind="linear", in_features=7, num_classes=3)), example_input=X1)
 

@@ -124,3 +124,46 @@ def test_bad_step_is_refused(tiny):
     m, x0, st = tiny
     with pytest.raises(ValueError, match="step must be >= 1"):
         block_latency_table(m, st, x0, step=0)
+
+
+class _Bottleneck(torch.nn.Module):
+    def __init__(self, c, mid):
+        super().__init__()
+        self.a, self.b, self.c = (torch.nn.Conv2d(c, mid, 1), torch.nn.Conv2d(mid, mid, 3, padding=1),
+                                  torch.nn.Conv2d(mid, c, 1))
+
+    def forward(self, x):
+        return torch.relu(x + self.c(torch.relu(self.b(torch.relu(self.a(x))))))
+
+
+class _TwoGroupNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.block = _Bottleneck(8, 24)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.block(torch.relu(self.stem(x))).mean((2, 3)))
+
+
+def test_every_group_of_a_multi_group_section_is_timed_at_a_bounded_number_of_widths():
+    m = _TwoGroupNet().eval()
+    x0 = torch.zeros(1, 3, 8, 8)
+    st = prunable_structure(m, x0)
+    inner = [u.conv for u in st.convs if u.block == "block"]
+    assert inner == ["block.a", "block.b"]
+    calls = []
+    import si_compress.latency as lat
+
+    orig = lat._with_width
+    try:
+        lat._with_width = lambda sec, conv, k, shape: calls.append((conv, k)) or orig(sec, conv, k, shape)
+        t = block_latency_table(m, st, x0, batch=2, step=1, repeats=1, points=5)
+    finally:
+        lat._with_width = orig
+    assert set(t) == set(inner) and all(len(t[c]) == 25 for c in inner)
+    for c in inner:   # k = 0, the full width and 3 widths in between
+        assert sorted(k for n, k in calls if n == c.split(".")[-1]) == [0, 1, 12, 23, 24]
+    with pytest.raises(ValueError, match="points"):
+        block_latency_table(m, st, x0, points=2)

@@ -172,10 +172,16 @@ def test_latency_objective_prefers_the_move_that_saves_measured_time():
     assert by_macs.settings["objective"] == "macs" and by_time.settings["objective"] == "latency"
     assert by_macs.dropped_blocks == ()                          # filters are cheaper per MAC than a drop
     assert by_time.dropped_blocks == ("b0",)                     # per second saved, dropping b0 wins
-    # an incomplete table falls back to MACs (recorded in the plan)
+    # a partial table: the timed group ranks by seconds, the other by its MACs, on one scale
     part = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
-                            config=PlannerConfig(objective="both", **cfg), latency={"b0.conv1": lat["b0.conv1"]})
-    assert part.settings["objective"] == "macs" and part.dropped_blocks == ()
+                            config=PlannerConfig(objective="latency", **cfg), latency={"b0.conv1": lat["b0.conv1"]})
+    assert part.settings["objective"] == "latency" and part.settings["latency_units"] == 1
+    # b0's filters save no measured time, so they stay; b1 (untimed) gives its filters by MACs
+    assert part.dropped_blocks == () and len(part.layer("b0.conv1").keep) == 4 and len(part.layer("b1.conv1").keep) == 2
+    # a table for no unit of the plan falls back to MACs (recorded in the plan)
+    none = plan_compression(arch="t", num_classes=2, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(objective="both", **cfg), latency={"x.conv": (0.0, 1.0)})
+    assert none.settings["objective"] == "macs" and "latency_units" not in none.settings
 
 
 def test_round_to_is_also_the_floor_below_which_a_block_is_dropped():

@@ -26,7 +26,7 @@ from si_compress.separability._numpy import knn_numpy
 import _reference as ref
 from conftest import blobs
 
-FAST = [b for b in ("numba", "faiss") if b in available_backends()]
+FAST = [b for b in ("numba", "faiss", "torch") if b in available_backends()]
 ALL = FAST + ["numpy"]
 
 

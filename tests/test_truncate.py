@@ -50,9 +50,12 @@ def test_no_cut_when_si_peaks_at_the_end():
     # the peak lies only in the head input: nothing in the chain comes within tol
     d = choose_truncation(curve(*zip(CHAIN, (0.5, 0.6, 0.7, 0.8, 0.85)), head=0.95), tol=0.01)
     assert d.truncate_after is None and d.peak_layer == "classifier:input"
-    # no 'features.<i>' layer at all (a residual net's records)
-    d = choose_truncation(curve(("layer1.0", 0.5), ("layer1.1", 0.9)))
+    # a residual net: the adapter's chain is empty, so nothing is a candidate
+    d = choose_truncation(curve(("layer1.0", 0.9), ("layer1.1", 0.9)), chain=[])
     assert d.truncate_after is None and d.candidates == ()
+    # by default every module record is a candidate, whatever its name
+    d = choose_truncation(curve(("block1", 0.5), ("block2", 0.9), ("block3", 0.9)))
+    assert d.truncate_after == "block2" and d.candidates == ("block1", "block2", "block3")
 
 
 def test_rule_validates_its_inputs():
@@ -61,8 +64,6 @@ def test_rule_validates_its_inputs():
         choose_truncation(recs, tol=1.0)
     with pytest.raises(ValueError, match="no SI record"):
         choose_truncation(recs, chain=["features.99"])
-    with pytest.raises(ValueError, match="features"):
-        choose_truncation(curve(("layer1", 0.5), ("layer2", 0.4)), chain=["layer1"])
     with pytest.raises(ValueError, match="order"):
         choose_truncation(recs, chain=["features.5", "features.2"])
     with pytest.raises(ValueError, match="at least one"):
@@ -149,8 +150,10 @@ def test_plan_truncates_at_the_si_peak_and_prunes_only_before_it(tiny):
     assert count_tp(small, x0)[0] <= 0.4 * base_tp == pytest.approx(0.4 * plan.predicted["base_macs"])
     assert plan.predicted["base_macs"] > plan.predicted["macs"]
     # physically shorter, forward works
-    assert len(small.features) == 7 and small.features[0].out_channels == len(d.keep)
-    assert small.classifier.in_features == small.features[4].out_channels and small(torch.randn(2, 3, 32, 32)).shape == (2, N_CLASSES)
+    assert [n for n, _ in small.features.named_children()] == [str(i) for i in range(7)]
+    assert small.get_submodule("features.0").out_channels == len(d.keep)
+    assert small.classifier.in_features == small.get_submodule("features.4").out_channels
+    assert small(torch.randn(2, 3, 32, 32)).shape == (2, N_CLASSES)
     # the plan's JSON round-trips and re-applies to the same skeleton
     again = CompressionPlan.from_json(plan.to_json())
     assert again == plan
@@ -187,7 +190,7 @@ def test_execute_trains_the_new_head(tiny):
     assert m["refit"]["head"]["after"] < m["refit"]["head"]["before"]
     assert m["head_data"] == "calibration sample" and "acc_head" in m
     assert m["acc_head"] > max(m["acc_compensated"], 1.0 / N_CLASSES + 0.1)
-    assert len(small.features) == 7 and small(x0).shape == (1, N_CLASSES)
+    assert len(list(small.features.children())) == 7 and small(x0).shape == (1, N_CLASSES)
 
 
 def test_residual_nets_are_never_truncated():

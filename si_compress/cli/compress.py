@@ -61,9 +61,21 @@ def build_parser() -> ArgumentParser:
                         "split if smaller)")
     p.add_argument("--eval-samples", type=nonneg_int, default=0,
                    help="class-balanced test images for accuracy (default 0 = the whole test split)")
-    p.add_argument("--compensation", default="refit", choices=("refit", "refit+bn", "bn", "none"),
-                   help="how the pruned model is repaired without training (default refit: least-squares "
-                        "re-fit of each pruned layer's consumer)")
+    p.add_argument("--compensation", default="refit",
+                   choices=("refit", "refit+bn", "bn", "none", "refit+reconstruct", "reconstruct"),
+                   help="refit: least-squares re-fit of every layer reading changed inputs (no training); "
+                        "+reconstruct: then train the model to reproduce the base model's outputs on unlabelled "
+                        "train images (--reconstruct-*; labels are never read); bn: re-estimate BatchNorm statistics")
+    p.add_argument("--reconstruct-steps", type=positive_int, default=600,
+                   help="reconstruction: at most this many Adam steps")
+    p.add_argument("--reconstruct-seconds", type=positive_float, default=300.0,
+                   help="reconstruction: at most this many seconds")
+    p.add_argument("--reconstruct-images", type=positive_int, default=5000,
+                   help="reconstruction: class-balanced train images used (their labels are not read)")
+    p.add_argument("--reconstruct-targets", default="logits", choices=("logits", "features", "both"),
+                   help="reconstruction matches the base's logits (KL at T=4), its section outputs, or both")
+    p.add_argument("--teacher", default="base", choices=("base", "none"),
+                   help="fine-tuning distils from the base model's logits plus the label loss (default), or labels only")
     p.add_argument("--finetune-epochs", type=nonneg_int, default=0, help="SGD fine-tuning epochs (default 0)")
     p.add_argument("--finetune-steps", type=positive_int, default=None,
                    help="with --finetune-epochs: stop each epoch after this many SGD steps (a fraction of an "
@@ -172,7 +184,10 @@ def _run(args, folder) -> list[str]:
                             head_only=args.head_only, head_epochs=args.head_epochs, lr=args.lr,
                             batch_size=args.batch_size, bf16=args.bf16, seed=args.seed,
                             truncate=not args.no_truncate, truncate_tol=args.truncate_tol,
-                            truncate_below_budget=args.truncate_below_budget)
+                            truncate_below_budget=args.truncate_below_budget,
+                            reconstruct_steps=args.reconstruct_steps, reconstruct_seconds=args.reconstruct_seconds,
+                            reconstruct_images=args.reconstruct_images, reconstruct_targets=args.reconstruct_targets,
+                            teacher=args.teacher)
     n_si = args.si_samples or min(DEFAULT_SI_SAMPLES, len(train))
     si_idx = balanced_indices(train.labels, n_si, seed=args.seed)
     sample = preload(train.dataset, si_idx)
@@ -200,9 +215,14 @@ def _run(args, folder) -> list[str]:
     step = progress.step
     step("evaluate base")
     base_acc = evaluate(model, test_loader)
+    recon_loader = None
+    if "reconstruct" in args.compensation:
+        recon_idx = balanced_indices(train.labels, min(args.reconstruct_images, len(train)), seed=args.seed + 1)
+        recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                            train_loader=train_loader, config=config, augment=augment, stage=step,
-                            progress=lambda r: progress("fine-tune epochs", r["epoch"], args.finetune_epochs))
+                            train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader,
+                            stage=step,
+                            progress=lambda r: _record_progress(progress, r, args.finetune_epochs))
     base_macs, base_params = count_tp(model, x0)
     if args.plan:
         # An applied (possibly edited) plan predicts what was measured, in the one count of metrics.json.
@@ -225,6 +245,7 @@ def _run(args, folder) -> list[str]:
         latency=lat, threads=torch.get_num_threads(), config=config_dict(config),
         seconds={k: v for k, v in m.items() if k.startswith("seconds")}, refit=m.get("refit"),
         finetune_history=m.get("finetune_history"), finetune_steps=ft_steps if ft else None,
+        reconstruct=m.get("reconstruct"), finetune_teacher=m.get("finetune_teacher"),
         structure=dict(layers=list(structure.layers), sections=[b.name for b in structure.blocks],
                        groups=len(structure.convs), left_whole=[dict(root=g.conv, channels=g.out_channels,
                                                                      reason=g.reason) for g in structure.skipped],
@@ -278,6 +299,14 @@ def _run(args, folder) -> list[str]:
                                                   f"{q['latency']['batch128']['speedup']:.2f}x" if q.get("latency") else ""))
     lines.append(_latency_line(lat))
     return lines
+
+
+def _record_progress(progress, record: dict, epochs: int) -> None:
+    """Progress of execute()'s per-record callbacks: fine-tuning epochs, reconstruction steps."""
+    if "epoch" in record:
+        progress("fine-tune epochs", record["epoch"], epochs)
+    elif "step" in record:
+        progress(f"{record.get('stage', 'training')} steps", record["step"], record["steps"])
 
 
 def _latency_line(lat: dict) -> str:

@@ -292,7 +292,9 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -
             info = _section_exit(m)
             if info is not None:
                 exits[f"{name}.{info[3].target}"] = (name, info)
-    changed = [n for n in order if n in orig_mods and _width(pruned.get_submodule(n)) != _width(orig_mods[n])]
+    # A dropped concatenation branch narrows only its consumers' inputs: they count as changed too.
+    changed = [n for n in order if n in orig_mods and (_width(pruned.get_submodule(n)) != _width(orig_mods[n]) or
+                                                       _in_width(pruned.get_submodule(n)) != _in_width(orig_mods[n]))]
     dropped = [d for d in plan.dropped_blocks if d in orig_mods]
     # Convs from ``start`` on read changed inputs: after the first changed layer, or from the first
     # layer after a dropped section.

@@ -190,15 +190,17 @@ def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momen
 def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, momentum: float = 0.9,
              weight_decay: float = 5e-4, nesterov: bool = True, schedule: str = "cosine",
              augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = False,
-             max_steps: int | None = None,
-             progress: Callable[[dict], None] | None = None) -> list[dict]:
+             max_steps: int | None = None, teacher: nn.Module | None = None, kd_weight: float = 0.5,
+             temperature: float = 4.0, progress: Callable[[dict], None] | None = None) -> list[dict]:
     """Fine-tune all parameters with SGD; the learning rate follows ``schedule`` per step.
 
     ``schedule``: ``"cosine"`` (lr -> 0 over ``epochs * len(train_loader)`` steps) or
     ``"constant"``. ``augment``: applied to each input batch (e.g. :func:`cifar_augment`).
     ``bf16``: autocast to bfloat16 when the CPU supports it natively. ``max_steps``: stop each
-    epoch after that many batches (for quick runs). ``progress(record)`` is called after each
-    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16", "steps"}``; the model is
+    epoch after that many batches (for quick runs). ``teacher``: distil from this model (eval mode,
+    unchanged): loss = (1 - kd_weight) * CE(labels) + kd_weight * T^2 * KL(teacher || student) at
+    temperature T (``reconstruct.kd_loss``). ``progress(record)`` is called after each
+    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16", "steps", "teacher"}``; the model is
     left in eval mode.
     """
     epochs = _check_epochs(epochs)
@@ -206,6 +208,13 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
         raise ValueError(f"schedule must be 'cosine' or 'constant'; got {schedule!r}")
     if nesterov and momentum <= 0:
         raise ValueError("nesterov=True needs momentum > 0")
+    if teacher is not None and not (0.0 <= kd_weight <= 1.0):
+        raise ValueError(f"kd_weight must be in [0, 1]; got {kd_weight!r}")
+    from .reconstruct import kd_loss
+
+    t_modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
+    if teacher is not None:
+        teacher.eval()
     use_bf16 = bool(bf16) and bf16_supported()
     per_epoch = len(train_loader) if max_steps is None else min(len(train_loader), max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -229,6 +238,10 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
                 with _autocast(use_bf16):
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(x)
+                        loss = (1.0 - kd_weight) * loss + kd_weight * kd_loss(logits, t_logits, temperature)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -238,10 +251,12 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
                 total += len(y)
             record = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
                       "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "bf16": use_bf16,
-                      "steps": steps}
+                      "teacher": teacher is not None, "steps": steps}
             history.append(record)
             if progress is not None:
                 progress(record)
     finally:
         model.eval()
+        for m, mode in t_modes:
+            m.training = mode
     return history

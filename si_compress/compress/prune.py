@@ -2,10 +2,11 @@
 
 Order of operations in :func:`apply_plan` (each step sees the result of the previous one):
 
-1. ``dropped_blocks``: each residual block is replaced by its own shortcut module (``Identity``,
-   the option-A ``ShortcutA``, or a torchvision ``downsample``), so the network still runs.
-2. ``truncate_after`` (plain chains with a ``features`` Sequential): ``features`` is cut after that
-   module, followed by global average pooling and a Linear of the right width.
+1. ``dropped_blocks``: each residual section ``post(p(x) + f(x))`` becomes ``post(p(x))`` (its
+   shortcut only); each concatenation branch (inception branch, dense layer) is removed with its
+   channels in every consumer (``si_compress.structure``).
+2. ``truncate_after`` (plain chains): the forward is cut after that module (any layer run once,
+   ``structure.truncate_at``), followed by global average pooling and a Linear of the right width.
 3. ``layers``: output filters not in ``keep`` are removed with Torch-Pruning's DependencyGraph,
    which also removes the matching input channels of every consumer (BN, next conv, head).
 4. ``head``: the classifier is replaced by ``linear`` or ``mlp`` as the plan says.
@@ -28,26 +29,8 @@ from torch import nn
 
 from ..plan import CompressionPlan
 
-__all__ = ["apply_plan", "plan_cost", "rebuild", "find_classifier", "TruncatedChain"]
+__all__ = ["apply_plan", "plan_cost", "rebuild", "find_classifier"]
 
-
-
-class TruncatedChain(nn.Module):
-    """``features`` prefix -> global average pool -> flatten -> ``classifier``.
-
-    Used when a model with a ``features`` Sequential is truncated but its own forward does not
-    already have that shape (torchvision VGG, AlexNet, ...). (N, C, H, W) -> (N, num_classes).
-    """
-
-    def __init__(self, features: nn.Sequential, classifier: nn.Module) -> None:
-        super().__init__()
-        self.features = features
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten(1)
-        self.classifier = classifier
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.flatten(self.avgpool(self.features(x))))
 
 
 _HEAD_PARTS = (nn.Linear, nn.Dropout, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Flatten, nn.Identity)
@@ -107,47 +90,56 @@ def _linear(in_features: int, out_features: int, old: nn.Module) -> nn.Module:
     return nn.Linear(in_features, out_features)
 
 
-def _drop_blocks(model: nn.Module, names) -> None:
-    """Replace each removable residual section ``y = post(p(x) + f(x))`` by ``post(p(x))``."""
-    from ..structure import drop_section
+def _drop_blocks(model: nn.Module, names, example_input) -> None:
+    """Drop each section: a residual section ``y = post(p(x) + f(x))`` becomes ``post(p(x))``; a
+    concatenation branch goes with its channels in every consumer (``structure.drop_concat_sections``)."""
+    from ..structure import _residual_add, drop_concat_sections, drop_section
 
     modules = dict(model.named_modules())
     for name in names:
         if name not in modules or not name:
             raise ValueError(f"plan drops section {name!r}, which is not a module of {type(model).__name__}")
-    new = {}
+    new, concat = {}, []
     for name in names:
-        try:
-            new[name] = drop_section(model.get_submodule(name))
-        except ValueError as exc:
-            raise ValueError(f"plan drops {name!r}: {exc}; only residual sections listed by "
-                             "si_compress.structure.describe(model).blocks can be dropped") from None
+        module = model.get_submodule(name)
+        if list(module.children()) and _residual_add(module)[0] is not None:
+            new[name] = drop_section(module)
+        else:
+            concat.append(name)
     for name, module in new.items():
         _set_module(model, name, module)
+    try:
+        drop_concat_sections(model, concat, example_input)
+    except ValueError as exc:
+        raise ValueError(f"plan drops {', '.join(map(repr, concat))}: {exc}") from None
 
 
 def _truncate(model: nn.Module, after: str, example_input) -> nn.Module:
-    from ..models import VGG, SmallCNN
+    """``model`` cut after module ``after`` (any layer the model runs once), then global average pooling
+    and a Linear head on its channels (the old head's weights when its shape already fits)."""
+    from ..structure import UnsupportedModel, truncate_at
 
-    features = getattr(model, "features", None)
-    prefix, _, idx = after.partition(".")
-    if prefix != "features" or not isinstance(features, nn.Sequential) or not idx.isdigit():
-        raise ValueError(f"truncate_after={after!r} needs a plain chain: a model with a 'features' Sequential "
-                         f"and a name like 'features.23'; {type(model).__name__} does not fit")
-    i = int(idx)
-    if i >= len(features):
-        raise ValueError(f"truncate_after={after!r}: features has only {len(features)} modules (0..{len(features) - 1})")
-    cut = nn.Sequential(*list(features.children())[: i + 1])  # same indices: a prefix keeps its names
-    with torch.no_grad():
-        channels = int(cut(example_input).shape[1])
-    _, old_head = find_classifier(model)
+    try:
+        module = model.get_submodule(after)
+    except AttributeError:
+        raise ValueError(f"truncate_after={after!r} is not a module of {type(model).__name__}; use a layer of "
+                         "si_compress.structure.describe(model, x).chain") from None
+    seen = []
+    h = module.register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        h.remove()
+    if len(seen) != 1 or not isinstance(seen[0], torch.Tensor) or seen[0].ndim < 3:
+        raise ValueError(f"truncate_after={after!r} must run once and give a (N, C, ...) map; it ran {len(seen)} times")
+    head_name, old_head = find_classifier(model)
     out_features = _head_in_out(model, example_input)[1]
-    head = _linear(channels, out_features, old_head)
-    if isinstance(model, (VGG, SmallCNN)):  # their forward already is classifier(pool(features(x)))
-        model.features = cut
-        model.classifier = head
-        return model
-    return TruncatedChain(cut, head)
+    head = _linear(int(seen[0].shape[1]), out_features, old_head)
+    try:
+        return truncate_at(model, after, head, head_name)
+    except UnsupportedModel as exc:
+        raise ValueError(str(exc)) from None
 
 
 def _check_prunable(model: nn.Module, decision, head_name: str) -> nn.Conv2d:
@@ -255,16 +247,11 @@ def _sync_config(model: nn.Module, truncated: bool) -> None:
         model.num_classes = last.out_features
 
 
-def _active(name: str, dropped, cut_index: int | None) -> bool:
-    """False for a layer inside a dropped block or after the truncation point (the plan ignores it)."""
+def _active(name: str, dropped, present: set[str], before: set[str]) -> bool:
+    """False for a layer inside a dropped section or cut away by the truncation (the plan ignores it)."""
     if any(name == b or name.startswith(b + ".") for b in dropped):
         return False
-    if cut_index is not None:
-        prefix, _, rest = name.partition(".")
-        idx = rest.split(".")[0]
-        if prefix == "features" and idx.isdigit() and int(idx) > cut_index:
-            return False
-    return True
+    return name in present or name not in before
 
 
 def apply_plan(model: nn.Module, plan: CompressionPlan, *, example_input: torch.Tensor) -> nn.Module:
@@ -286,14 +273,14 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, example_input: torch.
         raise ValueError(f"the plan is for {plan.num_classes} classes but the model has {out0} outputs; "
                          "use the plan made for this model or give the plan a head")
 
-    _drop_blocks(new, plan.dropped_blocks)
-    cut_index = None
+    _drop_blocks(new, plan.dropped_blocks, example_input)
+    before = {n for n, _ in new.named_modules()}
     if plan.truncate_after is not None:
         new = _truncate(new, plan.truncate_after, example_input)
-        cut_index = int(plan.truncate_after.split(".")[1])
         head_name, _ = find_classifier(new)
+    present = {n for n, _ in new.named_modules()}
 
-    decisions = [d for d in plan.layers if _active(d.name, plan.dropped_blocks, cut_index)]
+    decisions = [d for d in plan.layers if _active(d.name, plan.dropped_blocks, present, before)]
     for d in decisions:
         _check_prunable(new, d, head_name)
     in_before_prune = _head_in_out(new, example_input)[0]
@@ -312,7 +299,7 @@ def apply_plan(model: nn.Module, plan: CompressionPlan, *, example_input: torch.
         else:
             head = nn.Sequential(nn.Linear(in_features, h.hidden), nn.ReLU(), nn.Linear(h.hidden, h.num_classes))
         _set_module(new, head_name, head)
-    _sync_config(new, truncated=cut_index is not None)
+    _sync_config(new, truncated=plan.truncate_after is not None)
     return new.eval()
 
 

@@ -111,6 +111,16 @@ VGG16_NARROW = {"vgg16_bn_half": 0.5, "vgg16_bn_quarter": 0.25}
 for _name, _mult in VGG16_NARROW.items():
     register_arch(_name, lambda num_classes, _m=_mult: vgg16_bn_cifar(num_classes, width_mult=_m))
 register_arch("digits_cnn", lambda num_classes: SmallCNN(in_channels=1, num_classes=num_classes))
+# The SI paper's other CIFAR-10 networks (and narrow variants that train on a CPU).
+register_arch("googlenet_cifar", lambda num_classes: _cifar_nets().googlenet_cifar(num_classes))
+register_arch("googlenet_cifar_quarter", lambda num_classes: _cifar_nets().googlenet_cifar(num_classes, width_mult=0.25))
+register_arch("densenet40", lambda num_classes: _cifar_nets().densenet40(num_classes))
+
+
+def _cifar_nets():
+    from . import cifar_nets
+
+    return cifar_nets
 
 
 def _torchvision_classifiers() -> list[str]:

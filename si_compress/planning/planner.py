@@ -4,8 +4,10 @@ Inputs are plain data: the per-layer analysis (SI of every block output), the mo
 (blocks, prunable convs, MACs per filter) and a filter ranking with its prefix-SI curve per conv.
 
 Decisions
-- Block gain: g_b = SI(block output) - SI(block input). A block whose gain is <= ``drop_gain``
-  does not raise SI and is dropped (replaced by its shortcut).
+- Block gain: g_b = SI(block output) - SI(block input) for a residual section; for a
+  concatenation branch, SI(parent output) - SI(parent output without the branch's channels). A
+  section whose gain is <= ``drop_gain`` does not raise SI and is dropped (a residual section is
+  replaced by its shortcut; a branch goes with its channels; one branch of each concatenation stays).
 - Width of a conv (threshold mode): the shortest prefix k of its ranking whose SI reaches
   (1 - delta) * max_k SI(top-k), rounded up to a multiple of ``round_to``.
 - Budget mode (``target_macs`` = fraction of the base MACs to keep): start from the full model and
@@ -112,16 +114,25 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                      ) -> CompressionPlan:
     """Plan blocks to drop and filters to keep (see the module doc for the rules).
 
-    ``latency`` (with ``config.objective == "latency"``): conv name -> measured seconds of its block
-    with k = 0..C inner filters (k = 0: dropped). Moves are then ranked by SI loss per second saved
-    (the stop rule stays the MACs budget); without a table for every unit, MACs are used.
+    ``latency`` (with ``config.objective`` "latency" or "both"): conv name -> measured seconds of its
+    section with k = 0..C filters in that group (k = 0: dropped). Moves are then ranked by SI loss per
+    second saved (the stop rule stays the MACs budget); seconds are scaled so that the timed sections'
+    full-width time equals their share of the MACs, and a group without a table counts its MACs.
     """
     units = [u for u in structure.convs if u.conv in rankings]
+    block_macs = {b.name: b.macs for b in structure.blocks}
     lat = None
-    if config.objective != "macs" and latency and all(
-            u.conv in latency and len(latency[u.conv]) == u.out_channels + 1 for u in units):
-        lat = {u.conv: np.asarray(latency[u.conv], dtype=np.float64) for u in units}
-    base_lat = sum(t[-1] for t in lat.values()) if lat else 1.0
+    if config.objective != "macs" and latency:
+        lat = {u.conv: np.asarray(latency[u.conv], dtype=np.float64) for u in units
+               if u.conv in latency and len(latency[u.conv]) == u.out_channels + 1 and u.block in block_macs} or None
+    # Measured seconds become MAC-equivalents: the timed sections' full-width seconds stand for their
+    # MACs, so a timed move and an untimed one (its MACs fraction) are ranked on one scale.
+    if lat:
+        full = {}
+        for u in units:
+            if u.conv in lat:
+                full[u.block] = max(full.get(u.block, 0.0), float(lat[u.conv][-1]))
+        sec_scale = sum(block_macs[b] for b in full) / structure.total_macs / max(sum(full.values()), 1e-15)
     w_lat, w_macs = {"latency": (1.0, 0.0), "both": (0.5, 0.5)}.get(config.objective, (0.0, 1.0)) if lat else (0.0, 1.0)
 
     def _saved(u, k_from, k_to):
@@ -132,9 +143,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             macs = now / structure.total_macs
         else:
             macs = ((k_from - k_to) * u.macs_per_filter) / structure.total_macs
-        secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) / base_lat if lat else 0.0
+        secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) * sec_scale if lat and u.conv in lat else macs
         return w_macs * macs + w_lat * secs
-    block_macs = {b.name: b.macs for b in structure.blocks}
     width = {u.conv: u.out_channels for u in units}
     env = {u.conv: rankings[u.conv].envelope() for u in units}
     for u in units:
@@ -147,8 +157,18 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     dropped: list[str] = []
     reasons: dict[str, str] = {}
     base = structure.total_macs
-    block_macs = {b.name: b.macs for b in structure.blocks}
     step = config.round_to
+    # A concatenation whose every operand is a droppable branch must keep one of them.
+    siblings = {}
+    for b in structure.blocks:
+        if getattr(b, "needs_one", False):
+            siblings.setdefault(b.parent, []).append(b.name)
+
+    def may_drop(name: str) -> bool:
+        for group in siblings.values():
+            if name in group and all(o in dropped for o in group if o != name):
+                return False
+        return True
 
     def macs_now() -> int:
         m = base
@@ -165,7 +185,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         # compete with the other moves (their loss is at the gain floor, so they go first) and the
         # budget decides how many go.
         for b, (si_in, si_out) in gains.items():
-            if b in block_macs and si_out - si_in <= config.drop_gain:
+            if b in block_macs and si_out - si_in <= config.drop_gain and may_drop(b):
                 dropped.append(b)
                 reasons[b] = f"SI gain {si_out - si_in:+.4f} <= {config.drop_gain}"
 
@@ -193,7 +213,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                     loss = wg * (e[k - 1] - e[new_k - 1]) / top
                     cands.append((loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k,
                                   now - (k - new_k) * u.macs_per_filter))
-                if config.allow_drop and u.block in gain and u.block in block_macs:
+                if config.allow_drop and u.block in gain and u.block in block_macs and may_drop(u.block):
                     if k * u.macs_per_filter > 0:
                         block_now = block_macs[u.block] - sum((v.out_channels - width[v.conv]) * v.macs_per_filter
                                                               for v in units if v.block == u.block)
@@ -259,7 +279,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         settings=dict(target_macs=config.target_macs, delta=config.delta, drop_gain=config.drop_gain,
                       allow_drop=config.allow_drop, round_to=config.round_to, min_keep=config.min_keep,
                       head_tau=config.head_tau, ranking=sorted({r.method for r in rankings.values()}),
-                      weighting=config.weighting, objective=config.objective if lat is not None else "macs"),
+                      weighting=config.weighting, objective=config.objective if lat else "macs",
+                      **({"latency_units": len(lat)} if lat else {})),
         source=dict(source or {}),
     )
 

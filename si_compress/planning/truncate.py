@@ -1,12 +1,11 @@
 """Where to cut a plain chain: the SI peak (a pure function of the per-layer SI curve).
 
-For a plain network (no residual blocks; the feature extractor is one ``features`` Sequential),
-layers after the point where separation stops growing add MACs without separating the classes
+For a plain network (no removable sections; ``structure.describe(...).chain`` lists its recorded
+layers in order), layers after the point where separation stops growing add MACs without separating the classes
 better. :func:`choose_truncation` picks that point from per-layer analysis records:
 
 Rule
-    Candidates are the chain's activation outputs (``chain``: module names ``features.<i>``, in
-    network order). The reference is the maximum SI over ALL records (candidates and any later
+    Candidates are the chain's recorded layers (``chain``: module names, in network order). The reference is the maximum SI over ALL records (candidates and any later
     record such as ``classifier:input``, the pooled features the old head reads). The cut is the
     FIRST candidate whose SI is within ``tol`` of that maximum:
 
@@ -16,9 +15,9 @@ Rule
     chain), nothing is cut (``truncate_after=None``): only pooling would be removed.
 
 Format of ``truncate_after``
-    ``"features.<i>"``, with ``<i>`` the index of the module inside ``model.features``; the
-    executor (``si_compress.compress.prune._truncate``) keeps ``features[:i + 1]`` (a prefix keeps
-    its module names), then global average pooling and a new Linear head on its channels.
+    The name of a module the model runs once (``"features.23"``, ``"block3"``); the executor
+    (``si_compress.structure.truncate_at``) keeps the forward up to that module's output (kept
+    modules keep their names), then global average pooling and a new Linear head on its channels.
 
 SI of a layer is measured on that layer's (possibly pooled) feature map, whereas the new head
 reads the globally average-pooled map; the pipeline therefore also measures the SI/CSI of the
@@ -30,14 +29,10 @@ the new head's ``channels x classes`` MACs (negligible next to a conv layer).
 """
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-__all__ = ["TruncationDecision", "choose_truncation", "TRUNCATE_FORMAT"]
-
-#: Pattern every ``truncate_after`` value matches (what ``prune._truncate`` accepts).
-TRUNCATE_FORMAT = re.compile(r"^features\.(\d+)$")
+__all__ = ["TruncationDecision", "choose_truncation"]
 
 
 @dataclass(frozen=True)
@@ -76,7 +71,7 @@ def choose_truncation(records: Sequence, *, chain: Sequence[str] | None = None, 
 
     ``records``: per-layer records in network order with ``name``, ``si`` and cumulative ``macs``
     (``analysis.LayerRecord`` objects or dicts). ``chain``: the activation names that may be cut
-    after (default: every record named ``features.<i>``); each must be a record name.
+    after (default: every record that names a module, i.e. without ``":"``); each must be a record name.
     ``total_macs``: MACs of the whole model (default: the largest record's cumulative MACs).
     ``tol``: absolute SI tolerance, in [0, 1).
     """
@@ -89,14 +84,11 @@ def choose_truncation(records: Sequence, *, chain: Sequence[str] | None = None, 
     si = {n: float(_field(r, "si")) for n, r in zip(names, recs)}
     macs = {n: int(_field(r, "macs")) for n, r in zip(names, recs)}
     if chain is None:
-        chain = [n for n in names if TRUNCATE_FORMAT.match(n)]
+        chain = [n for n in names if ":" not in n]
     chain = list(chain)
     for c in chain:
         if c not in si:
             raise ValueError(f"chain layer {c!r} has no SI record; records: {names}")
-        if not TRUNCATE_FORMAT.match(c):
-            raise ValueError(f"chain layer {c!r} is not of the form 'features.<i>'; only a 'features' "
-                             "Sequential can be truncated")
     order = sorted(chain, key=names.index)
     if order != chain:
         raise ValueError("chain layers must be listed in network order")
@@ -105,7 +97,7 @@ def choose_truncation(records: Sequence, *, chain: Sequence[str] | None = None, 
     peak = next(n for n in names if si[n] == max_si)
     if not chain:
         return TruncationDecision(None, peak, max_si, max_si, peak, float(tol), macs[peak], total, 0, (),
-                                  "no 'features.<i>' layers to cut after")
+                                  "no chain layers to cut after")
     cut = next((c for c in chain if si[c] >= max_si - tol), None)
     if cut is None or cut == chain[-1]:
         where = cut or peak

@@ -12,7 +12,8 @@ The fast backends ("numba", "faiss") never build an n x n matrix:
   d <= 1024, see ``_slack``). "numba": BLAS Gram blocks + a Numba top-k merge, using the
   symmetry of a self search to do half the GEMM work from d = 256 (below, a second GEMM is
   cheaper than merging a block by columns), reading float32 input in place when duplicates
-  are few; "faiss": ``faiss.knn``;
+  are few; "faiss": ``faiss.knn``; "torch": blocked GEMM + ``torch.topk`` on a GPU (or the CPU),
+  TF32 off (``_torch.py``);
 - the candidates are re-ranked in float64, in screened order, stopping once the screen's
   rounding-error bound rules out every later one; the same bound certifies that no unscreened
   row could be as close; the few rows it cannot certify are searched again exactly (all rows
@@ -32,7 +33,7 @@ import numpy as np
 
 from ._numpy import knn_numpy
 
-BACKENDS = ("auto", "numba", "faiss", "numpy")
+BACKENDS = ("auto", "numba", "faiss", "torch", "numpy")
 _ENV = "SI_COMPRESS_BACKEND"
 _SLACK = 16
 _BLOCK = 2048
@@ -49,16 +50,30 @@ _SERIAL_WORK = 2**29       # pairs x d up to which the Numba kernels run on one 
 
 
 def available_backends() -> tuple[str, ...]:
-    """Concrete backends importable here, fastest first."""
+    """Concrete backends importable here, fastest first on a CPU ("torch" screens on a GPU when
+    one is present, else on the CPU; "auto" picks it only in a process already using CUDA)."""
+    import importlib.util
+
     out = []
-    for name, mod in (("numba", "numba"), ("faiss", "faiss")):
+    for name, mod in (("numba", "numba"), ("faiss", "faiss"), ("torch", "torch")):
         try:
-            __import__(mod)
-            out.append(name)
-        except ImportError:
+            if importlib.util.find_spec(mod) is not None:
+                out.append(name)
+        except (ImportError, ValueError):
             pass
     out.append("numpy")
     return tuple(out)
+
+
+def _cuda_in_use() -> bool:
+    """True when this process already imported torch and it sees a GPU (never imports torch)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    try:
+        return torch is not None and bool(torch.cuda.is_available())
+    except Exception:
+        return False
 
 
 # Below this dimension the top-k merge, not the GEMM, dominates the numba screen and faiss's
@@ -82,6 +97,9 @@ def resolve_backend(backend: str, d: int | None = None, pairs: int | None = None
             raise ValueError(f"environment variable {_ENV}={backend!r} is not one of {', '.join(BACKENDS)}")
         if backend == "auto":
             avail = available_backends()
+            if "torch" in avail and _cuda_in_use():
+                return "torch"
+            avail = tuple(a for a in avail if a != "torch")
             small = pairs is not None and pairs <= _NUMBA_PAIRS
             if d is not None and d < _FAISS_BELOW_DIM and not small and "faiss" in avail:
                 return "faiss"
@@ -255,6 +273,13 @@ def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: st
     search: each sample's own index is excluded (its duplicates are not), so 1 <= k <= n - 1.
     Distances are Euclidean, evaluated in float64; ties go to the lowest index.
     """
+    from .cluster import is_dask_array
+
+    if is_dask_array(ref) or (query is not None and is_dask_array(query)):
+        from .cluster import knn_dask
+
+        resolve_backend(backend)   # a bad name fails here, not inside a task
+        return knn_dask(ref, k, query=query, backend=backend)
     pairs = ref.shape[0] * (ref.shape[0] if query is None else query.shape[0])
     backend = resolve_backend(backend, ref.shape[1], pairs)
     if backend == "numpy":
@@ -309,6 +334,11 @@ def _knn_fast(ref: np.ndarray, k: int, query: np.ndarray | None, backend: str) -
             if backend == "faiss":
                 Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
                 cand, cd = _screen_faiss(Q32, U32, kp)
+            elif backend == "torch":
+                from ._torch import screen_torch
+
+                Q32 = U32 if self_search else (Q if Q.dtype == np.float32 else Q.astype(np.float32))
+                cand, cd = screen_torch(Q32, U32, u32n if self_search else qn.astype(np.float32), u32n, kp)
             elif self_search:
                 cand, cd = _screen_numba(U32, U32, u32n, u32n, cmap, kp, ref.shape[1] >= _SYMMETRIC_MIN_DIM)
                 if in_place:

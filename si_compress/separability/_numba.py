@@ -115,6 +115,14 @@ def _sqdist(a, b):
     return s
 
 
+@njit(parallel=True, cache=True)
+def pair_sqdist(A, B, idx, out):
+    """out[i, t] = squared distance of A[i] to B[idx[i, t]], with the arithmetic of the re-ranking."""
+    for i in prange(idx.shape[0]):
+        for t in range(idx.shape[1]):
+            out[i, t] = _sqdist(A[i], B[idx[i, t]])
+
+
 @njit(cache=True, inline="always")
 def _insert_sorted(bd, bi, bf, d, u, f):
     """Insert candidate u (distance d, tie key f) into the lists sorted by (distance, key)."""

@@ -5,6 +5,9 @@ i itself excluded by index, ties to the lowest index). Then, per sample,
     hard:  s_i = 1[ y_j == y_i for every j in N_r(i) ]      (r = 1 is the classic SI)
     soft:  s_i = |{ j in N_r(i) : y_j == y_i }| / r
 and SI = mean_i s_i; per-class SI averages s_i over the samples of one class.
+
+X may also be a ``dask.array`` (n, d) (e.g. ``cluster.open_feature_shards``): the search then runs
+as block-pair tasks on the active dask scheduler, with the same results (``cluster.knn_dask``).
 """
 from __future__ import annotations
 
@@ -52,8 +55,28 @@ def class_means(values: np.ndarray, codes: np.ndarray, classes: np.ndarray) -> C
     return ClassScores(classes=classes, scores=sums / np.maximum(counts, 1), counts=counts)
 
 
+def _features(X, name: str = "X", min_samples: int = 2):
+    """Validated features: a numpy array (``check_features``), or a dask array (n, d) checked for
+    shape and finiteness in one pass and searched block by block (``cluster.knn_dask``)."""
+    from .cluster import is_dask_array
+
+    if not is_dask_array(X):
+        return check_features(X, name=name, min_samples=min_samples)
+    if any(np.isnan(s) for s in X.shape):
+        raise ValueError(f"{name} is a dask array of unknown row count; call {name}.compute_chunk_sizes() first")
+    if X.ndim != 2 or X.shape[0] < min_samples or X.shape[1] == 0:
+        raise ValueError(f"{name} must be 2-D (n_samples >= {min_samples}, n_features >= 1); got shape {X.shape}")
+    if X.dtype not in (np.float32, np.float64):
+        if not (np.issubdtype(X.dtype, np.number) or X.dtype == bool) or np.issubdtype(X.dtype, np.complexfloating):
+            raise TypeError(f"{name} must be a real numeric array (got dtype {X.dtype})")
+        X = X.astype(np.float64)
+    if not bool(X.map_blocks(lambda b: np.isfinite(b).all(keepdims=True), chunks=(1, 1), dtype=bool).all().compute()):
+        raise ValueError(f"{name} contains NaN or Inf values; remove or impute them first")
+    return X
+
+
 def _prepare(X, y, order):
-    Xv = check_features(X)
+    Xv = _features(X)
     codes, classes = check_labels(y, Xv.shape[0])
     order = check_order(order, Xv.shape[0])
     return Xv, codes, classes, order
@@ -107,8 +130,8 @@ def cross_separation_index_per_sample(X_ref, y_ref, X_query, y_query, *, order: 
     Nothing is excluded (query and reference are different sets); ties go to the lowest
     reference index. Labels are matched by value across the two sets.
     """
-    R = check_features(X_ref, name="X_ref", min_samples=1)
-    Q = check_features(X_query, name="X_query", min_samples=1)
+    R = _features(X_ref, name="X_ref", min_samples=1)
+    Q = _features(X_query, name="X_query", min_samples=1)
     if R.shape[1] != Q.shape[1]:
         raise ValueError(
             f"X_ref has {R.shape[1]} features but X_query has {Q.shape[1]}; both must come from the same layer"
@@ -137,5 +160,5 @@ def cross_separation_index(X_ref, y_ref, X_query, y_query, *, order: int = 1, so
 
 def nearest_neighbors(X, k: int = 1, *, backend: str = "auto") -> np.ndarray:
     """Exact k nearest other samples (n, k) of each row, self excluded by index, ties to lowest index."""
-    Xv = check_features(X)
+    Xv = _features(X)
     return knn(Xv, check_order(k, Xv.shape[0], name="k"), backend=backend)

@@ -1,0 +1,175 @@
+"""Label-free reconstruction: train the compressed model to reproduce the base model, no labels.
+
+After the least-squares re-fit (``compensate.refit_consumers``), the pruned network still differs
+from the base wherever the re-fit's one-layer view could not follow. ``reconstruct`` runs a short,
+budgeted optimisation of every parameter of the pruned model (the student) against the base model
+(the teacher) on unlabelled images:
+
+    logits:   L = T^2 * KL( softmax(t / T) || softmax(s / T) )                     (T = temperature)
+    features: L = mean over matched layers of ||s_l - t_l||^2 / ||t_l||^2 (layers whose output
+              shapes agree in both models: section outputs, stage outputs)
+    both:     the sum of the two.
+
+Adam with a cosine learning-rate decay, batches drawn from ``loader`` (its labels, if any, are
+ignored), optional augmentation applied identically to teacher and student inputs, bf16 autocast
+where the CPU (or a GPU) supports it; it stops at ``steps`` or after ``seconds``, whichever comes
+first, then BatchNorm statistics are re-estimated on the same images in eval order. The report
+says exactly what was used (images, steps, seconds, losses).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["reconstruct", "kd_loss", "TARGETS"]
+
+TARGETS = ("logits", "features", "both")
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T^2 * KL(softmax(t/T) || softmax(s/T)), averaged over the batch (Hinton et al.'s scaling)."""
+    T = float(temperature)
+    return F.kl_div(F.log_softmax(student_logits.float() / T, 1), F.log_softmax(teacher_logits.float() / T, 1),
+                    reduction="batchmean", log_target=True) * (T * T)
+
+
+def _inputs(item):
+    return item[0] if isinstance(item, (tuple, list)) else item
+
+
+class _Outputs:
+    """Outputs of named modules during a forward (kept with their autograd graph)."""
+
+    def __init__(self, model: nn.Module, names):
+        self.got: dict[str, torch.Tensor] = {}
+        self.handles = [model.get_submodule(n).register_forward_hook(
+            lambda m, a, out, n=n: self.got.__setitem__(n, out)) for n in names]
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+
+
+def _matched_layers(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> list[str]:
+    """Recorded layers (the adapter's) present in both models with equal output shapes."""
+    from ..structure import describe
+
+    names = [n for n in describe(teacher, x[:1]).layers if ":" not in n]
+    s_mods, t_mods = dict(student.named_modules()), dict(teacher.named_modules())
+    names = [n for n in names if n in s_mods and n in t_mods]
+    if not names:
+        return []
+    so, to = _Outputs(student, names), _Outputs(teacher, names)
+    try:
+        with torch.no_grad():
+            student.eval()(x[:1])
+            teacher.eval()(x[:1])
+    finally:
+        so.close()
+        to.close()
+    return [n for n in names if n in so.got and n in to.got and isinstance(so.got[n], torch.Tensor)
+            and so.got[n].shape == to.got[n].shape]
+
+
+def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 600, seconds: float = 300.0,
+                images: int | None = None, lr: float = 1e-3, temperature: float = 4.0, targets: str = "logits",
+                augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = True,
+                device: str | torch.device | None = None, progress: Callable[[dict], None] | None = None) -> dict:
+    """Train ``student`` in place to reproduce ``teacher`` on the inputs of ``loader`` (no labels used).
+
+    ``steps``/``seconds``: the budget (whichever ends first); ``images``: use at most this many
+    images of ``loader`` (its first ones, cycled); ``targets``: "logits", "features" or "both" (see
+    the module doc). The teacher is never changed. Returns a report: ``targets, steps, seconds,
+    images, loss_first, loss_last, layers`` (the matched feature layers). The student is left in
+    eval mode with re-estimated BatchNorm statistics.
+    """
+    if targets not in TARGETS:
+        raise ValueError(f"targets must be one of {', '.join(TARGETS)}; got {targets!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer; got {steps!r}")
+    if not seconds > 0:
+        raise ValueError(f"seconds must be > 0; got {seconds!r}")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number; got {lr!r}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    dev = torch.device(device) if device is not None else next(student.parameters()).device
+    # cache the images (bounded by ``images``): every step then draws from memory
+    xs, n = [], 0
+    for item in loader:
+        x = _inputs(item)
+        if images is not None:
+            x = x[: images - n]
+        xs.append(x)
+        n += len(x)
+        if images is not None and n >= images:
+            break
+    if not xs or n == 0:
+        raise ValueError("reconstruct: the loader yielded no images")
+    batches = [x.to(dev) for x in xs]
+    layers = _matched_layers(student, teacher, batches[0]) if targets != "logits" else []
+    if targets == "features" and not layers:
+        raise ValueError("reconstruct(targets='features'): no layer has the same output shape in both models; "
+                         "use targets='logits'")
+    use_bf16 = bool(bf16) and (dev.type == "cuda" or _cpu_bf16())
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    t_modes = [(m, m.training) for m in teacher.modules()]
+    teacher.eval()
+    so = _Outputs(student, layers) if layers else None
+    to = _Outputs(teacher, layers) if layers else None
+    losses, done, t0 = [], 0, time.perf_counter()
+    try:
+        student.train()
+        while done < steps and time.perf_counter() - t0 < seconds:
+            x = batches[done % len(batches)]
+            if augment is not None:
+                x = augment(x)
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.no_grad():
+                    t_logits = teacher(x)
+                    t_feats = {k: v.detach() for k, v in to.got.items()} if to else {}
+                s_logits = student(x)
+                loss = s_logits.new_zeros((), dtype=torch.float32)
+                if targets in ("logits", "both"):
+                    loss = loss + kd_loss(s_logits, t_logits, temperature)
+                if targets in ("features", "both"):
+                    loss = loss + sum(((so.got[k].float() - t_feats[k].float()) ** 2).mean()
+                                      / (t_feats[k].float() ** 2).mean().clamp_min(1e-12) for k in layers) / len(layers)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"reconstruction loss became {float(loss)} at step {done + 1}; lower lr "
+                                         f"(now {lr:g})")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+            done += 1
+            if progress is not None and (done % 50 == 0 or done == steps):
+                progress({"step": done, "steps": steps, "loss": losses[-1], "seconds": time.perf_counter() - t0})
+    finally:
+        if so:
+            so.close()
+        if to:
+            to.close()
+        for m, mode in t_modes:
+            m.training = mode
+    from .compensate import recalibrate_bn
+
+    recalibrate_bn(student, batches)
+    return dict(targets=targets, steps=done, steps_budget=steps, seconds=time.perf_counter() - t0,
+                seconds_budget=float(seconds), images=int(n), batch=int(len(batches[0])), lr=lr,
+                temperature=temperature, bf16=use_bf16, loss_first=losses[0], loss_last=losses[-1],
+                loss_last10=float(sum(losses[-10:]) / len(losses[-10:])), layers=layers, labels_used=False)
+
+
+def _cpu_bf16() -> bool:
+    from .finetune import bf16_supported
+
+    return bf16_supported()

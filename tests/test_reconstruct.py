@@ -1,0 +1,106 @@
+"""Label-free reconstruction and distilled fine-tuning (compress/reconstruct.py, finetune(teacher=))."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+from _archs import UserNet
+from si_compress.compress import apply_plan, evaluate, finetune, kd_loss, reconstruct, refit_consumers
+
+
+def test_kd_loss_known_values():
+    s = torch.tensor([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
+    assert float(kd_loss(s, s, 4.0)) == pytest.approx(0.0, abs=1e-7)
+    t = torch.tensor([[3.0, 2.0, 1.0], [0.0, 0.0, 0.0]])
+    p, q = F.softmax(t / 2, 1), F.softmax(s / 2, 1)
+    want = 4.0 * float((p * (p.log() - q.log())).sum(1).mean())
+    assert float(kd_loss(s, t, 2.0)) == pytest.approx(want, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digits_case():
+    from si_compress.data import load_dataset
+    from si_compress.pipeline import CompressConfig, si_plan
+
+    torch.manual_seed(0)
+    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    m = UserNet(in_channels=1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(train.dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    m.train()
+    for _ in range(6):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    m.eval()
+    calib = DataLoader(torch.utils.data.Subset(train.dataset, range(400)), batch_size=100)
+    x0 = next(iter(calib))[0][:1]
+    cfg = CompressConfig(target_macs=0.3, objective="macs", round_to=4, order=1, compensation="refit")
+    plan, _ = si_plan(m, calib, arch="user", num_classes=10, example_input=x0, config=cfg)
+    small = apply_plan(m, plan, example_input=x0)
+    refit_consumers(small, m, plan, calib)
+    xs = torch.cat([x for x, _ in DataLoader(train.dataset, batch_size=256)])
+    return m, small, xs, DataLoader(test.dataset, batch_size=256)
+
+
+def _agreement(a, b, loader):
+    with torch.no_grad():
+        return sum(float(kd_loss(a(x), b(x), 1.0)) * len(x) for x, _ in loader) / len(loader.dataset)
+
+
+def test_reconstruction_uses_no_labels_and_brings_the_model_back_to_the_base(digits_case):
+    base, small, xs, test = digits_case
+    student = copy.deepcopy(small)
+    before_state = {k: v.clone() for k, v in base.state_dict().items()}
+    unlabelled = DataLoader(TensorDataset(xs), batch_size=64)          # images only: no labels to use
+    acc_before, gap_before = evaluate(student, test), _agreement(student, base, test)
+    seen = []
+    rep = reconstruct(student, base, unlabelled, steps=120, seconds=120, images=1000, lr=1e-3,
+                      progress=seen.append)
+    acc_after, gap_after = evaluate(student, test), _agreement(student, base, test)
+    assert rep["labels_used"] is False and rep["images"] == 1000 and rep["steps"] == 120
+    assert rep["loss_last10"] < rep["loss_first"]
+    assert gap_after < 0.7 * gap_before, (gap_before, gap_after)     # closer to the base's outputs
+    assert acc_after >= acc_before, (acc_before, acc_after)
+    assert [r["step"] for r in seen] == [50, 100, 120]
+    assert all(torch.equal(v, before_state[k]) for k, v in base.state_dict().items())   # teacher untouched
+    assert not student.training and not base.training
+
+
+def test_feature_targets_match_section_outputs(digits_case):
+    base, small, xs, _ = digits_case
+    student = copy.deepcopy(small)
+    rep = reconstruct(student, base, [xs[:200]], steps=5, seconds=60, targets="both")
+    assert rep["layers"] and all(n in dict(base.named_modules()) for n in rep["layers"])
+    with pytest.raises(ValueError, match="targets"):
+        reconstruct(student, base, [xs[:10]], targets="labels")
+    with pytest.raises(ValueError, match="steps"):
+        reconstruct(student, base, [xs[:10]], steps=0)
+
+
+def test_budget_in_seconds_stops_early(digits_case):
+    base, small, xs, _ = digits_case
+    rep = reconstruct(copy.deepcopy(small), base, [xs[:64]], steps=10_000, seconds=0.5)
+    assert 1 <= rep["steps"] < 10_000 and rep["seconds"] < 5
+
+
+def test_distillation_with_an_identical_teacher_leaves_the_weights_alone():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    teacher = copy.deepcopy(model)
+    x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    w0 = [p.clone() for p in model.parameters()]
+    # all weight on the teacher's logits, which equal the student's: zero gradient, no decay
+    finetune(model, loader, epochs=1, lr=0.1, weight_decay=0.0, teacher=teacher, kd_weight=1.0)
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(w0, model.parameters()))   # roundoff only
+    # with labels in the loss the weights move
+    hist = finetune(model, loader, epochs=1, lr=0.1, weight_decay=0.0, teacher=teacher, kd_weight=0.5)
+    assert hist[0]["teacher"] and max(float((a - b.detach()).abs().max()) for a, b in zip(w0, model.parameters())) > 1e-3
+    with pytest.raises(ValueError, match="kd_weight"):
+        finetune(model, loader, epochs=1, teacher=teacher, kd_weight=1.5)
