@@ -294,6 +294,9 @@ def write_json_atomic(path: str | Path, payload: dict) -> Path:
         with os.fdopen(fd, "w") as fh:
             json.dump(_jsonable(payload), fh, indent=2)
             fh.write("\n")
+        from si_compress._io import file_mode
+
+        os.chmod(tmp, file_mode())   # mkstemp's 0600 would hide results from other users
         os.replace(tmp, path)
     except BaseException:
         try:

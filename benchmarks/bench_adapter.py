@@ -166,7 +166,8 @@ def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_lo
 
     from si_compress.analysis import analyze
     from si_compress.compress import evaluate
-    from si_compress.pipeline import CompressConfig, count_tp, execute, latency, si_plan
+    from si_compress.latency import speedup_table
+    from si_compress.pipeline import CompressConfig, count_tp, execute, si_plan
     from si_compress.structure import describe
 
     torch.manual_seed(args.seed)
@@ -199,18 +200,8 @@ def run_arch(name, args, train_loader, sample_loader, test_loader, full_train_lo
                        train_loader=full_train_loader, config=cfg)
     t_exec = time.perf_counter() - t0
     base_macs, base_params = count_tp(model, x0)
-    lat = {}
     shape = tuple(x0.shape[1:])
-    for b in (1, 128):
-        tb, tc = [], []
-        for _ in range(args.latency_rounds):   # alternate: a busy spell hits both
-            tb.append(latency(model, b, shape, repeats=args.latency_repeats))
-            tc.append(latency(small, b, shape, repeats=args.latency_repeats))
-        import numpy as np
-
-        lat[f"batch{b}"] = {"base_s": float(np.median(tb)), "compressed_s": float(np.median(tc)),
-                            "speedup": float(np.median(tb) / np.median(tc)),
-                            "speedup_rounds": [float(a / c) for a, c in zip(tb, tc)]}
+    lat = speedup_table(model, small, shape, repeats=args.latency_repeats)
     row = dict(arch=name, train_steps=steps, train_seconds=secs, train_device=device, train_gpu=train_gpu,
                layers=len(st.layers),
                sections=len(st.blocks), groups=len(st.convs), groups_left_whole=len(st.skipped),

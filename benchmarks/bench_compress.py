@@ -50,7 +50,8 @@ def run(args) -> dict:
     from si_compress.compress import apply_plan, cifar_augment, evaluate, preload
     from si_compress.data import balanced_indices, load_dataset
     from si_compress.models import load_model
-    from si_compress.pipeline import CompressConfig, count_tp, execute, latency, si_plan
+    from si_compress.latency import speedup_table
+    from si_compress.pipeline import CompressConfig, count_tp, execute, si_plan
     from si_compress.planning import plan_uniform, plan_with_widths, rank_filters
 
     torch.manual_seed(args.seed)
@@ -149,12 +150,7 @@ def run(args) -> dict:
                             base=base)
             m["saved_model"] = str(save_path.relative_to(ROOT))
         if not args.no_latency and (name == "si" or not args.latency_si_only):
-            lat = {}
-            for b in (1, 128):
-                tb = latency(base, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
-                tc = latency(model, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
-                lat[f"batch{b}"] = {"base_s": tb, "compressed_s": tc, "speedup": tb / tc}
-            m["latency"] = lat
+            m["latency"] = speedup_table(base, model, tuple(x0.shape[1:]), repeats=args.latency_repeats)
         results[name] = m
         log(f"{name}: MACs -{100 * m['macs_reduction']:.1f}%, acc pruned {m['acc_pruned']:.4f}, "
             f"compensated {m['acc_compensated']:.4f}, finetuned {m.get('acc_finetuned')}")

@@ -51,14 +51,13 @@ def log(*a):
 
 
 def _latency(models: dict, shape, repeats: int) -> dict:
-    import torch
-
-    from si_compress.quant.api import compare_latency
+    from si_compress.latency import compare_models
 
     out = {}
     for b in (1, 128):
-        r = compare_latency(models, torch.randn(b, *shape), repeats=repeats, warmup=2)
-        out[f"batch{b}"] = {name: v["median_s"] for name, v in r.items()}
+        r = compare_models(models, b, shape, repeats=repeats, warmup=2)
+        out[f"batch{b}"] = {name: v["median_s"] for name, v in r["models"].items()}
+        out[f"batch{b}"]["noisy"] = r["noisy"]
     return out
 
 

@@ -177,7 +177,8 @@ def run(args) -> dict:
     from si_compress.compress import bf16_supported, cifar_augment, evaluate, preload
     from si_compress.data import balanced_indices, load_dataset
     from si_compress.models import load_model, vgg16_bn_cifar
-    from si_compress.pipeline import CompressConfig, count_tp, execute, latency, si_plan
+    from si_compress.latency import speedup_table
+    from si_compress.pipeline import CompressConfig, count_tp, execute, si_plan
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -288,12 +289,7 @@ def run(args) -> dict:
         m["widths"] = {d.name: [len(d.keep), d.out_channels] for d in p.layers}
         m["macs_reduction"] = 1 - m["macs"] / base_macs
         m["params_reduction"] = 1 - m["params"] / base_params
-        lat = {}
-        for b in (1, 128):
-            tb = latency(base, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
-            tc = latency(model, b, tuple(x0.shape[1:]), repeats=args.latency_repeats)
-            lat[f"batch{b}"] = {"base_s": tb, "compressed_s": tc, "speedup": tb / tc}
-        m["latency"] = lat
+        m["latency"] = lat = speedup_table(base, model, tuple(x0.shape[1:]), repeats=args.latency_repeats)
         m["seconds_total"] = time.perf_counter() - t0
         results[name] = m
         log(f"{name}: MACs -{100 * m['macs_reduction']:.1f}%, params -{100 * m['params_reduction']:.1f}%, top-1 "

@@ -196,17 +196,22 @@ def _load_cifar(name: str, split: str, root, download: bool, normalize) -> Datas
     )
 
 
-def _rgb_loader(path: str):
+def _rgb_loader(path: str, size: tuple[int, int] | None = None, first: str = ""):
     """Open an image as RGB; decoding failures become a DataError naming the file (also raised
-    from DataLoader workers, which re-raise the same exception type)."""
+    from DataLoader workers, which re-raise the same exception type). ``size``: the (width, height)
+    every image must have (images are stacked into batches), that of the tree's ``first`` image."""
     from PIL import Image
 
     try:
         with open(path, "rb") as fh:
             img = Image.open(fh)
-            return img.convert("RGB")
+            img = img.convert("RGB")
     except Exception as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc}); remove or replace the file") from None
+    if size is not None and img.size != size:
+        raise DataError(f"image {path} is {img.size[0]}x{img.size[1]} but {first} is {size[0]}x{size[1]}: "
+                        "the images of one tree must share a size; resize them to one size")
+    return img
 
 
 def _scan_image_tree(root: Path) -> list[str]:
@@ -245,7 +250,9 @@ def _scan_image_tree(root: Path) -> list[str]:
     return classes
 
 
-def _load_image_folder(path: Path, split: str, normalize) -> DatasetInfo:
+def _load_image_folder(path: Path, split: str, normalize, require_splits: bool = False) -> DatasetInfo:
+    import functools
+
     from PIL import Image
     from torchvision import datasets
 
@@ -258,6 +265,9 @@ def _load_image_folder(path: Path, split: str, normalize) -> DatasetInfo:
         root = path / split
         if not root.is_dir():
             raise DataError(f"{path} has train/ or test/ subfolders but no {split}/; pass the split that exists")
+    elif require_splits:
+        raise DataError(f"{path} has no train/ and test/ subfolders, so the same images would serve for both; "
+                        f"split them into {path}/train/<class>/ and {path}/test/<class>/")
     _scan_image_tree(root)
     norm = _resolve_normalization(normalize, (IMAGENET_MEAN, IMAGENET_STD), 3)
     try:
@@ -272,6 +282,9 @@ def _load_image_folder(path: Path, split: str, normalize) -> DatasetInfo:
             w, h = img.size
     except Exception as exc:
         raise DataError(f"cannot decode image {first} ({type(exc).__name__}: {exc}); remove or replace the file") from None
+    # Every image is checked against the first one's size as it is read: a mismatch names the file
+    # instead of failing later in batch collation with no name.
+    ds.loader = functools.partial(_rgb_loader, size=(w, h), first=first)
     labels = _frozen_labels(ds.targets)
     names = tuple(ds.classes)
     return DatasetInfo(
@@ -281,11 +294,13 @@ def _load_image_folder(path: Path, split: str, normalize) -> DatasetInfo:
     )
 
 
-def load_dataset(spec, *, split: str = "test", root=None, download: bool = False, normalize=None) -> DatasetInfo:
+def load_dataset(spec, *, split: str = "test", root=None, download: bool = False, normalize=None,
+                 require_splits: bool = False) -> DatasetInfo:
     """Load ``spec``: ``'cifar10'``, ``'cifar100'``, ``'digits'`` or a path to an ImageFolder tree.
 
     A tree with ``train/`` and ``test/`` subfolders is read at ``split``; a tree without them is
-    used whole whatever ``split`` says. ``root`` (CIFAR only)
+    used whole whatever ``split`` says, unless ``require_splits`` (a caller that needs distinct
+    train and test images): then it is a DataError. ``root`` (CIFAR only)
     defaults to ``default_data_root()``; nothing is downloaded unless ``download=True``.
     ``normalize``: None/'auto' (preset, see module doc), 'none', or (mean, std). To load a folder
     literally named like a dataset, pass it as a path such as ``./digits``.
@@ -302,7 +317,7 @@ def load_dataset(spec, *, split: str = "test", root=None, download: bool = False
             raise DataError(
                 f"unknown dataset {spec!r}: not one of {', '.join(_NAMED)} and no such directory"
             )
-        return _load_image_folder(path, split, normalize)
+        return _load_image_folder(path, split, normalize, require_splits)
     raise DataError(f"dataset must be a name ({', '.join(_NAMED)}) or a directory path; got {spec!r}")
 
 

@@ -11,6 +11,11 @@ configurations are timed round-robin (a busy spell hits all of them), each keeps
 of ``repeats`` rounds (the cost of the kernels themselves, not of the neighbours), times are made
 non-decreasing in k, and widths in between are interpolated linearly.
 Result: conv name -> tuple of seconds for k = 0..C (index = inner width).
+
+``compare_models`` is the one harness that times whole models against each other (si-compress and
+the benchmarks): threads pinned and reported, warm-up, interleaved rounds (a busy spell hits every
+model alike), the median and the spread (interquartile range / median) per model, and a ``noisy``
+flag when a spread exceeds a threshold even after one retry.
 """
 from __future__ import annotations
 
@@ -21,21 +26,86 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["block_latency_table", "latency"]
+__all__ = ["block_latency_table", "compare_models", "interleaved_times", "latency", "speedup_table", "NOISY_SPREAD"]
+
+#: A timing whose interquartile range exceeds this fraction of its median is marked noisy: two
+#: timings of the same model on a quiet machine agree far better than that.
+NOISY_SPREAD = 0.10
+
+
+def interleaved_times(calls: dict, *, repeats: int = 7, warmup: int = 2, timer=time.perf_counter) -> dict:
+    """name -> {"median_s", "spread", "times_s"} of ``calls`` (name -> zero-argument callable).
+
+    Every round calls each in turn, so load that comes and goes hits all of them; ``warmup`` rounds
+    (allocation, kernel selection) are not counted. ``spread``: interquartile range / median.
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
+    times = {name: [] for name in calls}
+    for r in range(warmup + repeats):
+        for name, fn in calls.items():
+            t0 = timer()
+            fn()
+            dt = timer() - t0
+            if r >= warmup:
+                times[name].append(dt)
+    out = {}
+    for name, ts in times.items():
+        q1, med, q3 = np.percentile(ts, [25, 50, 75])
+        out[name] = {"median_s": float(med), "spread": float((q3 - q1) / med) if med > 0 else 0.0, "times_s": ts}
+    return out
+
+
+def compare_models(models: dict, batch: int, example_shape, *, threads: int | None = None, repeats: int = 7,
+                   warmup: int = 2, noisy_spread: float = NOISY_SPREAD, timer=time.perf_counter) -> dict:
+    """Time ``models`` (name -> nn.Module) against each other at ``batch`` with :func:`interleaved_times`.
+
+    ``threads``: torch threads during the timing (default: the current setting), restored after.
+    A spread above ``noisy_spread`` is re-timed once; if it is still above, ``noisy`` is True and
+    the ratios of these medians should not be trusted. Returns {"batch", "threads", "repeats",
+    "warmup", "noisy", "retried", "models": {name: {"median_s", "spread", "times_s"}}}.
+    """
+    x = torch.randn(batch, *example_shape)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        for m in models.values():
+            m.eval()
+        calls = {name: (lambda m=m: m(x)) for name, m in models.items()}
+        with torch.inference_mode():
+            res = interleaved_times(calls, repeats=repeats, warmup=warmup, timer=timer)
+            retried = max(r["spread"] for r in res.values()) > noisy_spread
+            if retried:
+                res = interleaved_times(calls, repeats=repeats, warmup=warmup, timer=timer)
+        used = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+    return {"batch": int(batch), "threads": used, "repeats": repeats, "warmup": warmup,
+            "noisy": max(r["spread"] for r in res.values()) > noisy_spread, "retried": retried, "models": res}
+
+
+def speedup_table(base, compressed, example_shape, *, batches=(1, 128), threads: int | None = None,
+                  repeats: int = 7, warmup: int = 2, timer=time.perf_counter) -> dict:
+    """"batch<b>" -> {"base_s", "compressed_s", "speedup", "base_spread", "compressed_spread", "noisy",
+    "retried", "repeats", "threads"}: ``base`` and ``compressed`` timed together per batch size
+    (:func:`compare_models`), as si-compress and the benchmarks report them."""
+    out = {}
+    for b in batches:
+        t = compare_models({"base": base, "compressed": compressed}, b, example_shape, threads=threads,
+                           repeats=repeats, warmup=warmup, timer=timer)
+        tb, tc = t["models"]["base"], t["models"]["compressed"]
+        out[f"batch{b}"] = dict(base_s=tb["median_s"], compressed_s=tc["median_s"],
+                                speedup=tb["median_s"] / tc["median_s"] if tc["median_s"] > 0 else float("nan"),
+                                base_spread=tb["spread"], compressed_spread=tc["spread"], noisy=t["noisy"],
+                                retried=t["retried"], repeats=t["repeats"], threads=t["threads"])
+    return out
 
 
 def latency(model, batch: int, example_shape, *, repeats: int = 7, warmup: int = 2) -> float:
-    """Median seconds of one forward pass at ``batch`` (inference mode, current threads)."""
-    x = torch.randn(batch, *example_shape)
-    model.eval()
-    times = []
-    with torch.inference_mode():
-        for i in range(warmup + repeats):
-            t = time.perf_counter()
-            model(x)
-            if i >= warmup:
-                times.append(time.perf_counter() - t)
-    return float(np.median(times))
+    """Median seconds of one forward pass at ``batch`` (inference mode, current threads); to compare
+    models, time them together with :func:`compare_models`."""
+    return compare_models({"m": model}, batch, example_shape, repeats=repeats, warmup=warmup)["models"]["m"]["median_s"]
 
 
 def _with_width(section: nn.Module, conv: str, k: int, shape) -> nn.Module:

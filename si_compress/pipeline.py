@@ -6,7 +6,6 @@ compressed model with its measured metrics, so every method is compared on equal
 """
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import asdict, dataclass
 
@@ -274,6 +273,29 @@ def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:
     return CompressionPlan(**{**{f: getattr(plan, f) for f in plan.__dataclass_fields__}, **changes})
 
 
+def check_plan_base(plan: CompressionPlan, model, example_input) -> None:
+    """ValueError when ``plan.predicted`` was made for another base model than ``model``.
+
+    A plan records its base's parameter and MAC counts; a plan whose ``arch`` was edited to fit
+    another model would otherwise apply (its layer names may exist there too) and report a
+    prediction that belongs to the other model. Plans without counts (hand-written) pass.
+    """
+    p = plan.predicted or {}
+    if p.get("counter"):
+        macs, params = count_tp(model, example_input)
+    else:  # the planner's own conv/linear count
+        from .structure import describe
+
+        st = describe(model, example_input)
+        macs, params = st.total_macs, st.total_params
+    for key, have in (("base_params", params), ("base_macs", macs)):
+        want = p.get(key)
+        if want is not None and int(want) != int(have):
+            raise ValueError(f"the plan was made for a model with {key} {int(want):,} but this model has {int(have):,} "
+                             f"(was its arch edited, or is it another checkpoint's plan?); make a plan for this "
+                             "model with si-compress, without --plan")
+
+
 def count_tp(model, example_input) -> tuple[int, int]:
     """(MACs, params) per sample: the one count of the pipeline (``features.cost.count_ops``)."""
     from .features.cost import count_ops
@@ -282,7 +304,8 @@ def count_tp(model, example_input) -> tuple[int, int]:
 
 
 def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_loader, train_loader=None,
-            config: CompressConfig, progress=None, augment=None, recon_loader=None) -> tuple[torch.nn.Module, dict]:
+            config: CompressConfig, progress=None, augment=None, recon_loader=None,
+            stage=None) -> tuple[torch.nn.Module, dict]:
     """Apply ``plan`` to a copy of ``base``, compensate, optionally fine-tune; accuracy at each stage.
 
     A truncated chain (``plan.truncate_after``) has a new head: ``refit`` compensation fits it to
@@ -291,17 +314,23 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
     when no training split is given (``m["head_data"]`` says which). ``*+reconstruct`` compensation
     then trains the model against ``base`` on the images of ``recon_loader`` (default ``calib_loader``;
     labels never read; ``m["reconstruct"]`` says what was used). Fine-tuning distils from ``base``
-    unless ``config.teacher == "none"``.
+    unless ``config.teacher == "none"``. ``progress(record)``: after each fine-tuning
+    epoch; ``stage(name)``: as each step starts (so a long step is visibly running).
     """
+    say = stage if stage is not None else (lambda name: None)
     from .compress import apply_plan, evaluate, finetune, recalibrate_bn, refit_consumers, refit_head, train_head
 
     m = {}
     t0 = time.perf_counter()
+    say("apply plan")
     pruned = apply_plan(base, plan, example_input=example_input)
     m["seconds_apply"] = time.perf_counter() - t0
     m["macs"], m["params"] = count_tp(pruned, example_input)
+    say("evaluate pruned")
     m["acc_pruned"] = evaluate(pruned, test_loader)
     t0 = time.perf_counter()
+    if config.compensation != "none":
+        say(f"compensate ({config.compensation})")
     if config.compensation in ("refit", "refit+bn", "refit+reconstruct"):
         rep = refit_consumers(pruned, base, plan, calib_loader)
         m["refit"] = {k: {kk: vv for kk, vv in v.items() if kk in ("before", "after")} for k, v in rep.items()}
@@ -323,6 +352,7 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         # to the original network's logits on the calibration sample.
         m.setdefault("refit", {})["head"] = refit_head(pruned, base, calib_loader)
     m["seconds_compensate"] = time.perf_counter() - t0
+    say("evaluate compensated")
     m["acc_compensated"] = evaluate(pruned, test_loader)
     truncated = plan.truncate_after is not None
     if (plan.head is not None and plan.head.kind == "mlp") or config.head_only or truncated:
@@ -333,13 +363,16 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
             raise ValueError("training the head needs the training split")
         m["head_data"] = "train" if head_loader is train_loader else "calibration sample"
         t0 = time.perf_counter()
+        say("train head")
         train_head(pruned, head_loader, epochs=config.head_epochs, lr=config.lr, seed=config.seed)
         m["seconds_head"] = time.perf_counter() - t0
+        say("evaluate head")
         m["acc_head"] = evaluate(pruned, test_loader)
     if config.finetune_epochs and not config.head_only:
         if train_loader is None:
             raise ValueError("fine-tuning needs the training split")
         t0 = time.perf_counter()
+        say("fine-tune")
         hist = finetune(pruned, train_loader, epochs=config.finetune_epochs, lr=config.lr, augment=augment,
                         bf16=config.bf16, max_steps=config.finetune_steps, progress=progress,
                         teacher=base if config.teacher == "base" else None, kd_weight=config.kd_weight,
@@ -347,9 +380,32 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         m["finetune_teacher"] = config.teacher
         m["seconds_finetune"] = time.perf_counter() - t0
         m["finetune_history"] = hist
+        say("evaluate fine-tuned")
         m["acc_finetuned"] = evaluate(pruned, test_loader)
     pruned.eval()
     return pruned, m
+
+
+def compress(model, sample_loader, test_loader, *, example_input, arch: str = "model", num_classes: int | None = None,
+             config: CompressConfig | None = None, plan: CompressionPlan | None = None, train_loader=None,
+             progress=None) -> tuple[torch.nn.Module, CompressionPlan, dict]:
+    """Plan by SI on ``sample_loader`` (or apply ``plan``), prune a copy of ``model``, compensate,
+    optionally fine-tune; returns (compressed model, plan, metrics of :func:`execute`).
+
+    ``example_input``: one batch-of-one input. ``num_classes``: default the model's output width.
+    Save the result with ``si_compress.compress.save_compressed`` and reload it with
+    ``si_compress.load_compressed``.
+    """
+    config = config or CompressConfig()
+    if num_classes is None:
+        with torch.inference_mode():
+            num_classes = int(model.eval()(example_input).shape[1])
+    if plan is None:
+        plan, _ = si_plan(model, sample_loader, arch=arch, num_classes=num_classes, example_input=example_input,
+                          config=config, progress=progress)
+    small, metrics = execute(model, plan, example_input=example_input, calib_loader=sample_loader,
+                             test_loader=test_loader, train_loader=train_loader, config=config)
+    return small, plan, metrics
 
 
 def config_dict(config: CompressConfig) -> dict:

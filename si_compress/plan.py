@@ -18,6 +18,7 @@ edit it, and the executor (``si_compress.compress``) applies it to the original 
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import asdict, dataclass, field
 
 SCHEMA = "si_compress.plan"
@@ -37,6 +38,11 @@ class LayerDecision:
     reason: str = ""
 
     def __post_init__(self):
+        # A float (0.5) or a string ("1") is a mistake in an edited plan, not a filter index: int()
+        # would silently turn it into another filter.
+        bad = [i for i in self.keep if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if bad:
+            raise ValueError(f"layer {self.name}: keep must list filter indices (integers); got {bad[0]!r}")
         keep = tuple(int(i) for i in self.keep)
         if not keep:
             raise ValueError(f"layer {self.name}: a plan must keep at least one filter")
@@ -128,9 +134,10 @@ class CompressionPlan:
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise ValueError("not an si_compress compression plan (missing schema 'si_compress.plan'); "
                              "produce one with si-compress or si-analyze")
-        if d.get("schema_version") != SCHEMA_VERSION:
-            raise ValueError(f"plan schema version {d.get('schema_version')} is not supported "
-                             f"(this si_compress reads version {SCHEMA_VERSION})")
+        version = d.get("schema_version")
+        if type(version) is not int or version != SCHEMA_VERSION:
+            raise ValueError(f"plan schema_version {version!r} is not supported (this si_compress reads version "
+                             f"{SCHEMA_VERSION}); make the plan again with this version's si-compress")
         try:
             head = d.get("head")
             return cls(
@@ -144,7 +151,9 @@ class CompressionPlan:
                 predicted=dict(d.get("predicted", {})), settings=dict(d.get("settings", {})),
                 source=dict(d.get("source", {})),
             )
-        except (KeyError, TypeError) as exc:
+        except KeyError as exc:
+            raise ValueError(f"malformed compression plan: entry {exc} is missing") from None
+        except (TypeError, AttributeError) as exc:
             raise ValueError(f"malformed compression plan: {exc}") from None
 
     @classmethod
@@ -154,6 +163,23 @@ class CompressionPlan:
         except json.JSONDecodeError as exc:
             raise ValueError(f"plan is not valid JSON: {exc}") from None
         return cls.from_dict(d)
+
+    def save(self, path) -> "Path":
+        """Write the plan as JSON, atomically (what ``si-compress --plan`` reads)."""
+        from ._io import write_text
+
+        return write_text(path, self.to_json())
+
+    @classmethod
+    def load(cls, path) -> "CompressionPlan":
+        """Read a plan written by :meth:`save` or si-compress; ValueError on anything else."""
+        from pathlib import Path
+
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"plan file {path} does not exist") from None
+        return cls.from_json(text)
 
     # ------------------------------------------------------------------ summary
     def summary(self) -> str:

@@ -19,8 +19,13 @@ def _short(name: str) -> str:
     return name.replace(":input", " (in)")
 
 
+def _model_title(report) -> str:
+    return report.model.get("name") or report.model.get("arch") or "model"
+
+
 def si_layers_figure(report, ax=None):
-    """SI, CSI, high-order and soft SI against depth; grey bars: MACs each layer adds (right axis)."""
+    """SI, CSI, high-order and soft SI against depth; bars (right axis): the SI each layer adds over
+    the layer before it, the gain the planner scores a section by (green: adds, red: loses)."""
     plt = _mpl()
     if ax is None:
         width = max(7.0, 0.32 * len(report.layers) + 3)
@@ -29,12 +34,17 @@ def si_layers_figure(report, ax=None):
         fig = ax.figure
     layers = report.layers
     x = np.arange(len(layers))
-    macs = np.array([r.macs for r in layers], dtype=float)
-    added = np.diff(np.concatenate(([0.0], macs))) / 1e6
+    si = np.array([r.si for r in layers], dtype=float)
+    gain = np.concatenate(([np.nan], np.diff(si)))   # the first layer has no input SI recorded
     ax2 = ax.twinx()
-    ax2.bar(x, added, color="0.85", width=0.8, zorder=0, label="MACs added (M)")
-    ax2.set_ylabel("MACs added by the layer (millions)", color="0.4")
-    ax2.tick_params(axis="y", colors="0.4")
+    colors = ["C2" if g >= 0 else "C3" for g in np.nan_to_num(gain)]
+    ax2.bar(x, np.nan_to_num(gain), color=colors, alpha=0.35, width=0.8, zorder=0,
+            label="SI gain over the previous layer")
+    lim = max(0.05, float(np.nanmax(np.abs(gain))) if len(layers) > 1 else 0.05) * 1.1
+    ax2.set_ylim(-lim, lim)
+    ax2.axhline(0.0, color="0.5", lw=0.6)
+    ax2.set_ylabel("SI gain of the layer (section score)", color="0.3")
+    ax2.tick_params(axis="y", colors="0.3")
     ax.set_zorder(ax2.get_zorder() + 1)
     ax.patch.set_visible(False)
     order = report.settings.get("order", 3)
@@ -51,7 +61,7 @@ def si_layers_figure(report, ax=None):
     ax.set_xticklabels([_short(r.name) for r in layers], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("layer (execution order)")
     ax.grid(alpha=0.3)
-    title = report.model.get("name") or report.model.get("arch") or "model"
+    title = _model_title(report)
     data_name = Path(str(report.data.get("name", ""))).name  # a folder's name, not its absolute path
     ax.set_title(f"{title}: separation by layer\n({report.n_samples} samples, {data_name} {report.data.get('split') or ''})"
                  .replace(" )", ")"))
@@ -76,13 +86,16 @@ def si_per_class_figure(report, ax=None):
     ax.set_xticks(np.arange(len(report.layers)))
     ax.set_xticklabels([_short(r.name) for r in report.layers], rotation=60, ha="right", fontsize=8)
     ax.set_xlabel("layer (execution order)")
-    ax.set_title("per-class SI by layer")
+    ax.set_title(f"{_model_title(report)}: per-class SI by layer ({report.n_samples} samples)")
     fig.colorbar(im, ax=ax, label="SI of the class")
     return fig, ax
 
 
-def kept_filters_figure(plan, ax=None):
-    """Filters kept per prunable conv (bars over the original width); dropped blocks marked."""
+def kept_filters_figure(plan, ax=None, *, model_name: str | None = None):
+    """Filters kept per planned channel group (bars over the original width); dropped sections
+    shaded red, named in the legend. ``model_name``: the title's model (default the plan's arch)."""
+    from matplotlib.patches import Patch
+
     plt = _mpl()
     names = [d.name for d in plan.layers] + [f"{b} (dropped)" for b in plan.dropped_blocks]
     rows = [(d.name, d.out_channels, len(d.keep)) for d in plan.layers]
@@ -98,16 +111,26 @@ def kept_filters_figure(plan, ax=None):
     full = [r[1] if "dropped" not in r[0] else 0 for r in rows]
     kept = [r[2] for r in rows]
     ax.bar(x, full, color="0.85", label="original filters")
-    ax.bar(x, kept, color="C0", label="kept")
+    ax.bar(x, kept, color="C0", label="kept filters")
     for i, r in enumerate(rows):
         if "dropped" in r[0]:
             ax.axvspan(i - 0.45, i + 0.45, color="C3", alpha=0.25, lw=0)
     ax.set_xticks(x)
     ax.set_xticklabels([r[0].replace(".conv1", "").replace(" (dropped)", " x") for r in rows], rotation=60,
                        ha="right", fontsize=8)
-    ax.set_ylabel("filters")
+    ax.set_xlabel("pruned channel group (its first conv; x = dropped section)")
+    ax.set_ylabel("output filters (channels)")
     p = plan.predicted
     frac = f" ({100 * (1 - p['macs'] / p['base_macs']):.1f}% fewer MACs)" if p.get("base_macs") else ""
-    ax.set_title(f"{plan.arch}: filters kept per layer{frac}; red = dropped block")
-    ax.legend(fontsize=8)
+    what = plan.arch if model_name is None else f"{model_name} ({plan.arch})"
+    ax.set_title(f"{what}: filters kept per layer{frac}")
+    handles, labels = ax.get_legend_handles_labels()
+    if plan.dropped_blocks:
+        shown = ", ".join(plan.dropped_blocks[:6]) + (f" +{len(plan.dropped_blocks) - 6}" if len(plan.dropped_blocks) > 6 else "")
+        handles.append(Patch(color="C3", alpha=0.25))
+        labels.append(f"dropped sections: {shown}")
+    if plan.truncate_after:
+        handles.append(Patch(color="none"))
+        labels.append(f"cut after {plan.truncate_after}")
+    ax.legend(handles, labels, fontsize=8)
     return fig, ax

@@ -34,7 +34,9 @@ def test_compress_digits_end_to_end(digits_ckpt, tmp_path, capsys):
     metrics = json.loads((out_dir / "metrics.json").read_text())
     assert metrics["compressed"]["macs"] <= 0.6 * metrics["base"]["macs"] + 1
     assert metrics["accuracy"]["compensated"] > 0.8
-    assert metrics["latency"]["batch128"]["speedup"] > 0
+    lat = metrics["latency"]["batch128"]
+    assert lat["speedup"] == pytest.approx(lat["base_s"] / lat["compressed_s"])
+    assert lat["threads"] == metrics["threads"] and isinstance(lat["noisy"], bool)
     plan = CompressionPlan.from_json((out_dir / "plan.json").read_text())
     assert plan.layers and all(len(d.keep) <= d.out_channels for d in plan.layers)
     model, plan2 = load_compressed(out_dir / "model.pt")  # weights_only=True inside

@@ -267,6 +267,8 @@ def test_finetune_train_head_evaluate():
     seen = []
     hist = finetune(m, loader, epochs=2, lr=0.02, augment=cifar_augment, bf16=True, progress=seen.append)
     assert [h["epoch"] for h in hist] == [1, 2] and seen == hist and not m.training
+    assert [h["steps"] for h in hist] == [4, 4]                       # 64 samples / batch 16
+    assert [h["steps"] for h in finetune(m, loader, epochs=2, lr=0.02, max_steps=3)] == [3, 3]
     acc = evaluate(m, loader)
     assert 0.0 <= acc <= 1.0
     with pytest.raises(ValueError, match="schedule"):

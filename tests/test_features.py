@@ -342,9 +342,14 @@ def test_collect_nan_names_layer_and_batch():
     model = _seeded(TinyResNet)
     loader, x, _ = _loader(n=10, batch_size=4)
     x[5, 0, 2, 3] = float("nan")  # sample 5 is in batch 1
+    model.train()
+    model.layer1.eval()   # mixed modes: each module's own flag must come back, not one for all
+    before = {name: m.training for name, m in model.named_modules()}
     with pytest.raises(ValueError, match=r"layer 'layer1.0:input' .*NaN/Inf.* batch 1 \(samples 4\.\.7\)"):
         collect_features(model, loader, ["layer1.0:input", "layer2.0"])
     assert _no_hooks(model)
+    assert {name: m.training for name, m in model.named_modules()} == before
+    assert model.training and not model.layer1.training
 
 
 def test_collect_input_errors():

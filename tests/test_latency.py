@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from si_compress.latency import _with_width, block_latency_table, latency
+from si_compress.latency import (NOISY_SPREAD, _with_width, block_latency_table, compare_models, interleaved_times,
+                                 latency, speedup_table)
 from si_compress.models.cifar_resnet import cifar_resnet
 from si_compress.structure import prunable_structure
 
@@ -44,6 +45,79 @@ def test_width_variant_runs_with_the_blocks_shapes(tiny):
 def test_latency_is_a_positive_median(tiny):
     m, _, _ = tiny
     assert latency(m, 2, (3, 16, 16), repeats=3, warmup=1) > 0
+
+
+class FakeClock:
+    """A timer whose time moves only when a fake model runs: each call takes the next of its durations."""
+
+    def __init__(self):
+        self.now = 0.0
+        self.log = []
+
+    def __call__(self):
+        return self.now
+
+    def model(self, name, durations):
+        clock, it = self, iter(durations)
+
+        class Fake(torch.nn.Module):
+            def forward(self, x):
+                clock.log.append(name)
+                clock.now += next(it)
+                return x
+
+        return Fake()
+
+
+def test_interleaved_median_and_spread_are_the_known_values():
+    clock = FakeClock()
+    a = clock.model("a", [9.0, 9.0, 1.0, 2.0, 3.0, 4.0, 5.0])   # two warm-up calls, then 1..5
+    b = clock.model("b", [2.0] * 7)
+    res = interleaved_times({"a": lambda: a(0), "b": lambda: b(0)}, repeats=5, warmup=2, timer=clock)
+    assert res["a"]["times_s"] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert res["a"]["median_s"] == 3.0 and res["a"]["spread"] == pytest.approx((4.0 - 2.0) / 3.0)
+    assert res["b"] == {"median_s": 2.0, "spread": 0.0, "times_s": [2.0] * 5}
+    assert clock.log == ["a", "b"] * 7                         # interleaved, warm-up included
+
+
+def test_quiet_timing_is_not_noisy_and_not_retried():
+    clock = FakeClock()
+    models = {"base": clock.model("base", [0.2] * 9), "compressed": clock.model("compressed", [0.1] * 9)}
+    t = speedup_table(models["base"], models["compressed"], (1,), batches=(4,), repeats=7, warmup=2, timer=clock)
+    r = t["batch4"]
+    assert r["speedup"] == pytest.approx(2.0) and r["base_s"] == pytest.approx(0.2)
+    assert not r["noisy"] and not r["retried"]
+    assert r["base_spread"] == pytest.approx(0.0, abs=1e-9) and r["compressed_spread"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_noisy_timing_is_retried_once_and_flagged():
+    clock = FakeClock()
+    swing = [0.1, 0.3] * 20                                    # spread 200%: a busy machine
+    res = compare_models({"m": clock.model("m", swing)}, 2, (1,), repeats=6, warmup=1, timer=clock)
+    assert res["retried"] and res["noisy"] and res["models"]["m"]["spread"] > NOISY_SPREAD
+    assert len(clock.log) == 2 * (6 + 1)                       # one retry, not more
+
+
+def test_a_retry_that_comes_out_quiet_is_not_flagged():
+    clock = FakeClock()
+    durations = [0.1, 0.5, 0.1, 0.5, 0.1, 0.5, 0.1] + [0.2] * 7
+    res = compare_models({"m": clock.model("m", durations)}, 2, (1,), repeats=6, warmup=1, timer=clock)
+    assert res["retried"] and not res["noisy"] and res["models"]["m"]["median_s"] == pytest.approx(0.2)
+
+
+def test_threads_are_pinned_stated_and_restored(tiny):
+    m, _, _ = tiny
+    before = torch.get_num_threads()
+    seen = []
+
+    class Spy(torch.nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return m(x)
+
+    res = compare_models({"m": Spy()}, 2, (3, 16, 16), threads=1, repeats=2, warmup=1)
+    assert res["threads"] == 1 and set(seen) == {1}
+    assert torch.get_num_threads() == before
 
 
 def test_bad_step_is_refused(tiny):

@@ -60,7 +60,7 @@ def test_reconstruction_uses_no_labels_and_brings_the_model_back_to_the_base(dig
     unlabelled = DataLoader(TensorDataset(xs), batch_size=64)          # images only: no labels to use
     acc_before, gap_before = evaluate(student, test), _agreement(student, base, test)
     seen = []
-    rep = reconstruct(student, base, unlabelled, steps=120, seconds=120, images=1000, lr=1e-3,
+    rep = reconstruct(student, base, unlabelled, steps=120, seconds=3600, images=1000, lr=1e-3,
                       progress=seen.append)
     acc_after, gap_after = evaluate(student, test), _agreement(student, base, test)
     assert rep["labels_used"] is False and rep["images"] == 1000 and rep["steps"] == 120

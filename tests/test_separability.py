@@ -522,3 +522,33 @@ def test_float64_values_too_large_are_refused():
         center_separation_index(X, y)
     with pytest.raises(ValueError, match="rescale"):
         forward_select(X[:, :, None], y)
+
+
+def test_csi_float32_large_common_offset_needs_the_dot_product_bound():
+    # float32 features sharing a large offset: e_c = |mu_c|^2 - 2 x.mu_c is computed from terms of
+    # ~1e8 whose float32 rounding is far above the gaps between the means; the dot-product term
+    # of the error bound is what sends those rows to the float64 recheck
+    rng = np.random.default_rng(3)
+    X = (1000.0 + rng.standard_normal((2000, 64))).astype(np.float32)
+    y = rng.integers(0, 10, 2000)
+    fast = sic.center_separation_index_per_sample(X, y)
+    assert fast.tolist() == sic.center_separation_index_per_sample(X, y, backend="numpy").tolist()
+
+
+@pytest.mark.skipif("numba" not in FAST, reason="numba not installed")
+@pytest.mark.parametrize("offset, noise", [(0.0, 1e-3), (1e4, 1e-6)])
+def test_knn_float64_screen_tier_equals_the_oracle(rng, monkeypatch, offset, noise):
+    # Uncertified rows normally go to the direct search (few of them); with that shortcut off,
+    # every row the float32 certificate cannot clear runs the float64 screen + exact re-rank tier
+    from si_compress.separability import _knn
+
+    calls = []
+    real = _knn._fallback64
+    monkeypatch.setattr(_knn, "_DIRECT_WORK", 0)
+    monkeypatch.setattr(_knn, "_fallback64", lambda *a: (calls.append(a[-1].size), real(*a))[1])
+    base = rng.standard_normal((1, 16)) * 100.0 + offset
+    # near ties below float32 resolution; with the offset, below the float64 screen's too
+    X = np.repeat(base, 300, axis=0) + rng.standard_normal((300, 16)) * noise
+    for k in (1, 4):
+        np.testing.assert_array_equal(knn(X, k, backend="numba"), knn_numpy(X, None, k))
+    assert sum(calls) > 0

@@ -136,7 +136,8 @@ def test_plan_truncates_at_the_si_peak_and_prunes_only_before_it(tiny):
     assert si["features.2"] < 0.6 and si["features.6"] == si["features.10"] == 1.0 > si["features.13"]
     assert plan.truncate_after == "features.6" and ev.truncation.truncate_after == "features.6"
     t = plan.settings["truncation"]
-    assert t["applied"] and t["layer"] == "features.6" and t["macs_saved"] > 0
+    assert t["applied"] and t["layer"] == "features.6"
+    assert 0 < t["macs_at_cut"] < t["total_macs"] and t["macs_saved"] == t["total_macs"] - t["macs_at_cut"]
     assert t["head_input_dim"] == 16 and t["head_input_si"] > 0.9
     # only convs before the cut are ranked and planned (conv4 now feeds the new head)
     assert {d.name for d in plan.layers} <= {"features.0", "features.4"} and "features.0" in ev.rankings

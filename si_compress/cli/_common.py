@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
+import re
 import sys
+import tempfile
 import time
 import traceback
 
 EXIT_USAGE = 2
+EXIT_BUG = 1
 
 
 class CLIError(Exception):
@@ -16,24 +21,75 @@ class CLIError(Exception):
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own errors: keep its usage line, exit 2
-        self.print_usage(sys.stderr)
-        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+    def error(self, message):  # argparse's own errors: one line like ours, exit 2 (from run_main)
+        raise CLIError(f"{message}; see {self.prog} --help")
+
+
+def _number(text: str, kind, what: str, ok) -> int | float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if (kind is float and not math.isfinite(value)) or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, "an integer >= 1", lambda v: v >= 1)
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, "an integer >= 0", lambda v: v >= 0)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0 (NaN and inf are refused: they would train an all-NaN model)."""
+    return _number(text, float, "a finite number > 0", lambda v: v > 0)
+
+
+def user_message(exc: BaseException) -> str:
+    """The one line that names a user error.
+
+    An exception raised inside a DataLoader worker comes back re-raised with "Caught DataError in
+    DataLoader worker process 0." as its first line and the worker's traceback after it: the
+    worker's own message (which names the file) is the last line of that text.
+    """
+    text = str(exc).strip()
+    lines = [line for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        last = lines[-1].strip()
+        return re.sub(r"^[\w.]*(?:Error|Exception):\s*", "", last) or last
+    return lines[0].strip() if lines else type(exc).__name__
+
+
+def _bug_log(prog: str, argv) -> str | None:
+    """Write the current exception's traceback to a log file; its path (None if it cannot be written)."""
+    try:
+        fd, path = tempfile.mkstemp(prefix=f"{prog}-bug-", suffix=".log")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(f"{prog} {' '.join(map(str, argv or []))}\n\n")
+            traceback.print_exc(file=fh)
+        return path
+    except OSError:
+        return None
 
 
 def run_main(prog: str, body, argv) -> int:
-    """Run ``body(argv)``; user errors become one line on stderr and exit code 2."""
+    """Run ``body(argv)``: user errors become one line on stderr and exit code 2; anything else is a
+    bug: one line saying so, the traceback in a log file, exit code 1 (never a traceback on screen)."""
     from ..data import DataError
     from ..models import ModelLoadError
 
     try:
         return int(body(argv) or 0)
-    except (CLIError, DataError, ModelLoadError, ValueError, TypeError, FileNotFoundError, PermissionError,
-            IsADirectoryError, NotADirectoryError) as exc:
+    except (CLIError, DataError, ModelLoadError, ValueError, OSError) as exc:
+        # OSError: missing files, permissions, a full disk: the environment, not a bug
         if os.environ.get("SI_COMPRESS_DEBUG"):
             traceback.print_exc()
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        print(f"{prog}: error: {msg}", file=sys.stderr)
+        print(f"{prog}: error: {user_message(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -41,6 +97,43 @@ def run_main(prog: str, body, argv) -> int:
     except MemoryError:
         print(f"{prog}: error: out of memory; lower --samples or --max-dim, or --memory-budget", file=sys.stderr)
         return EXIT_USAGE
+    except Exception as exc:
+        if os.environ.get("SI_COMPRESS_DEBUG"):
+            traceback.print_exc()
+        log = _bug_log(prog, argv)
+        where = f"traceback in {log}" if log else "rerun with SI_COMPRESS_DEBUG=1 for the traceback"
+        print(f"{prog}: internal error (a bug in si_compress, not in your input): {type(exc).__name__}: "
+              f"{user_message(exc)}; {where}; please report it", file=sys.stderr)
+        return EXIT_BUG
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """Run the enclosed code on ``n`` threads (None: unchanged), torch's and Numba's both: Numba's
+    OpenMP layer shares torch's thread pool setting, so restoring Numba's own count after an SI
+    search would otherwise undo ``--threads`` for torch. The previous counts come back after, so a
+    CLI called in-process (tests, notebooks) leaves the caller's settings alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    numba_before = None
+    if n:
+        try:
+            import numba
+
+            numba_before = numba.get_num_threads()
+            numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+        except ImportError:
+            pass
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if numba_before is not None:
+            import numba
+
+            numba.set_num_threads(numba_before)
+        torch.set_num_threads(before)
 
 
 class Progress:
@@ -70,6 +163,16 @@ class Progress:
             self.stream.write(line + "\n")
             self.stream.flush()
 
+    def step(self, name: str) -> None:
+        """A step without a count (compensating, evaluating, timing): one line as it starts."""
+        if not self.enabled:
+            return
+        if self.tty and self._last[0] is not None:
+            self.stream.write("\n")
+        self._last = (None, -1)
+        self.stream.write(f"{name} ... ({time.perf_counter() - self.t0:.1f}s)\n")
+        self.stream.flush()
+
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint file (a state dict or an si-compress output; a full pickle needs "
@@ -81,7 +184,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch-kwargs", metavar="JSON",
                    help="constructor options of a torchvision:NAME or user --arch as a JSON object, e.g. "
                    """'{"aux_logits": false}'; num_classes is passed when the constructor takes it""")
-    p.add_argument("--num-classes", type=int, help="classifier outputs (default: from the checkpoint)")
+    p.add_argument("--num-classes", type=positive_int, help="classifier outputs (default: from the checkpoint)")
     p.add_argument("--trust-model", action="store_true",
                    help="allow a fully pickled model: this executes code from the file; use only for files you trust")
 
@@ -109,14 +212,14 @@ def add_data_args(p: argparse.ArgumentParser, *, default_samples: int = DEFAULT_
     p.add_argument("--data-root", help="where torchvision CIFAR data lives (default ~/.cache/si_compress/data)")
     p.add_argument("--download", action="store_true", help="download CIFAR if missing (needs internet)")
     p.add_argument("--split", default="test", choices=("train", "test"), help="split to analyse (default test)")
-    p.add_argument("--samples", type=int, default=None,
+    p.add_argument("--samples", type=nonneg_int, default=None,
                    help=f"class-balanced sample size (default {default_samples} or the whole split if smaller; "
                    "0 = the whole split)")
     p.add_argument("--seed", type=int, default=0, help="seed of the class-balanced sample")
     p.add_argument("--normalize", default="auto",
                    help="auto (dataset preset), none, or 'm1,m2,m3/s1,s2,s3' mean/std per channel")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--batch-size", type=positive_int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--workers", type=nonneg_int, default=0, help="DataLoader worker processes (default 0)")
 
 
 def parse_normalize(text: str):

@@ -18,7 +18,10 @@ from ._common import (
     add_data_args,
     add_model_args,
     load_model_and_data,
+    positive_float,
+    positive_int,
     run_main,
+    torch_threads,
 )
 
 PROG = "si-analyze"
@@ -30,15 +33,17 @@ def build_parser() -> ArgumentParser:
     add_model_args(p)
     add_data_args(p)
     p.add_argument("--layers", nargs="+", help="module names or globs (default: stem, every block, pooled features)")
-    p.add_argument("--max-dim", type=int, default=4096,
+    p.add_argument("--max-dim", type=positive_int, default=4096,
                    help="maps with more values are average-pooled to at most this many (default 4096)")
-    p.add_argument("--order", type=int, default=3, help="order r of the high-order and soft SI (default 3)")
+    p.add_argument("--order", type=positive_int, default=3, help="order r of the high-order and soft SI (default 3)")
     p.add_argument("--reference-split", choices=("train", "test"),
                    help="also compute cross-SI of the analysed features against a sample of this split")
-    p.add_argument("--backend", default="auto", choices=("auto", "numba", "faiss", "numpy"))
-    p.add_argument("--memory-budget", type=float, default=4.0,
+    p.add_argument("--backend", default="auto", choices=("auto", "numba", "faiss", "numpy"),
+                   help="nearest-neighbour search (default auto: the fastest for the data; numpy is the "
+                        "brute-force oracle)")
+    p.add_argument("--memory-budget", type=positive_float, default=4.0,
                    help="GiB of features held at once; more layers take more passes (default 4)")
-    p.add_argument("--threads", type=int, help="torch/numba threads (default: all cores)")
+    p.add_argument("--threads", type=positive_int, help="torch and Numba threads (default: all cores)")
     p.add_argument("--out", default="runs/analyze", help="output folder (default runs/analyze)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -46,12 +51,7 @@ def build_parser() -> ArgumentParser:
 
 def _body(argv) -> int:
     args = build_parser().parse_args(argv)
-    import torch
-
-    from .. import plots
-    from .._io import save_figure, write_json, write_text
-    from ..analysis import analyze, check_samples_per_class, format_table, layers_csv
-    from ..data import balanced_indices, load_dataset, make_loader
+    from .._io import OutputFolder
 
     if args.order < 1:
         raise CLIError(f"--order must be >= 1; got {args.order}")
@@ -59,12 +59,20 @@ def _body(argv) -> int:
         raise CLIError(f"--max-dim must be >= 1; got {args.max_dim}")
     if args.memory_budget <= 0:
         raise CLIError(f"--memory-budget must be > 0 GiB; got {args.memory_budget}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out} exists and is not a folder; choose another --out")
+    folder = OutputFolder(args.out)   # a file or unwritable folder fails here, before any work
+    with folder, torch_threads(args.threads):
+        _run(args, folder)
+    folder.commit()
+    return 0
 
+
+def _run(args, folder) -> None:
+    from .. import plots
+    from .._io import save_figure, write_json, write_text
+    from ..analysis import analyze, check_samples_per_class, format_table, layers_csv
+    from ..data import balanced_indices, load_dataset, make_loader
+
+    out, stage = folder.path, folder.staging
     loaded, info, loader, idx, x0 = load_model_and_data(args)
     labels = info.labels if idx is None else info.labels[idx]
     check_samples_per_class(labels, args.order, info.class_names)
@@ -89,12 +97,12 @@ def _body(argv) -> int:
                        reference_split=args.reference_split),
     )
 
-    write_json(out / "report.json", report.to_dict())
-    write_text(out / "layers.csv", layers_csv(report))
+    write_json(stage / "report.json", report.to_dict())
+    write_text(stage / "layers.csv", layers_csv(report))
     fig, _ = plots.si_layers_figure(report)
-    save_figure(fig, out / "si_layers.png", dpi=130)
+    save_figure(fig, stage / "si_layers.png", dpi=130)
     fig2, _ = plots.si_per_class_figure(report)
-    save_figure(fig2, out / "si_per_class.png", dpi=130)
+    save_figure(fig2, stage / "si_per_class.png", dpi=130)
 
     acc = "" if report.accuracy is None else f", top-1 {100 * report.accuracy:.2f}%"
     print(f"model {report.model['name']} ({report.model['arch']}, {report.total_params / 1e6:.3f} M params, "
@@ -105,7 +113,6 @@ def _body(argv) -> int:
           f"CSI {report.layers[-1].csi:.3f}")
     print(f"time {report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB "
           f"(features {report.feature_mb:.0f} MB in {report.settings['passes']} pass(es)); wrote {out}/")
-    return 0
 
 
 def main(argv=None) -> int:

@@ -12,10 +12,17 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import ArgumentParser, CLIError, Progress, add_model_args, run_main
+from ._common import (ArgumentParser, CLIError, Progress, add_model_args, nonneg_int, positive_float,
+                      positive_int, run_main, torch_threads)
 from ._quant import add_quant_args
 
 PROG = "si-compress"
+
+
+# Every file a run may write: a reused --out loses the ones this run does not write again
+# (an old model.onnx beside a new model.pt would describe another model).
+OUTPUTS = ("plan.json", "model.pt", "metrics.json", "kept_filters.png", "model.ts", "model.onnx",
+           "weights.siqp", "model_fp32.pt", "model.int8.ts")
 
 
 def build_parser() -> ArgumentParser:
@@ -23,9 +30,10 @@ def build_parser() -> ArgumentParser:
                        "that add little separation, keep the filters that separate, compensate without training.")
     add_model_args(p)
     p.add_argument("--data", required=True, help="digits, cifar10, cifar100, or an ImageFolder with train/ and test/")
-    p.add_argument("--data-root")
-    p.add_argument("--download", action="store_true")
-    p.add_argument("--normalize", default="auto")
+    p.add_argument("--data-root", help="where torchvision CIFAR data lives (default ~/.cache/si_compress/data)")
+    p.add_argument("--download", action="store_true", help="download CIFAR if missing (needs internet)")
+    p.add_argument("--normalize", default="auto",
+                   help="auto (dataset preset), none, or 'm1,m2,m3/s1,s2,s3' mean/std per channel")
     p.add_argument("--plan", help="apply this plan.json instead of planning")
     p.add_argument("--target-macs", type=float, default=0.5,
                    help="fraction of the base MACs to keep (default 0.5); 1 with --delta for threshold mode")
@@ -45,60 +53,68 @@ def build_parser() -> ArgumentParser:
                         "(default: such a cut is not applied, so the MACs land at the budget)")
     p.add_argument("--truncate-tol", type=float, default=0.01,
                    help="plain chains: cut after the first layer whose SI is within this of the max SI (default 0.01)")
-    p.add_argument("--round-to", type=int, default=8,
+    p.add_argument("--round-to", type=positive_int, default=8,
                    help="kept filter counts in multiples of this (default 8, what fast CPU kernels need); "
                         "a layer never goes below it: the block is dropped instead")
-    p.add_argument("--si-samples", type=int, default=2000, help="class-balanced train sample for SI (default 2000)")
-    p.add_argument("--eval-samples", type=int, default=0, help="test images for accuracy (0 = the whole split)")
+    p.add_argument("--si-samples", type=positive_int, default=None,
+                   help=f"class-balanced train sample for SI (default {DEFAULT_SI_SAMPLES} or the whole train "
+                        "split if smaller)")
+    p.add_argument("--eval-samples", type=nonneg_int, default=0,
+                   help="class-balanced test images for accuracy (default 0 = the whole test split)")
     p.add_argument("--compensation", default="refit",
                    choices=("refit", "refit+bn", "bn", "none", "refit+reconstruct", "reconstruct"),
                    help="refit: least-squares re-fit of every layer reading changed inputs (no training); "
                         "+reconstruct: then train the model to reproduce the base model's outputs on unlabelled "
                         "train images (--reconstruct-*; labels are never read); bn: re-estimate BatchNorm statistics")
-    p.add_argument("--reconstruct-steps", type=int, default=600, help="reconstruction: at most this many Adam steps")
-    p.add_argument("--reconstruct-seconds", type=float, default=300.0, help="reconstruction: at most this many seconds")
-    p.add_argument("--reconstruct-images", type=int, default=5000,
+    p.add_argument("--reconstruct-steps", type=positive_int, default=600,
+                   help="reconstruction: at most this many Adam steps")
+    p.add_argument("--reconstruct-seconds", type=positive_float, default=300.0,
+                   help="reconstruction: at most this many seconds")
+    p.add_argument("--reconstruct-images", type=positive_int, default=5000,
                    help="reconstruction: class-balanced train images used (their labels are not read)")
     p.add_argument("--reconstruct-targets", default="logits", choices=("logits", "features", "both"),
                    help="reconstruction matches the base's logits (KL at T=4), its section outputs, or both")
     p.add_argument("--teacher", default="base", choices=("base", "none"),
                    help="fine-tuning distils from the base model's logits plus the label loss (default), or labels only")
-    p.add_argument("--finetune-epochs", type=int, default=0)
-    p.add_argument("--finetune-steps", type=int, default=None,
-                   help="stop fine-tuning after this many SGD steps (a fraction of an epoch on a slow CPU)")
+    p.add_argument("--finetune-epochs", type=nonneg_int, default=0, help="SGD fine-tuning epochs (default 0)")
+    p.add_argument("--finetune-steps", type=positive_int, default=None,
+                   help="with --finetune-epochs: stop each epoch after this many SGD steps (a fraction of an "
+                        "epoch on a slow CPU)")
     p.add_argument("--head-only", action="store_true",
                    help="no fine-tuning of conv weights: only the classifier head is trained (--head-epochs)")
-    p.add_argument("--head-epochs", type=int, default=5)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--head-epochs", type=nonneg_int, default=5, help="epochs of head training (default 5)")
+    p.add_argument("--lr", type=positive_float, default=0.01, help="learning rate of fine-tuning (default 0.01)")
     p.add_argument("--bf16", action="store_true", help="fine-tune with bfloat16 autocast (AMX/AVX512-BF16 CPUs)")
-    p.add_argument("--export", nargs="*", default=[], choices=("torchscript", "onnx"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--out", default="runs/compress")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--export", nargs="*", default=[], choices=("torchscript", "onnx"),
+                   help="also write model.ts (TorchScript) and/or model.onnx (opset 17, dynamic batch)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the samples, ranking and fine-tuning (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="fine-tuning batch size (default 128)")
+    p.add_argument("--threads", type=positive_int, default=None,
+                   help="torch and Numba threads for everything, latency timing included (default: all cores)")
+    p.add_argument("--out", default="runs/compress", help="output folder (default runs/compress)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_quant_args(p)
     return p
 
 
-def _body(argv) -> int:
-    args = build_parser().parse_args(argv)
-    import torch
+DEFAULT_SI_SAMPLES = 2000
 
-    from .. import plots
-    from .._io import save_figure, write_json, write_text
-    from ..compress import (cifar_augment, evaluate, export_onnx, export_torchscript, preload, save_compressed)
-    from ..data import balanced_indices, load_dataset
-    from ..models import load_model
-    from ..pipeline import CompressConfig, config_dict, count_tp, execute, latency, si_plan
-    from ..plan import CompressionPlan
-    from ._common import parse_normalize
 
+def _check_options(args) -> None:
+    """Option combinations argparse cannot check; all before any file is read."""
     if not (0 < args.target_macs <= 1):
         raise CLIError(f"--target-macs is the fraction of MACs to keep, in (0, 1]; got {args.target_macs}")
+    if args.delta is not None and not (0 <= args.delta < 1):
+        raise CLIError(f"--delta is the SI fraction a layer may lose, in [0, 1); got {args.delta}")
     if not (0 <= args.truncate_tol < 1):
         raise CLIError(f"--truncate-tol is an absolute SI tolerance in [0, 1); got {args.truncate_tol}")
-    if args.si_samples < 20:
+    if args.si_samples is not None and args.si_samples < 20:
         raise CLIError(f"--si-samples must be >= 20; got {args.si_samples}")
+    if args.finetune_steps is not None and not args.finetune_epochs:
+        raise CLIError(f"--finetune-steps {args.finetune_steps} caps the steps of each fine-tuning epoch but no "
+                       "epoch runs; add --finetune-epochs 1")
+    if args.head_only and args.finetune_epochs:
+        raise CLIError("--head-only trains the classifier only (--head-epochs); drop --finetune-epochs or --head-only")
     if args.quant or args.sparsity:  # quantization options are checked before any expensive step
         from ._quant import check_quant_args
 
@@ -106,20 +122,67 @@ def _body(argv) -> int:
             check_quant_args(args)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
+
+
+def _body(argv) -> int:
+    args = build_parser().parse_args(argv)
+    _check_options(args)
+    from .._io import OutputFolder
+
+    folder = OutputFolder(args.out, produced=OUTPUTS)   # a file or unwritable --out fails before any work
+    with folder, torch_threads(args.threads):
+        report = _run(args, folder)
+    stale = folder.commit()
+    report.append(f"wrote {folder.path}/" + (f" (removed {', '.join(stale)} of an earlier run)" if stale else ""))
+    print("\n".join(report))
+    return 0
+
+
+def _run(args, folder) -> list[str]:
+    """Plan, compress, measure and write into ``folder.staging``; returns the lines to print."""
+    import argparse
+
+    import torch
+
+    from .. import plots
+    from .._io import save_figure, write_json, write_text
+    from ..compress import (cifar_augment, evaluate, export_onnx, export_torchscript, preload, save_compressed)
+    from ..data import balanced_indices, load_dataset
+    from ..latency import speedup_table
+    from ..models import load_model
+    from ..pipeline import CompressConfig, check_plan_base, config_dict, count_tp, execute, si_plan
+    from ..plan import CompressionPlan
+    from ._common import parse_arch_kwargs, parse_normalize
+
     torch.manual_seed(args.seed)
     progress = Progress(enabled=not args.quiet)
-    from ._common import parse_arch_kwargs
+    stage = folder.staging
+    plan = None
+    if args.plan:   # read and checked before any model or data: a bad plan fails at once
+        try:
+            text = Path(args.plan).read_text()
+        except FileNotFoundError:
+            raise CLIError(f"plan file {args.plan} does not exist") from None
+        plan = CompressionPlan.from_json(text)
 
     loaded = load_model(args.model, arch=args.arch, num_classes=args.num_classes, trust_model=args.trust_model,
                         arch_kwargs=parse_arch_kwargs(getattr(args, "arch_kwargs", None)))
     model = loaded.model
     norm = parse_normalize(args.normalize)
-    train = load_dataset(args.data, split="train", root=args.data_root, download=args.download, normalize=norm)
-    test = load_dataset(args.data, split="test", root=args.data_root, download=args.download, normalize=norm)
+    # SI is measured on train images and accuracy on test images: one folder for both would score
+    # the model on the images it was planned on.
+    train = load_dataset(args.data, split="train", root=args.data_root, download=args.download, normalize=norm,
+                         require_splits=True)
+    test = load_dataset(args.data, split="test", root=args.data_root, download=args.download, normalize=norm,
+                        require_splits=True)
     if train.num_classes != loaded.num_classes:
         raise CLIError(f"the data has {train.num_classes} classes but the model outputs {loaded.num_classes}; "
                        "pick the matching --data or checkpoint")
-    out = Path(args.out)
+    if plan is not None and plan.arch != loaded.arch:
+        raise CLIError(f"the plan is for {plan.arch} but the model is {loaded.arch}; use the plan made for it")
+    for opt, n, ds in (("--si-samples", args.si_samples, train), ("--eval-samples", args.eval_samples, test)):
+        if n and n > len(ds):
+            raise CLIError(f"{opt} {n} exceeds the {len(ds)} images of {ds.description}; lower {opt}")
     config = CompressConfig(target_macs=None if args.delta is not None else args.target_macs,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
                             allow_drop=not args.no_drop, round_to=args.round_to, objective=args.objective,
@@ -132,14 +195,17 @@ def _body(argv) -> int:
                             reconstruct_steps=args.reconstruct_steps, reconstruct_seconds=args.reconstruct_seconds,
                             reconstruct_images=args.reconstruct_images, reconstruct_targets=args.reconstruct_targets,
                             teacher=args.teacher)
-    si_idx = balanced_indices(train.labels, min(args.si_samples, len(train)), seed=args.seed)
+    n_si = args.si_samples or min(DEFAULT_SI_SAMPLES, len(train))
+    si_idx = balanced_indices(train.labels, n_si, seed=args.seed)
     sample = preload(train.dataset, si_idx)
     DL = torch.utils.data.DataLoader
     sample_loader = DL(sample, batch_size=256)
-    test_idx = None if not args.eval_samples or args.eval_samples >= len(test) else \
+    test_idx = None if not args.eval_samples or args.eval_samples == len(test) else \
         balanced_indices(test.labels, args.eval_samples, seed=args.seed)
     test_loader = DL(preload(test.dataset, test_idx), batch_size=500)
     x0 = sample[0][0][None]
+    if plan is not None:
+        check_plan_base(plan, model, x0)
     from ..structure import describe
 
     # What the adapter finds (and what it cannot handle) is known before any expensive step.
@@ -149,32 +215,35 @@ def _body(argv) -> int:
         train_loader = DL(preload(train.dataset), batch_size=args.batch_size, shuffle=True,
                           generator=torch.Generator().manual_seed(args.seed))
 
-    if args.plan:
-        try:
-            plan = CompressionPlan.from_json(Path(args.plan).read_text())
-        except FileNotFoundError:
-            raise CLIError(f"plan file {args.plan} does not exist") from None
-        if plan.arch != loaded.arch:
-            raise CLIError(f"the plan is for {plan.arch} but the model is {loaded.arch}; use the plan made for it")
-    else:
+    if plan is None:
         plan, _ = si_plan(model, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes, example_input=x0,
                           config=config, progress=progress)
     augment = cifar_augment if tuple(x0.shape[-2:]) == (32, 32) else None
+    step = progress.step
+    step("evaluate base")
     base_acc = evaluate(model, test_loader)
     recon_loader = None
     if "reconstruct" in args.compensation:
         recon_idx = balanced_indices(train.labels, min(args.reconstruct_images, len(train)), seed=args.seed + 1)
         recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
-                            train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader)
+                            train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader,
+                            stage=step,
+                            progress=lambda r: _record_progress(progress, r, args.finetune_epochs))
     base_macs, base_params = count_tp(model, x0)
+    if args.plan:
+        # An applied (possibly edited) plan predicts what was measured, in the one count of metrics.json.
+        plan = _with_predicted(plan, dict(plan.predicted, base_macs=int(base_macs), macs=int(m["macs"]),
+                                          base_params=int(base_params), params=int(m["params"]),
+                                          counter="torch_pruning.utils.count_ops_and_params"))
     shape = tuple(x0.shape[1:])
-    lat = {}
-    for b in (1, 128):
-        tb, tc = latency(model, b, shape), latency(compressed, b, shape)
-        lat[f"batch{b}"] = {"base_s": tb, "compressed_s": tc, "speedup": tb / tc}
+    step("time base vs compressed (batch 1 and 128)")
+    lat = speedup_table(model, compressed, shape, threads=args.threads)
+    ft = m.get("finetune_history") or []
+    ft_steps = sum(int(r.get("steps", 0)) for r in ft)
     metrics = dict(
-        model=str(Path(args.model).resolve()), arch=loaded.arch, data=train.description, si_samples=int(si_idx.size),
+        model=str(Path(args.model).resolve()), arch=loaded.arch,
+        data=dict(si=train.description, accuracy=test.description), si_samples=int(si_idx.size),
         eval_samples=len(test_loader.dataset), base=dict(macs=base_macs, params=base_params, acc=base_acc),
         compressed=dict(macs=m["macs"], params=m["params"]), macs_reduction=1 - m["macs"] / base_macs,
         params_reduction=1 - m["params"] / base_params,
@@ -182,8 +251,8 @@ def _body(argv) -> int:
                       head=m.get("acc_head"), finetuned=m.get("acc_finetuned")),
         latency=lat, threads=torch.get_num_threads(), config=config_dict(config),
         seconds={k: v for k, v in m.items() if k.startswith("seconds")}, refit=m.get("refit"),
-        finetune_history=m.get("finetune_history"), reconstruct=m.get("reconstruct"),
-        finetune_teacher=m.get("finetune_teacher"),
+        finetune_history=m.get("finetune_history"), finetune_steps=ft_steps if ft else None,
+        reconstruct=m.get("reconstruct"), finetune_teacher=m.get("finetune_teacher"),
         structure=dict(layers=list(structure.layers), sections=[b.name for b in structure.blocks],
                        groups=len(structure.convs), left_whole=[dict(root=g.conv, channels=g.out_channels,
                                                                      reason=g.reason) for g in structure.skipped],
@@ -192,44 +261,82 @@ def _body(argv) -> int:
     if args.quant:
         from ._quant import apply_quant
 
-        metrics["quant"] = apply_quant(args, compressed, sample_loader, train_loader, test_loader)
-    write_text(out / "plan.json", plan.to_json())
-    save_compressed(out / "model.pt", compressed, plan, arch=_rebuildable_arch(loaded), num_classes=loaded.num_classes,
-                    base=model, input_shape=shape, arch_kwargs=loaded.arch_kwargs, prior=_prior(loaded))
-    write_json(out / "metrics.json", metrics)
-    fig, _ = plots.kept_filters_figure(plan)
-    save_figure(fig, out / "kept_filters.png", dpi=130)
+        # The quantization step writes its files too: into the staging folder with the rest.
+        qargs = argparse.Namespace(**{**vars(args), "out": str(stage)})
+        metrics["quant"] = q = apply_quant(qargs, compressed, sample_loader, train_loader, test_loader)
+        if q.get("packed_path"):
+            q["packed_path"] = str(folder.path / Path(q["packed_path"]).name)
+    write_text(stage / "plan.json", plan.to_json())
+    save_compressed(stage / "model.pt", compressed, plan, arch=_rebuildable_arch(loaded),
+                    num_classes=loaded.num_classes, base=model, input_shape=shape, arch_kwargs=loaded.arch_kwargs,
+                    prior=_prior(loaded))
+    write_json(stage / "metrics.json", metrics)
+    fig, _ = plots.kept_filters_figure(plan, model_name=Path(args.model).name)
+    save_figure(fig, stage / "kept_filters.png", dpi=130)
     if "torchscript" in args.export:
-        export_torchscript(compressed, out / "model.ts", x0)
+        export_torchscript(compressed, stage / "model.ts", x0)
     if "onnx" in args.export:
-        export_onnx(compressed, out / "model.onnx", x0)
-    print(f"model: {len(structure.layers)} layers recorded, {len(structure.blocks)} removable sections, "
-          f"{len(structure.convs)} channel groups planned, {len(structure.skipped)} left whole"
-          + (f" (e.g. {structure.skipped[0].conv}: {structure.skipped[0].reason})" if structure.skipped else ""))
-    for note in structure.notes:
-        print(f"note: {note}")
-    print(plan.summary())
+        export_onnx(compressed, stage / "model.onnx", x0)
+
+    lines = [f"model: {len(structure.layers)} layers recorded, {len(structure.blocks)} removable sections, "
+             f"{len(structure.convs)} channel groups planned, {len(structure.skipped)} left whole"
+             + (f" (e.g. {structure.skipped[0].conv}: {structure.skipped[0].reason})" if structure.skipped else "")]
+    lines += [f"note: {note}" for note in structure.notes]
+    lines.append(plan.summary())
     acc = metrics["accuracy"]
     steps = [f"base {100 * acc['base']:.2f}%", f"pruned {100 * acc['pruned']:.2f}%",
              f"compensated ({args.compensation}) {100 * acc['compensated']:.2f}%"]
     if acc["head"] is not None:
         steps.append(f"head-trained {100 * acc['head']:.2f}%")
     if acc["finetuned"] is not None:
-        steps.append(f"fine-tuned {args.finetune_epochs} ep {100 * acc['finetuned']:.2f}%")
-    print(f"accuracy on {metrics['eval_samples']} test images: " + " -> ".join(steps))
-    print(f"MACs {base_macs / 1e6:.2f} M -> {m['macs'] / 1e6:.2f} M ({100 * metrics['macs_reduction']:.1f}% fewer), "
-          f"params {base_params / 1e6:.3f} M -> {m['params'] / 1e6:.3f} M "
-          f"({100 * metrics['params_reduction']:.1f}% fewer)")
+        # what ran: whole epochs, or epochs cut short by --finetune-steps
+        full = args.finetune_steps is None or all(r.get("steps", 0) < args.finetune_steps for r in ft)
+        what = f"{len(ft)} ep" if full else f"{ft_steps} steps ({len(ft)} ep of <= {args.finetune_steps} steps)"
+        steps.append(f"fine-tuned {what} {100 * acc['finetuned']:.2f}%")
+    lines.append(f"accuracy on {metrics['eval_samples']} test images: " + " -> ".join(steps))
+    lines.append(f"MACs {base_macs / 1e6:.2f} M -> {m['macs'] / 1e6:.2f} M ({100 * metrics['macs_reduction']:.1f}% "
+                 f"fewer), params {base_params / 1e6:.3f} M -> {m['params'] / 1e6:.3f} M "
+                 f"({100 * metrics['params_reduction']:.1f}% fewer)")
     q = metrics.get("quant")
     if q:
         qacc = q["accuracy"].get("quantized", q["accuracy"].get("pruned"))
-        print(f"{q['kind']}: {q['bits_per_weight']:.2f} bits/weight, {q['size_on_disk_bytes'] / 1024:.0f} KiB packed "
-              f"on disk ({100 * q['size_reduction']:.1f}% smaller than the compressed fp32 state dict), top-1 "
-              f"{100 * qacc:.2f}%" + (f", batch-128 speed-up vs compressed fp32 {q['latency']['batch128']['speedup']:.2f}x"
-                                       if q.get("latency") else ""))
-    print(f"CPU latency speed-up vs base (same run, {metrics['threads']} threads): batch 1 "
-          f"{lat['batch1']['speedup']:.2f}x, batch 128 {lat['batch128']['speedup']:.2f}x; wrote {out}/")
-    return 0
+        lines.append(f"{q['kind']}: {q['bits_per_weight']:.2f} bits/weight, {q['size_on_disk_bytes'] / 1024:.0f} KiB "
+                     f"packed on disk ({100 * q['size_reduction']:.1f}% smaller than the compressed fp32 state dict), "
+                     f"top-1 {100 * qacc:.2f}%" + (f", batch-128 speed-up vs compressed fp32 "
+                                                  f"{q['latency']['batch128']['speedup']:.2f}x" if q.get("latency") else ""))
+    lines.append(_latency_line(lat))
+    return lines
+
+
+def _record_progress(progress, record: dict, epochs: int) -> None:
+    """Progress of execute()'s per-record callbacks: fine-tuning epochs, reconstruction steps."""
+    if "epoch" in record:
+        progress("fine-tune epochs", record["epoch"], epochs)
+    elif "step" in record:
+        progress(f"{record.get('stage', 'training')} steps", record["step"], record["steps"])
+
+
+def _latency_line(lat: dict) -> str:
+    """The speed-up line; a noisy measurement says so instead of printing a number to trust."""
+    t = lat["batch1"]
+    parts = []
+    for b in ("batch1", "batch128"):
+        r = lat[b]
+        spread = max(r["base_spread"], r["compressed_spread"])
+        parts.append(f"{b.replace('batch', 'batch ')} {r['speedup']:.2f}x (spread {100 * spread:.0f}%)")
+    line = (f"CPU latency speed-up vs base ({t['threads']} threads, median of {t['repeats']} interleaved runs): "
+            + ", ".join(parts))
+    noisy = [b for b in ("batch1", "batch128") if lat[b]["noisy"]]
+    if noisy:
+        line += (f"; UNRELIABLE: the timings of {' and '.join(n.replace('batch', 'batch ') for n in noisy)} vary more "
+                 "than the threshold even after a retry (a busy machine?); time again on a quiet machine")
+    return line
+
+
+def _with_predicted(plan, predicted: dict):
+    from dataclasses import replace
+
+    return replace(plan, predicted=predicted)
 
 
 def _prior(loaded) -> dict | None:

@@ -200,7 +200,7 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
     epoch after that many batches (for quick runs). ``teacher``: distil from this model (eval mode,
     unchanged): loss = (1 - kd_weight) * CE(labels) + kd_weight * T^2 * KL(teacher || student) at
     temperature T (``reconstruct.kd_loss``). ``progress(record)`` is called after each
-    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16"}``; the model is
+    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16", "steps", "teacher"}``; the model is
     left in eval mode.
     """
     epochs = _check_epochs(epochs)
@@ -227,9 +227,11 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
             model.train()
             t0 = time.perf_counter()
             loss_sum = correct = total = 0.0
+            steps = 0
             for step, item in enumerate(train_loader):
                 if step >= per_epoch:
                     break
+                steps += 1
                 x, y = _xy(item)
                 if augment is not None:
                     x = augment(x)
@@ -249,7 +251,7 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
                 total += len(y)
             record = {"epoch": epoch + 1, "loss": loss_sum / max(total, 1), "acc": correct / max(total, 1),
                       "lr": opt.param_groups[0]["lr"], "seconds": time.perf_counter() - t0, "bf16": use_bf16,
-                      "teacher": teacher is not None}
+                      "teacher": teacher is not None, "steps": steps}
             history.append(record)
             if progress is not None:
                 progress(record)

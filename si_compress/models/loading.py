@@ -19,6 +19,7 @@ import numbers
 import pickle
 import re
 import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -481,14 +482,19 @@ def _first_line(exc: BaseException) -> str:
 
 def _read_checkpoint(path: Path, *, trust_model: bool):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # "Detected pickle protocol 4": torch's note on files written by pickle itself; what
+            # matters is whether the safe load succeeds, reported below.
+            warnings.filterwarnings("ignore", message=r".*pickle protocol.*", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if m is None:
+        if m is None and "weights only load failed" not in str(exc).lower():
             raise ModelLoadError(f"{path} is not a readable PyTorch checkpoint ({_first_line(exc)})") from None
         if not trust_model:
+            what = f"it references {m.group(1)}" if m else _refusal(exc)
             raise ModelLoadError(
-                f"{path} is a pickled Python object (it references {m.group(1)}), not just weights; loading it "
+                f"{path} is a pickled Python object ({what}), not just weights; loading it "
                 "would execute code from the file. Pass --trust-model (trust_model=True) only if you trust "
                 "its source, or re-save it with torch.save(model.state_dict(), path)"
             ) from None
@@ -507,7 +513,14 @@ def _read_checkpoint(path: Path, *, trust_model: bool):
             "torch.save(model.state_dict(), path) and pass --arch path/to/file.py:Class"
         ) from None
     except Exception as exc:
-        raise ModelLoadError(f"{path} could not be unpickled even with --trust-model ({_first_line(exc)})") from None
+        raise ModelLoadError(f"{path} could not be unpickled even with --trust-model ({_first_line(exc)}); write it "
+                             "with torch.save(model.state_dict(), path) (plain pickle.dump files are not read)") from None
+
+
+def _refusal(exc: BaseException) -> str:
+    """Why torch's safe loader refused a file, in a few words (its message is a paragraph)."""
+    m = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n|$)", str(exc))
+    return f"torch's safe loader refused it: {m.group(1)}" if m else "torch's safe loader refused it"
 
 
 def _extract(obj, path: Path) -> tuple[object, str]:

@@ -23,11 +23,11 @@
 from __future__ import annotations
 
 import contextlib
-import copy
+
 import numbers
-import statistics
+
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -373,22 +373,15 @@ def quantize_model(model: nn.Module, config: QuantConfig, calibration_data, *, t
 # latency
 # --------------------------------------------------------------------------------------------
 def compare_latency(models: dict, example: Tensor, *, repeats: int = 7, warmup: int = 2) -> dict:
-    """Median seconds per forward pass of each model on ``example``, measured interleaved.
+    """Median seconds per forward pass of each model on ``example``, measured interleaved by the one
+    timing harness (``si_compress.latency.interleaved_times``: every round runs each model in turn,
+    ``warmup`` rounds discarded). Returns ``{name: {"median_s", "spread", "times_s"}}``; ratios of
+    medians from one call compare models under the same conditions."""
+    from ..latency import interleaved_times
 
-    Each round runs every model once in turn (so background load hits all alike); ``warmup``
-    rounds are discarded. Returns ``{name: {"median_s", "times_s"}}``; ratios of medians from one
-    call compare models under the same conditions.
-    """
     _check_int(repeats, "repeats", 1)
-    times = {name: [] for name in models}
     for m in models.values():
         m.eval()
     with torch.inference_mode():
-        for r in range(warmup + repeats):
-            for name, m in models.items():
-                t0 = time.perf_counter()
-                m(example)
-                dt = time.perf_counter() - t0
-                if r >= warmup:
-                    times[name].append(dt)
-    return {name: {"median_s": float(statistics.median(ts)), "times_s": ts} for name, ts in times.items()}
+        return interleaved_times({name: (lambda m=m: m(example)) for name, m in models.items()},
+                                 repeats=repeats, warmup=warmup)
