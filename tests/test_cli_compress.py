@@ -102,6 +102,13 @@ def test_compress_then_int8(digits_ckpt, tmp_path, capsys):
     assert q["kind"].startswith("int8") and q["size_on_disk_bytes"] < 0.3 * q["fp32_size_bytes"]
     assert q["accuracy"]["quantized"] > 0.8
     assert (out_dir / "model.int8.onnx").exists() and "bits/weight" in out  # onnxruntime: the default int8 engine
+    # metrics name the files where they end up (not the staging folder they were written to)
+    assert q["int8_onnx_path"] == str(out_dir / "model.int8.onnx") and q["packed_path"] == str(out_dir / "weights.siqp")
+    # a later run without --quant removes the int8 model of this one (no stale output)
+    code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
+                           "--out", out_dir, "--quiet"], capsys)
+    assert code == 0, err
+    assert not (out_dir / "model.int8.onnx").exists() and not (out_dir / "weights.siqp").exists()
 
 
 def test_user_class_compresses_reloads_and_compresses_again(tmp_path, capsys):

@@ -22,7 +22,8 @@ PROG = "si-compress"
 # Every file a run may write: a reused --out loses the ones this run does not write again
 # (an old model.onnx beside a new model.pt would describe another model).
 OUTPUTS = ("plan.json", "model.pt", "metrics.json", "kept_filters.png", "model.ts", "model.onnx",
-           "weights.siqp", "model_fp32.pt", "model.int8.ts")
+           "weights.siqp", "model_fp32.pt", "model.int8.ts", "model.int8.onnx", "model.codes.npz", "model.codes.h",
+           "model.codes.onnx")
 
 
 def build_parser() -> ArgumentParser:
@@ -264,8 +265,9 @@ def _run(args, folder) -> list[str]:
         # The quantization step writes its files too: into the staging folder with the rest.
         qargs = argparse.Namespace(**{**vars(args), "out": str(stage)})
         metrics["quant"] = q = apply_quant(qargs, compressed, sample_loader, train_loader, test_loader)
-        if q.get("packed_path"):
-            q["packed_path"] = str(folder.path / Path(q["packed_path"]).name)
+        for key in ("packed_path", "int8_onnx_path", "codes_path", "codes_onnx_path"):
+            if q.get(key):   # written to the staging folder: name the file where it ends up
+                q[key] = str(folder.path / Path(q[key]).name)
     write_text(stage / "plan.json", plan.to_json())
     save_compressed(stage / "model.pt", compressed, plan, arch=_rebuildable_arch(loaded),
                     num_classes=loaded.num_classes, base=model, input_shape=shape, arch_kwargs=loaded.arch_kwargs,
