@@ -285,7 +285,7 @@ def run(args) -> dict:
                            train_loader=train_loader, config=cfg, augment=cifar_augment,
                            progress=lambda h, n=name: log(f"  {n} fine-tune epoch {h.get('epoch')}: {h}"))
         m["truncate_after"] = p.truncate_after
-        m["layers_kept"] = len(model.features) if hasattr(model, "features") else None
+        m["layers_kept"] = len(list(model.features.children())) if hasattr(model, "features") else None
         m["widths"] = {d.name: [len(d.keep), d.out_channels] for d in p.layers}
         m["macs_reduction"] = 1 - m["macs"] / base_macs
         m["params_reduction"] = 1 - m["params"] / base_params
