@@ -86,7 +86,7 @@ def _int8_engines(model, ctx, args, tag: str, extra: dict | None = None) -> dict
              "torch_ao_int8_torchscript": save_int8(fx.model, tmp / f"{tag}_int8.ts",
                                                     torch.zeros(1, 3, 32, 32)).stat().st_size,
              "int8_packed": save_packed(tmp / f"{tag}_int8.siqp", fx.model).size_bytes}
-    speedup = {b: {k: v["fp32"] / v[k] for k in v if k != "fp32"} for b, v in lat.items()}
+    speedup = {b: {k: v["fp32"] / v[k] for k in v if k not in ("fp32", "noisy")} for b, v in lat.items()}
     return {"acc": acc, "latency_s": lat, "speedup_vs_torch_fp32": speedup,
             "onnx_int8_vs_onnx_fp32": {b: v["onnx_fp32"] / v["onnx_int8"] for b, v in lat.items()},
             "onnx_int8_vs_torch_ao_int8": {b: v["torch_ao_int8"] / v["onnx_int8"] for b, v in lat.items()},

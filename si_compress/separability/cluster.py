@@ -138,13 +138,20 @@ def save_feature_shards(X, folder: str, *, rows_per_shard: int = 50_000) -> list
 def open_feature_shards(folder: str):
     """A dask array (n, d) over the ``shard_*.npy`` files of ``folder`` (memory-mapped, in name
     order); every shard must have the same column count and dtype."""
-    _, da = _require_dask()
+    dask, da = _require_dask()
     paths = sorted(glob.glob(os.path.join(folder, "shard_*.npy")))
     if not paths:
         raise FileNotFoundError(f"no shard_*.npy files in {folder}; write them with save_feature_shards")
-    arrays = [np.load(p, mmap_mode="r") for p in paths]
+    arrays = [np.load(p, mmap_mode="r") for p in paths]   # headers only: shapes and dtypes
     shapes = {(a.shape[1:], a.dtype) for a in arrays}
     if len(shapes) != 1 or arrays[0].ndim != 2:
         raise ValueError(f"shards in {folder} differ in columns or dtype ({sorted(map(str, shapes))}); "
                          "they must be row blocks of one (n, d) array")
-    return da.concatenate([da.from_array(a, chunks=a.shape) for a in arrays], axis=0)
+    # each shard is read by the worker that needs it (the graph holds paths, not data)
+    load = dask.delayed(_read_shard, pure=True)
+    return da.concatenate([da.from_delayed(load(os.path.abspath(p)), shape=a.shape, dtype=a.dtype)
+                           for p, a in zip(paths, arrays)], axis=0)
+
+
+def _read_shard(path: str) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
