@@ -95,7 +95,7 @@ def test_distillation_with_an_identical_teacher_leaves_the_weights_alone():
     teacher = copy.deepcopy(model)
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
-    w0 = [p.clone() for p in model.parameters()]
+    w0 = [p.detach().clone() for p in model.parameters()]
     # all weight on the teacher's logits, which equal the student's: zero gradient, no decay
     finetune(model, loader, epochs=1, lr=0.1, weight_decay=0.0, teacher=teacher, kd_weight=1.0)
     assert all(torch.allclose(a, b, atol=1e-6, rtol=0) for a, b in zip(w0, model.parameters()))   # roundoff only
