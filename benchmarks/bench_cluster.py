@@ -49,22 +49,18 @@ from bench_separability import make_features  # noqa: E402
 DEFAULT_OUT = HERE / "results" / "cluster.json"
 
 
-def _status_kib(field: str) -> int:
-    import re
-
-    with open("/proc/self/status") as fh:
-        return int(re.search(rf"^{field}:\s+(\d+)\s+kB", fh.read(), re.M).group(1))
-
-
 def _reset_hwm() -> int:
     """Worker side: reset the high-water mark; returns the RSS now (bytes)."""
-    with open("/proc/self/clear_refs", "w") as fh:
-        fh.write("5")
-    return _status_kib("VmRSS") * 1024
+    import _harness
+
+    _harness._reset_hwm()
+    return _harness._status_kib("VmRSS") * 1024
 
 
 def _hwm() -> int:
-    return _status_kib("VmHWM") * 1024
+    import _harness
+
+    return _harness._status_kib("VmHWM") * 1024
 
 
 def prepare_single(n: int, d: int, seed: int = 0):

@@ -86,3 +86,24 @@ def settle_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         model(x)
     return model.eval()
+
+
+def trained_digits_usernet(epochs: int = 6):
+    """UserNet (1 input channel) trained for a few seconds on the bundled digits (SGD, seeded);
+    returns (model in eval mode, train DatasetInfo, test DatasetInfo)."""
+    from torch.utils.data import DataLoader
+
+    from si_compress.data import load_dataset
+
+    torch.manual_seed(0)
+    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
+    m = UserNet(in_channels=1)
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    loader = DataLoader(train.dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
+    m.train()
+    for _ in range(epochs):
+        for x, y in loader:
+            opt.zero_grad()
+            F.cross_entropy(m(x), y).backward()
+            opt.step()
+    return m.eval(), train, test

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from _archs import UserNet, settle_bn, torchvision_model
+from _archs import UserNet, settle_bn, torchvision_model, trained_digits_usernet
 from si_compress.compress import apply_plan, export_onnx, load_compressed, save_compressed
 from si_compress.models import build_model
 from si_compress.pipeline import CompressConfig, count_tp, si_plan
@@ -139,21 +139,9 @@ def test_compensation_raises_the_accuracy_of_a_briefly_trained_user_model():
     """UserNet trained for a few seconds on the bundled digits; at half the MACs the least-squares
     re-fit of every consumer (no labels, no training) must recover accuracy the pruning lost."""
     from si_compress.compress import evaluate
-    from si_compress.data import load_dataset
     from si_compress.pipeline import execute
 
-    torch.manual_seed(0)
-    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    m = UserNet(in_channels=1)
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    loader = DataLoader(train.dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    m.train()
-    for _ in range(6):
-        for x, y in loader:
-            opt.zero_grad()
-            torch.nn.functional.cross_entropy(m(x), y).backward()
-            opt.step()
-    m.eval()
+    m, train, test = trained_digits_usernet()
     calib = DataLoader(torch.utils.data.Subset(train.dataset, range(400)), batch_size=100)
     test_loader = DataLoader(test.dataset, batch_size=256)
     assert evaluate(m, test_loader) > 0.85

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from _archs import UserNet
+from _archs import trained_digits_usernet
 from si_compress.compress import apply_plan, evaluate, finetune, kd_loss, reconstruct, refit_consumers
 
 
@@ -23,21 +23,9 @@ def test_kd_loss_known_values():
 
 @pytest.fixture(scope="module")
 def digits_case():
-    from si_compress.data import load_dataset
     from si_compress.pipeline import CompressConfig, si_plan
 
-    torch.manual_seed(0)
-    train, test = load_dataset("digits", split="train"), load_dataset("digits", split="test")
-    m = UserNet(in_channels=1)
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    loader = DataLoader(train.dataset, batch_size=64, shuffle=True, generator=torch.Generator().manual_seed(0))
-    m.train()
-    for _ in range(6):
-        for x, y in loader:
-            opt.zero_grad()
-            F.cross_entropy(m(x), y).backward()
-            opt.step()
-    m.eval()
+    m, train, test = trained_digits_usernet()
     calib = DataLoader(torch.utils.data.Subset(train.dataset, range(400)), batch_size=100)
     x0 = next(iter(calib))[0][:1]
     cfg = CompressConfig(target_macs=0.3, objective="macs", round_to=4, order=1, compensation="refit")
