@@ -31,7 +31,8 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-METHODS = ("si", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude")
+METHODS = ("si", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-group-norm",
+           "tp-taylor")
 
 
 def stem_of(model: str) -> str:
@@ -51,7 +52,7 @@ def run(args) -> dict:
     from si_compress.data import balanced_indices, load_dataset
     from si_compress.models import load_model
     from si_compress.latency import speedup_table
-    from si_compress.pipeline import CompressConfig, count_tp, execute, si_plan
+    from si_compress.pipeline import CompressConfig, count_tp, execute, group_weight, si_plan
     from si_compress.planning import plan_uniform, plan_with_widths, rank_filters
 
     torch.manual_seed(args.seed)
@@ -97,8 +98,16 @@ def run(args) -> dict:
     payload["plan"] = plan.to_dict()
     payload["plan_seconds"] = plan_s
     st = ev.structure
-    mods = dict(base.named_modules())
-    l1 = {u.conv: rank_filters("l1", weight=mods[u.conv].weight.detach().numpy(), curve=False) for u in st.convs}
+
+    def per_group(rank):  # one ranking per channel group, found under every writer of a stream
+        out = {}
+        for i, u in enumerate(st.convs):
+            out[u.conv] = rank(i, u)
+            for c in u.coupled:
+                out[c] = out[u.conv]
+        return out
+
+    l1 = per_group(lambda i, u: rank_filters("l1", weight=group_weight(base, u), curve=False))
     from si_compress.structure import collect_filter_groups
 
     plans = {"si": plan}
@@ -106,12 +115,12 @@ def run(args) -> dict:
     ratio = si_tp_macs / base_macs
     if "si-ranked-same-widths" in args.methods:   # each baseline is built only when it is run
         groups, glabels = collect_filter_groups(base, sample_loader, [u.activation for u in st.convs], grid=cfg.grid)
-        sir = {u.conv: rank_filters("si", G=groups[u.activation], y=glabels, curve=False) for u in st.convs}
+        sir = per_group(lambda i, u: rank_filters("si", G=groups[u.activation], y=glabels, curve=False))
         del groups
         plans["si-ranked-same-widths"] = plan_with_widths(plan, sir)
     if "random-same-widths" in args.methods:
-        rnd = {u.conv: rank_filters("random", weight=mods[u.conv].weight.detach().numpy(), seed=args.seed + i,
-                                    curve=False) for i, u in enumerate(st.convs)}
+        rnd = per_group(lambda i, u: rank_filters("random", weight=group_weight(base, u), seed=args.seed + i,
+                                                  curve=False))
         plans["random-same-widths"] = plan_with_widths(plan, rnd)
     if "uniform-l1" in args.methods:
         # uniform L1 and torch-pruning's pruner: the same torch-pruning MAC count as the SI plan
@@ -124,9 +133,13 @@ def run(args) -> dict:
             lo_t, hi_t = (mid, hi_t) if got <= si_tp_macs else (lo_t, mid)
         plans["uniform-l1"] = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st,
                                            rankings=l1, target_macs=lo_t)
-    if "tp-magnitude" in args.methods:
-        plans["tp-magnitude"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
-                                                  num_classes=loaded.num_classes)
+    for imp in ("magnitude", "group-norm", "taylor"):
+        if f"tp-{imp}" in args.methods:
+            t0 = time.perf_counter()
+            plans[f"tp-{imp}"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
+                                                   num_classes=loaded.num_classes, importance=imp,
+                                                   loader=sample_loader)
+            log(f"tp-{imp} plan in {time.perf_counter() - t0:.0f} s")
     results = {}
     from dataclasses import replace
 

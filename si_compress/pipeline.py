@@ -150,14 +150,15 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
                 need[u.activation] = sorted(set(need.get(u.activation, [])) | set(u.observe_index))
         groups, labels = collect_filter_groups(plan_model, sample_loader, list(need), grid=config.grid,
                                                index={k: v for k, v in need.items() if v})
-        weights = dict(plan_model.named_modules())
         for i, u in enumerate(plan_structure.convs):
             G = groups[u.activation]
             if u.observe_index:
                 at = need[u.activation]
                 G = G[:, [at.index(c) for c in u.observe_index]] if at is not None else G[:, list(u.observe_index)]
-            rankings[u.conv] = rank_filters(config.ranking, G=G, y=labels,
-                                            weight=weights[u.conv].weight.detach().numpy(), seed=config.seed + i)
+            rankings[u.conv] = rank_filters(config.ranking, G=G, y=labels, weight=group_weight(plan_model, u),
+                                            seed=config.seed + i)
+            for other in u.coupled:   # a stream is ranked once; any of its writers finds it
+                rankings.setdefault(other, rankings[u.conv])
             if progress is not None:
                 progress("filter SI", i + 1, len(plan_structure.convs))
     from types import SimpleNamespace
@@ -267,6 +268,14 @@ def concat_gains(model, sample_loader, branches, *, grid: int = 4, max_dim: int 
         if progress is not None:
             progress("branch SI", i + 1, len(parents))
     return out
+
+
+def group_weight(model, unit) -> np.ndarray:
+    """(C, ...) weights of a channel group for magnitude ranking: the root's filters, or for a residual
+    stream every writer's filters side by side (the group's L1 norm is the sum of its members')."""
+    mods = dict(model.named_modules())
+    ws = [mods[n].weight.detach().reshape(unit.out_channels, -1) for n in (unit.conv, *unit.coupled)]
+    return torch.cat(ws, dim=1).numpy()
 
 
 def _replace_plan(plan: CompressionPlan, **changes) -> CompressionPlan:

@@ -36,6 +36,7 @@ class LayerDecision:
     curve: tuple[float, ...] = ()        # SI of the top-k ranked filters, k = 1..len(curve)
     method: str = "si"                   # how filters were ranked: si, si-greedy, l1, random, ...
     reason: str = ""
+    coupled: tuple[str, ...] = ()        # a residual stream: the other convs writing these channels, pruned alike
 
     def __post_init__(self):
         # A float (0.5) or a string ("1") is a mistake in an edited plan, not a filter index: int()
@@ -53,6 +54,9 @@ class LayerDecision:
         object.__setattr__(self, "keep", keep)
         object.__setattr__(self, "ranking", tuple(int(i) for i in self.ranking))
         object.__setattr__(self, "curve", tuple(float(v) for v in self.curve))
+        if isinstance(self.coupled, str) or not all(isinstance(c, str) for c in self.coupled):
+            raise ValueError(f"layer {self.name}: coupled must list module names; got {self.coupled!r}")
+        object.__setattr__(self, "coupled", tuple(self.coupled))
 
     @property
     def removed(self) -> tuple[int, ...]:

@@ -23,9 +23,13 @@ one traced forward pass:
 - **Channel groups** (torch-pruning's ``DependencyGraph``): coupled channels (BN, depthwise convs,
   concatenations, every consumer), rooted at the conv/linear that runs first. Each has where its
   channels are observed for SI (the input of its first consumer, with the channel indices there),
-  MACs and params per channel (conv/linear weights of every member), the section it lies in, and
-  whether the planner may prune it: groups tied by a residual addition (the residual stream) are
-  left whole.
+  MACs and params per channel (conv/linear weights of every member) and the section it lies in.
+  A group tied by residual additions is a *residual stream* (a stage's shared channels): every conv
+  writing it is listed in ``coupled`` and it is observed at the output of the last section it
+  feeds. A parameter-free shortcut that subsamples and zero-pads channels (the CIFAR "option A")
+  is found by probing (``channel_embeddings``) and seen by torch-pruning as a fixed 1x1 0/1 conv,
+  so stream channels keep their indices across stages; after pruning it becomes a
+  ``ChannelGather`` again (no parameters, no MACs).
 - **Head**: the last ``nn.Linear`` in execution order is the classifier; ``head_input`` is the input
   of the first Linear after the last conv (the pooled features the head reads).
 """
@@ -82,6 +86,8 @@ class ConvUnit:
     observe_index: tuple[int, ...] = ()   # channel of the observed tensor per root channel (() = identity)
     scope: str | None = None   # recorded layer (atomic module) holding the root, for its SI gain
     members: tuple[str, ...] = ()
+    coupled: tuple[str, ...] = ()  # a residual stream: the other convs whose outputs are these channels
+    shares: tuple[tuple[str, int], ...] = ()  # stream: (member, MACs per channel) so drops can be netted out
 
 
 @dataclass(frozen=True)
@@ -608,6 +614,168 @@ def _sections(model: nn.Module, run: _Run, atomic: list[str], notes: list[str]) 
     return out
 
 
+# --------------------------------------------------------------------------- channel embeddings
+
+class ChannelGather(nn.Module):
+    """Parameter-free channel embedding: ``out[:, j] = x[:, src[j], ::sh, ::sw]``, zeros where
+    ``src[j] < 0``. (N, C_in, H, W) -> (N, len(src), ceil(H/sh), ceil(W/sw)).
+
+    What an option-A shortcut (subsample + zero channel padding) becomes after its input and output
+    channels were pruned independently: no parameters, no MACs, traceable and ONNX-exportable.
+    """
+
+    def __init__(self, src, in_channels: int, stride=(1, 1)) -> None:
+        super().__init__()
+        src = torch.as_tensor([int(i) for i in src], dtype=torch.long)
+        self.in_channels = int(in_channels)
+        self.stride = tuple(int(v) for v in stride)
+        self.pads = bool((src < 0).any())
+        # a missing source reads one appended zero channel
+        self.register_buffer("index", torch.where(src < 0, torch.full_like(src, self.in_channels), src),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.stride != (1, 1):
+            x = x[:, :, ::self.stride[0], ::self.stride[1]]
+        if self.pads:
+            x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, 1))
+        return x.index_select(1, self.index)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels} -> {self.index.numel()}, stride={self.stride}"
+
+
+@dataclass(frozen=True)
+class ChannelEmbedding:
+    """A parameter-free module found to compute ``out[:, j] = x[:, src[j], ::s0, ::s1]`` (or zeros)."""
+
+    name: str
+    src: tuple[int, ...]       # input channel per output channel, -1 for a zero channel
+    in_channels: int
+    stride: tuple[int, int]
+
+
+_EMBED_FLAG = "_si_channel_embedding"
+
+
+def channel_embeddings(model: nn.Module, example_input) -> dict[str, ChannelEmbedding]:
+    """Parameter-free modules that change the channel count by copying input channels (subsampled)
+    and adding zero channels, found by probing each one on random inputs (no names, no classes).
+
+    Candidates: modules without parameters, run once on a (N, C, H, W) tensor, whose output
+    (N, C', H', W') has C' != C. A candidate qualifies when, for two random inputs, every output
+    channel equals one input channel subsampled by the stride (H / H' rounded up) or is all zeros.
+    The outermost qualifying module is returned.
+    """
+    named = {n: m for n, m in model.named_modules() if n}
+    shapes: dict[str, list] = {}
+    handles = []
+    for n, m in named.items():
+        if any(True for _ in m.parameters()):
+            continue
+
+        def hook(mod, args, out, name=n):
+            t_in, t_out = _first_tensor(args), _first_tensor(out)
+            if t_in is not None and t_out is not None:
+                shapes.setdefault(name, []).append((tuple(t_in.shape), tuple(t_out.shape), t_in.dtype))
+        handles.append(m.register_forward_hook(hook))
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            _call(model, example_input)
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+    found: dict[str, ChannelEmbedding] = {}
+    for name in sorted(shapes, key=lambda n: n.count(".")):
+        if any(name.startswith(f + ".") for f in found) or len(shapes[name]) != 1:
+            continue
+        (si, so, dtype) = shapes[name][0]
+        if len(si) != 4 or len(so) != 4 or si[1] == so[1] or si[0] != so[0] or not dtype.is_floating_point:
+            continue
+        e = _probe_embedding(named[name], name, si, so, dtype)
+        if e is not None:
+            found[name] = e
+    return found
+
+
+def _probe_embedding(module, name, si, so, dtype) -> ChannelEmbedding | None:
+    stride = []
+    for a, b in zip(si[2:], so[2:]):
+        s = next((s for s in range(1, a + 1) if -(-a // s) == b), None)
+        if s is None:
+            return None
+        stride.append(s)
+    gen = torch.Generator().manual_seed(0)
+    src = None
+    with torch.no_grad():
+        for _ in range(2):
+            x = torch.randn((2,) + tuple(si[1:]), generator=gen).to(dtype)
+            try:
+                y = module(x)
+            except Exception:
+                return None
+            if not isinstance(y, torch.Tensor) or tuple(y.shape[1:]) != tuple(so[1:]):
+                return None
+            xs = x[:, :, ::stride[0], ::stride[1]].reshape(2, si[1], -1).transpose(0, 1).reshape(si[1], -1)
+            ys = y.reshape(2, so[1], -1).transpose(0, 1).reshape(so[1], -1)
+            cur = []
+            for j in range(so[1]):
+                if not ys[j].any():
+                    cur.append(-1)
+                    continue
+                hit = torch.nonzero((xs == ys[j]).all(dim=1)).flatten()
+                if hit.numel() != 1:
+                    return None
+                cur.append(int(hit[0]))
+            if src is not None and cur != src:
+                return None
+            src = cur
+    return ChannelEmbedding(name=name, src=tuple(src), in_channels=int(si[1]), stride=(stride[0], stride[1]))
+
+
+def insert_embedding_convs(model: nn.Module, embeddings: dict[str, ChannelEmbedding]) -> None:
+    """Replace each embedding module in place by a frozen 1x1 conv with 0/1 weights (same function),
+    so torch-pruning indexes the channels through it; :func:`restore_channel_gathers` undoes it."""
+    for e in embeddings.values():
+        conv = nn.Conv2d(e.in_channels, len(e.src), 1, stride=e.stride, bias=False)
+        with torch.no_grad():
+            conv.weight.zero_()
+            for j, i in enumerate(e.src):
+                if i >= 0:
+                    conv.weight[j, i] = 1.0
+        conv.weight.requires_grad_(False)
+        setattr(conv, _EMBED_FLAG, True)
+        _replace_module(model, e.name, conv)
+
+
+def is_embedding_conv(module: nn.Module) -> bool:
+    return bool(getattr(module, _EMBED_FLAG, False))
+
+
+def restore_channel_gathers(model: nn.Module) -> list[str]:
+    """Every embedding conv (from :func:`insert_embedding_convs`, possibly pruned) back to a
+    parameter-free :class:`ChannelGather`; returns their names."""
+    done = []
+    for name, m in list(model.named_modules()):
+        if not is_embedding_conv(m):
+            continue
+        w = m.weight.detach().reshape(m.out_channels, m.in_channels)
+        src = [int(torch.argmax(r)) if bool((r != 0).any()) else -1 for r in w]
+        _replace_module(model, name, ChannelGather(src, m.in_channels, m.stride))
+        done.append(name)
+    return done
+
+
+def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
 # --------------------------------------------------------------------------- channel groups
 
 def _unit_cost(module: nn.Module, macs: int, per_root: float, out_side: bool) -> tuple[float, float]:
@@ -639,9 +807,16 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
     from torch_pruning import ops
 
     named = run.named
-    names = {m: n for n, m in named.items()}
+    work = model
+    embeds = channel_embeddings(model, example_input)
+    if embeds:  # torch-pruning sees a channel-padding shortcut as a fixed 1x1 conv (see the module doc)
+        import copy
+
+        work = copy.deepcopy(model)
+        insert_embedding_convs(work, embeds)
+    names = {m: n for n, m in work.named_modules() if n}
     try:
-        DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input, verbose=False)
+        DG = tp.DependencyGraph().build_dependency(work, example_inputs=example_input, verbose=False)
     except Exception as exc:
         notes.append(f"torch-pruning could not trace the model ({type(exc).__name__}: {str(exc).splitlines()[0][:120]}); "
                      "no channel groups")
@@ -662,7 +837,7 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
                     tied_add = True
                 if "Pad" in gf:
                     pad = True
-            if isinstance(mod, nn.Module) and mod in names:
+            if isinstance(mod, nn.Module) and mod in names and not is_embedding_conv(mod):
                 out_side = DG.is_out_channel_pruning_fn(dep.handler)
                 members.append((names[mod], mod, len(idxs), out_side))
                 if out_side and isinstance(mod, (nn.Conv2d, nn.Linear)):
@@ -672,15 +847,21 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
         roots = [m for m in outs if m in run.post]
         if not roots:
             continue
-        root = min(roots, key=lambda n: run.post[n])
+        roots = sorted(set(roots), key=lambda n: run.post[n])
+        root = roots[0]
         rmod = named[root]
         C = rmod.out_channels if isinstance(rmod, nn.Conv2d) else rmod.out_features
+        stream_at = None
         if tied_add or pad:
-            others = sorted(set(outs) - {root})
-            skipped.append(SkippedGroup(root, C, "residual stream: tied by additions" +
-                                        (f" to {', '.join(others[:3])}" + (" ..." if len(others) > 3 else "") if others else "")
-                                        + "; left whole"))
-            continue
+            stream_at = _stream_observation(run, sections, roots, C) if not pad and len(roots) > 1 else None
+            if stream_at is None:
+                others = roots[1:]
+                why = "a channel pad it cannot index" if pad else \
+                    "no section output carries all its channels" if len(roots) > 1 else "one writer only"
+                skipped.append(SkippedGroup(root, C, "residual stream: tied by additions" +
+                                            (f" to {', '.join(others[:3])}" + (" ..." if len(others) > 3 else "")
+                                             if others else "") + f"; left whole ({why})"))
+                continue
         if rmod.__class__ is nn.Conv2d and rmod.groups > 1:
             skipped.append(SkippedGroup(root, C, f"a grouped conv (groups={rmod.groups}); prune the conv feeding it"))
             continue
@@ -703,6 +884,9 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
             continue
         if len(in_dim) >= 3 and obs == tuple(range(C)) and in_dim[1] == C:
             obs = ()
+        activation = f"{cname}:input"
+        if stream_at is not None:
+            activation, obs = stream_at, ()
         macs = params = 0.0
         costs[root] = []
         for n, m, k, o in members:
@@ -717,11 +901,28 @@ def _groups(model, example_input, run: _Run, head: str, sections: dict, atomic: 
                    if not isinstance(named[n], _ACTIVATIONS)):
                 sec = s
         scope = next((a for a in atomic if root.startswith(a + ".")), None)
-        units.append(ConvUnit(conv=root, consumer=cname, activation=f"{cname}:input", out_channels=int(C),
+        shares = ()
+        if stream_at is not None:
+            sec, scope = None, None
+            shares = tuple((n, int(round(dm))) for n, dm, _ in costs[root])
+        units.append(ConvUnit(conv=root, consumer=cname, activation=activation, out_channels=int(C),
                               macs_per_filter=int(round(macs)), params_per_filter=int(round(params)), block=sec,
-                              observe_index=obs, scope=scope, members=mem_names))
+                              observe_index=obs, scope=scope, members=mem_names,
+                              coupled=tuple(roots[1:]) if stream_at is not None else (), shares=shares))
     units.sort(key=lambda u: run.post[u.conv])
     return units, skipped, costs
+
+
+def _stream_observation(run: _Run, sections: dict, roots: list[str], C: int) -> str | None:
+    """Where a residual stream is observed: the output of the section holding its last writer (the
+    stream after its last addition), when that output has exactly the stream's C channels."""
+    last = roots[-1]
+    holders = [s for s, (leaves, _) in sections.items() if last in leaves]
+    if not holders:
+        return None
+    sec = max(holders, key=len)
+    shape = run.out_shape.get(sec, ())
+    return sec if len(shape) >= 3 and shape[1] == C else None
 
 
 # --------------------------------------------------------------------------- public

@@ -165,17 +165,19 @@ def _check_prunable(model: nn.Module, decision, head_name: str) -> nn.Conv2d:
     return module
 
 
-def _tied_with(DG, group, conv: nn.Module, names: dict) -> list[str]:
-    """What ties this group's channels to others (residual additions, channel pads), with the other
-    convs/linears whose outputs it would prune; [] when the group may be pruned alone."""
+def _tied_with(DG, group, conv: nn.Module, names: dict) -> tuple[list[str], list[str]]:
+    """(what ties this group's channels: residual additions, channel pads; the other convs/linears whose
+    outputs it prunes); ([], ...) when the group may be pruned alone."""
     from torch_pruning import ops
+
+    from ..structure import is_embedding_conv
 
     why, others = [], []
     for dep, _ in group:
         target = dep.target
         mod = target.module
         if mod is not conv and isinstance(mod, (nn.Conv2d, nn.Linear)) and DG.is_out_channel_pruning_fn(dep.handler) \
-                and not (isinstance(mod, nn.Conv2d) and mod.groups > 1):
+                and not (isinstance(mod, nn.Conv2d) and mod.groups > 1) and not is_embedding_conv(mod):
             others.append(names.get(mod, repr(mod)))
         elif target.type == ops.OPTYPE.ELEMENTWISE:
             kind = type(getattr(target, "grad_fn", None)).__name__
@@ -183,30 +185,56 @@ def _tied_with(DG, group, conv: nn.Module, names: dict) -> list[str]:
                 why.append("a channel-padding (option-A) shortcut")
             elif kind.startswith(("Add", "Sub")):
                 why.append("a residual addition")
-    return sorted(set(why)) + sorted(set(others)) if why else []
+    return sorted(set(why)), sorted(set(others))
 
 
 def _prune(model: nn.Module, decisions, example_input) -> None:
     import torch_pruning as tp
 
+    from ..structure import channel_embeddings, insert_embedding_convs, restore_channel_gathers
+
     todo = [(d, model.get_submodule(d.name)) for d in decisions if d.removed]
     if not todo:
         return
-    
+    streams = any(d.coupled for d, _ in todo)
+    if streams:
+        # Channel-padding shortcuts become fixed 1x1 0/1 convs so torch-pruning indexes the stream
+        # through them (structure.channel_embeddings); they go back to parameter-free gathers below.
+        insert_embedding_convs(model, channel_embeddings(model, example_input))
     DG = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
     names = {m: n for n, m in model.named_modules()}
     # Build and vet every group before pruning any, so a refused plan leaves nothing half-done
     # (the model is a private copy, but a clear error beats a confusing partial state).
-    groups = []
+    groups, owner = [], {}
     for d, conv in todo:
         fn = tp.prune_linear_out_channels if isinstance(conv, nn.Linear) else tp.prune_conv_out_channels
         group = DG.get_pruning_group(conv, fn, idxs=list(d.removed))
-        tied = _tied_with(DG, group, conv, names)
-        if tied:
+        why, others = _tied_with(DG, group, conv, names)
+        if "a channel-padding (option-A) shortcut" in why and not streams:
+            raise ValueError(
+                f"cannot prune filters of {d.name!r}: its output channels are tied by residual additions and a "
+                f"channel-padding shortcut to {', '.join(others) or 'the next stage'} (a residual stream); a plan "
+                "prunes a stream only with all its writers in 'coupled' (make the plan with si-compress), or prune "
+                "a block's inner conv (e.g. 'layer1.0.conv1') or drop whole blocks instead")
+        if "a channel-padding (option-A) shortcut" in why:
+            raise ValueError(
+                f"cannot prune filters of {d.name!r}: its channels pass through a channel-padding shortcut that "
+                "was not recognised as a channel embedding; prune a block's inner conv or drop whole blocks instead")
+        if why and set(others) != set(d.coupled):
+            missing, extra = sorted(set(others) - set(d.coupled)), sorted(set(d.coupled) - set(others))
             raise ValueError(
                 f"cannot prune filters of {d.name!r}: its output channels are tied by residual additions to "
-                f"{', '.join(tied)} (they must keep the same channels, and torch-pruning mis-indexes the option-A "
-                "zero-padding shortcut). Prune a block's inner conv (e.g. 'layer1.0.conv1') or drop whole blocks instead")
+                f"{', '.join(others) or 'nothing else'}, which must lose the same channels; the plan's 'coupled' "
+                f"for it {'lacks ' + ', '.join(missing) if missing else 'lists ' + ', '.join(extra) + ' too'} "
+                "(make the plan with si-compress, or prune a block's inner conv instead)")
+        if d.coupled and not why:
+            raise ValueError(f"plan couples {d.name!r} with {', '.join(d.coupled)}, but its channels are not tied to "
+                             "them in this model; the plan was made for a different model")
+        for n in [d.name, *others]:
+            if n in owner:
+                raise ValueError(f"plan prunes the channels of {n!r} twice (through {owner[n]!r} and {d.name!r}); "
+                                 "list each residual stream once")
+            owner[n] = d.name
         if not DG.check_pruning_group(group):
             raise ValueError(f"pruning {d.name!r} would leave a layer without channels; keep more filters")
         groups.append((conv, fn, list(d.removed)))
@@ -214,6 +242,8 @@ def _prune(model: nn.Module, decisions, example_input) -> None:
     # the groups before it are pruned (torch-pruning updates its index mapping per call).
     for conv, fn, removed in groups:
         DG.get_pruning_group(conv, fn, idxs=removed).prune()
+    if streams:
+        restore_channel_gathers(model)
 
 
 def _final_linear(model: nn.Module):

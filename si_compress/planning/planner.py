@@ -135,14 +135,29 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         sec_scale = sum(block_macs[b] for b in full) / structure.total_macs / max(sum(full.values()), 1e-15)
     w_lat, w_macs = {"latency": (1.0, 0.0), "both": (0.5, 0.5)}.get(config.objective, (0.0, 1.0)) if lat else (0.0, 1.0)
 
+    # A residual stream (u.coupled) has members in many sections: what one of its channels costs
+    # shrinks as those sections are dropped, and a section's drop saves less once the stream narrows.
+    branch_of = {b.name: set(b.branch) for b in structure.blocks}
+
+    def _in(name, b):  # a member goes with a dropped section only when it is in the section's branch
+        return name in branch_of.get(b, ())
+
+    def mpf(u):
+        if not u.shares:
+            return u.macs_per_filter
+        return u.macs_per_filter - sum(m for n, m in u.shares if any(_in(n, b) for b in dropped))
+
+    def block_now(b):
+        inner = sum((v.out_channels - width[v.conv]) * v.macs_per_filter for v in units if v.block == b)
+        stream = sum((v.out_channels - width[v.conv]) * m for v in units for n, m in v.shares if _in(n, b))
+        return block_macs[b] - inner - stream
+
     def _saved(u, k_from, k_to):
         """Resource saved by taking conv u from k_from to k_to filters (k_to = 0: block dropped)."""
         if k_to == 0 and u.block in block_macs:  # a drop saves the whole branch as it stands now
-            now = block_macs[u.block] - sum((v.out_channels - width[v.conv]) * v.macs_per_filter
-                                            for v in units if v.block == u.block)
-            macs = now / structure.total_macs
+            macs = block_now(u.block) / structure.total_macs
         else:
-            macs = ((k_from - k_to) * u.macs_per_filter) / structure.total_macs
+            macs = ((k_from - k_to) * mpf(u)) / structure.total_macs
         secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) * sec_scale if lat and u.conv in lat else macs
         return w_macs * macs + w_lat * secs
     width = {u.conv: u.out_channels for u in units}
@@ -154,6 +169,13 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     gain = {b: max(g[1] - g[0], _GAIN_FLOOR) for b, g in gains.items()}
     mean_gain = float(np.mean(list(gain.values()))) if gain else _GAIN_FLOOR
     wgain = gain if config.weighting == "gain" else {b: mean_gain for b in gain}
+    # A stream carries the separation of every section it runs through: its SI loss is weighted by
+    # the sum of their gains (a block's inner conv, by its own block's gain).
+    stream_weight = {}
+    for u in units:
+        if u.coupled:
+            secs = {b.name for b in structure.blocks if any(_in(n, b.name) for n, _ in u.shares)}
+            stream_weight[u.conv] = sum(wgain.get(b, mean_gain) for b in secs) or mean_gain
     dropped: list[str] = []
     reasons: dict[str, str] = {}
     base = structure.total_macs
@@ -175,10 +197,19 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         for u in units:
             if u.block in dropped:
                 continue
-            m -= (u.out_channels - width[u.conv]) * u.macs_per_filter
+            m -= (u.out_channels - width[u.conv]) * mpf(u)
         for b in dropped:
             m -= block_macs[b]
         return m
+
+    def weight_of(u):
+        # A group's separation is weighted by the SI gain of its section, else of the recorded
+        # module holding it (an inception block, a stage); a stream by the gains it carries;
+        # plain chains use the mean gain.
+        if u.conv in stream_weight:
+            return stream_weight[u.conv]
+        where = u.block or getattr(u, "scope", None)
+        return wgain.get(where, mean_gain) if where else mean_gain
 
     if config.allow_drop and config.target_macs is None:
         # Threshold mode drops every section that does not raise SI; with a budget, such sections
@@ -202,23 +233,18 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                 if u.block in dropped:
                     continue
                 e, k = env[u.conv], width[u.conv]
-                # A group's separation is weighted by the SI gain of its section, else of the recorded
-                # module holding it (an inception block, a stage); plain chains use the mean gain.
-                where = u.block or getattr(u, "scope", None)
                 g = gain.get(u.block, _GAIN_FLOOR) if u.block else _GAIN_FLOOR
-                wg = wgain.get(where, mean_gain) if where else mean_gain
+                wg = weight_of(u)
                 top = e[-1] if e[-1] > 0 else 1.0
                 new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
                 if new_k < k:
                     loss = wg * (e[k - 1] - e[new_k - 1]) / top
                     cands.append((loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k,
-                                  now - (k - new_k) * u.macs_per_filter))
+                                  now - (k - new_k) * mpf(u)))
                 if config.allow_drop and u.block in gain and u.block in block_macs and may_drop(u.block):
                     if k * u.macs_per_filter > 0:
-                        block_now = block_macs[u.block] - sum((v.out_channels - width[v.conv]) * v.macs_per_filter
-                                                              for v in units if v.block == u.block)
                         cands.append((g * e[k - 1] / top / max(_saved(u, k, 0), 1e-15), 1, u.block, None,
-                                      now - block_now))
+                                      now - block_now(u.block)))
             if not cands:
                 break
             _, kind, name, new_k, _ = min(cands, key=lambda c: c[:3])
@@ -236,10 +262,9 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                     continue
                 e, k = env[u.conv], width[u.conv]
                 new_k = min(u.out_channels, (k // step + 1) * step)
-                where = u.block or getattr(u, "scope", None)
-                wg = wgain.get(where, mean_gain) if where else mean_gain
+                wg = weight_of(u)
                 top = e[-1] if e[-1] > 0 else 1.0
-                cost = (new_k - k) * u.macs_per_filter
+                cost = (new_k - k) * mpf(u)
                 if now + cost <= target:
                     adds.append((-wg * (e[new_k - 1] - e[k - 1]) / top / max(cost, 1), u.conv, new_k))
             if not adds:
@@ -257,8 +282,18 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             continue
         r = rankings[u.conv]
         keep = tuple(sorted(r.order[:width[u.conv]]))
-        layers.append(LayerDecision(name=u.conv, out_channels=u.out_channels, keep=keep, ranking=r.order,
-                                    curve=r.curve, method=r.method, reason=reasons.get(u.conv, "")))
+        name, coupled = u.conv, tuple(u.coupled)
+        if coupled:
+            if len(keep) == u.out_channels:
+                continue  # a stream kept whole needs no decision
+            # the stream is named by a writer that survives the drops; the others are listed with it
+            alive = [n for n in (u.conv, *u.coupled) if not any(_in(n, b) for b in dropped)]
+            if not alive:
+                continue
+            name, coupled = alive[0], tuple(alive[1:])
+        layers.append(LayerDecision(name=name, out_channels=u.out_channels, keep=keep, ranking=r.order,
+                                    curve=r.curve, method=r.method, reason=reasons.get(u.conv, ""),
+                                    coupled=coupled))
     blocks = tuple(BlockDecision(name=b.name, si_in=gains[b.name][0], si_out=gains[b.name][1], macs=b.macs,
                                  dropped=b.name in dropped, reason=reasons.get(b.name, ""))
                    for b in structure.blocks if b.name in gains)
@@ -308,20 +343,24 @@ def plan_uniform(*, arch: str, num_classes: int, structure, rankings: dict[str, 
     layers = tuple(LayerDecision(name=u.conv, out_channels=u.out_channels,
                                  keep=tuple(sorted(rankings[u.conv].order[:min(w[u.conv], u.out_channels)])),
                                  ranking=rankings[u.conv].order, method=rankings[u.conv].method,
-                                 reason=f"uniform keep ratio {lo:.3f}") for u in units)
+                                 reason=f"uniform keep ratio {lo:.3f}", coupled=tuple(u.coupled)) for u in units
+                   if not (u.coupled and w[u.conv] >= u.out_channels))
     return CompressionPlan(arch=arch, num_classes=num_classes, layers=layers,
                            predicted=dict(base_macs=int(base), macs=int(macs(w))),
                            settings=dict(uniform_ratio=lo, target_macs=target_macs))
 
 
 def plan_with_widths(reference: CompressionPlan, rankings: dict[str, Ranking]) -> CompressionPlan:
-    """Baseline: the same per-layer budgets (and dropped blocks) as ``reference``, other rankings."""
+    """Baseline: the same per-layer budgets (and dropped blocks) as ``reference``, other rankings.
+    ``rankings`` is keyed by conv name; a stream is found under any of its writers."""
     layers = []
     for d in reference.layers:
-        r = rankings[d.name]
+        r = next((rankings[n] for n in (d.name, *d.coupled) if n in rankings), None)
+        if r is None:
+            raise ValueError(f"no ranking for {d.name!r}")
         layers.append(LayerDecision(name=d.name, out_channels=d.out_channels,
                                     keep=tuple(sorted(r.order[:len(d.keep)])), ranking=r.order, method=r.method,
-                                    reason=f"same width as the {d.method} plan"))
+                                    reason=f"same width as the {d.method} plan", coupled=d.coupled))
     return CompressionPlan(arch=reference.arch, num_classes=reference.num_classes, layers=tuple(layers),
                            blocks=reference.blocks, dropped_blocks=reference.dropped_blocks,
                            truncate_after=reference.truncate_after, head=reference.head,
