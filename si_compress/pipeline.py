@@ -165,6 +165,13 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
 
     # SI gain of every recorded module (sections and scopes); only sections can be dropped.
     gains = block_si(report.layers, [SimpleNamespace(name=r.name) for r in report.layers if ":" not in r.name])
+    # A section that changes the map's shape is compared like for like: with the SI of what the next
+    # section would read without it (its shortcut's output, same shape, same pooling), not of its input.
+    down = [b.name for b in plan_structure.blocks if b.kind == "residual" and b.downsample and b.name in gains]
+    for i, name in enumerate(down):
+        gains[name] = (shortcut_si(plan_model, sample_loader, name, order=config.order), gains[name][1])
+        if progress is not None:
+            progress("shortcut SI", i + 1, len(down))
     branches = [b for b in plan_structure.blocks if b.kind == "concat" and b.channels]
     if branches:
         gains.update(concat_gains(plan_model, sample_loader, branches, grid=config.grid, progress=progress))
@@ -183,7 +190,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
             arch=arch, num_classes=num_classes, structure=plan_structure, rankings=rankings, gains=gains,
             config=PlannerConfig(target_macs=ptarget, delta=config.delta, allow_drop=config.allow_drop,
                                  round_to=config.round_to, weighting=config.weighting,
-                                 objective=config.objective),
+                                 objective=config.objective, gain_samples=report.n_samples),
             head=head, truncate_after=None if truncation is None else truncation.truncate_after,
             source=dict(si_samples=report.n_samples, filter_seconds=time.perf_counter() - t0,
                         **({} if lat_table is None else dict(latency_batch=128, latency_seconds={
@@ -237,6 +244,20 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
         plan = _replace_plan(plan, settings=dict(plan.settings, **trunc_settings))
     return plan, PlanEvidence(report=report, structure=plan_structure, rankings=rankings, groups_labels=labels,
                               truncation=truncation, base_structure=structure)
+
+
+def shortcut_si(model, sample_loader, section: str, *, order: int = 3, max_dim: int = 1024) -> float:
+    """SI of ``post(shortcut(x))`` for the residual section ``section`` (what the network carries there
+    once the section is dropped), pooled exactly like the section's own output in ``si_plan``."""
+    import copy
+
+    from .analysis import analyze
+    from .structure import drop_section
+
+    work = copy.deepcopy(model)
+    parent, _, child = section.rpartition(".")
+    setattr(work.get_submodule(parent) if parent else work, child, drop_section(work.get_submodule(section)))
+    return analyze(work, sample_loader, layers=[section], order=order, max_dim=max_dim).layers[-1].si
 
 
 def concat_gains(model, sample_loader, branches, *, grid: int = 4, max_dim: int = 4096,

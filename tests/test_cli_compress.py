@@ -165,3 +165,32 @@ def test_reconstruction_compensation_and_distilled_finetuning(digits_ckpt, tmp_p
     assert r["labels_used"] is False and r["steps"] == 30 and r["images"] == 400 and r["targets"] == "logits"
     assert m["refit"] and m["config"]["compensation"] == "refit+reconstruct"
     assert m["finetune_teacher"] == "base" and m["finetune_history"][0]["teacher"] is True
+
+
+def test_a_downsampling_section_is_scored_against_its_shortcut():
+    """The SI gain of a section that halves the map compares like for like: SI of its output against SI
+    of post(shortcut(x)) (what remains without it), both pooled to the same grid."""
+    import torch.nn.functional as F
+
+    from si_compress.pipeline import CompressConfig, shortcut_si, si_plan
+    from si_compress.separability import separation_index
+
+    torch.manual_seed(0)
+    model = build_model("resnet20").eval()
+    x = torch.randn(120, 3, 32, 32)
+    y = torch.arange(120) % 4
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=60)
+    seen = {}
+    h = model.layer2[0].register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0]))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    blk = model.layer2[0]
+    after = F.relu(blk.shortcut(seen["x"]))                    # (120, 32, 16, 16): pooled to 5 x 5 <= 1024
+    ref = separation_index(F.adaptive_avg_pool2d(after, 5).flatten(1).numpy(), y.numpy())
+    assert shortcut_si(model, loader, "layer2.0") == pytest.approx(ref, abs=1e-12)
+    plan, _ = si_plan(model, loader, arch="resnet20", num_classes=10, example_input=x[:1],
+                      config=CompressConfig(target_macs=None, objective="macs"))
+    b = next(b for b in plan.blocks if b.name == "layer2.0")
+    assert b.si_in == pytest.approx(ref, abs=1e-12)
+    assert next(b for b in plan.blocks if b.name == "layer2.1").si_in == b.si_out   # others: the previous output

@@ -213,3 +213,65 @@ def test_filters_are_given_back_after_a_drop_lands_below_the_budget():
     assert plan.dropped_blocks == ("b0",)
     assert plan.predicted["macs"] == 350            # 250 right after the drop; two b2 filters given back
     assert {d.name: len(d.keep) for d in plan.layers} == {"b1.conv1": 4, "b2.conv1": 3}
+
+
+def test_threshold_drops_need_a_confidently_flat_gain():
+    """A block whose gain is <= 0 on a small sample is kept unless its 95% upper bound is <= 0 too."""
+    from si_compress.planning.planner import gain_se
+
+    st = _structure()
+    rk = {u.conv: _ranking([0.5, 0.6, 0.6, 0.61]) for u in st.convs}
+    gains = {"b0": (0.2, 0.3), "b1": (0.80, 0.79), "b2": (0.9, 0.6)}
+    assert gain_se(0.8, 0.79, 100) == pytest.approx(np.sqrt(0.8 * 0.2 / 100 + 0.79 * 0.21 / 100))
+
+    def plan(n):
+        return plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                                config=PlannerConfig(target_macs=None, gain_samples=n))
+    assert plan(None).dropped_blocks == ("b1", "b2")      # no sample size: the point estimate decides
+    small = plan(100)                                      # b1: -0.01 +- 0.11 is noise; b2: -0.3 +- 0.12 is not
+    assert small.dropped_blocks == ("b2",)
+    assert "not confidently" in next(b.reason for b in small.blocks if b.name == "b1")
+    assert plan(10 ** 7).dropped_blocks == ("b1", "b2")    # a huge sample: -0.01 is a real loss
+
+
+def _stream_structure():
+    # two blocks with inner convs, and a stream written by a stem and by both blocks' conv2
+    blocks = (BlockUnit("b0", 400, False, 100, branch=("b0.conv1", "b0.conv2")),
+              BlockUnit("b1", 400, False, 100, branch=("b1.conv1", "b1.conv2")))
+    convs = tuple(ConvUnit(f"{b.name}.conv1", f"{b.name}.conv2", f"{b.name}.conv2:input", 4, 50, 10, b.name)
+                  for b in blocks)
+    stream = ConvUnit("stem", "b0.conv1", "b1", 4, 60, 12, None, coupled=("b0.conv2", "b1.conv2"),
+                      shares=(("stem", 10), ("b0.conv1", 12), ("b0.conv2", 13), ("b1.conv1", 12), ("b1.conv2", 13)))
+    return ModelStructure(blocks=blocks, convs=convs + (stream,), chain=(), total_macs=1100, total_params=400)
+
+
+def test_a_stream_costs_less_once_its_sections_are_dropped():
+    st = _stream_structure()
+    rk = {u.conv: _ranking([0.2, 0.5, 0.79, 0.8]) for u in st.convs}
+    gains = {"b0": (0.05, 0.95), "b1": (0.95, 0.95)}     # b1 adds nothing
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.56))
+    assert "b1" in plan.dropped_blocks and "b0" not in plan.dropped_blocks
+    d = plan.layer("stem")
+    assert d is not None and len(d.keep) < 4 and d.coupled == ("b0.conv2",)   # b1.conv2 went with b1
+    # a stream channel saves only the shares of the writers and readers still there
+    inner = sum((4 - len(x.keep)) * 50 for x in plan.layers if x.name == "b0.conv1")
+    assert plan.predicted["macs"] == 1100 - 400 - inner - (4 - len(d.keep)) * (60 - 12 - 13)
+    assert plan.predicted["macs"] <= 0.56 * 1100
+
+
+def test_a_stream_is_named_by_a_writer_that_survives():
+    st = _stream_structure()
+    rk = {u.conv: _ranking([0.5, 0.6, 0.7, 0.8]) for u in st.convs}
+    import dataclasses
+
+    stream = dataclasses.replace(st.convs[-1], conv="b0.conv2", coupled=("b1.conv2",),
+                                 shares=tuple(s for s in st.convs[-1].shares if s[0] != "stem"))
+    st = dataclasses.replace(st, convs=st.convs[:-1] + (stream,))
+    rk["b0.conv2"] = rk.pop("stem")
+    gains = {"b0": (0.5, 0.5), "b1": (0.2, 0.5)}
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.5))
+    assert "b0" in plan.dropped_blocks
+    streams = [d for d in plan.layers if d.name in ("b0.conv2", "b1.conv2")]
+    assert all(d.name == "b1.conv2" and d.coupled == () for d in streams)

@@ -5,9 +5,15 @@ Inputs are plain data: the per-layer analysis (SI of every block output), the mo
 
 Decisions
 - Block gain: g_b = SI(block output) - SI(block input) for a residual section; for a
-  concatenation branch, SI(parent output) - SI(parent output without the branch's channels). A
-  section whose gain is <= ``drop_gain`` does not raise SI and is dropped (a residual section is
-  replaced by its shortcut; a branch goes with its channels; one branch of each concatenation stays).
+  concatenation branch, SI(parent output) - SI(parent output without the branch's channels); for a
+  section that changes the map's shape, SI(block output) - SI(post(shortcut(input))), same shape and
+  pooling (``pipeline.shortcut_si``). In threshold mode a section whose gain is confidently <=
+  ``drop_gain`` (gain + ``drop_z`` standard errors, ``gain_se``, on ``gain_samples``) does not raise
+  SI and is dropped (a residual section is replaced by its shortcut; a branch goes with its
+  channels; one branch of each concatenation stays).
+- Residual streams (units with ``coupled`` writers): one width per stream, ranked by the SI at the
+  stage output; a channel saves the MACs of every writer and reader still present (sections already
+  dropped are netted out), and its SI loss is weighted by the summed gains of the sections it feeds.
 - Width of a conv (threshold mode): the shortest prefix k of its ranking whose SI reaches
   (1 - delta) * max_k SI(top-k), rounded up to a multiple of ``round_to``.
 - Budget mode (``target_macs`` = fraction of the base MACs to keep): start from the full model and
@@ -48,6 +54,8 @@ class PlannerConfig:
     head_tau: float = 0.02
     weighting: str = "gain"           # filter-loss weight per block: "gain" (g_b) or "uniform" (mean gain)
     objective: str = "macs"           # what a move saves: "macs", "latency" (measured) or "both" (mean of fractions)
+    gain_samples: int | None = None   # SI sample size: threshold drops need the gain's upper bound <= drop_gain
+    drop_z: float = 1.96              # ... at this many standard errors (1.96: 95% two-sided)
 
     def __post_init__(self):
         if self.target_macs is not None and not (0.0 < self.target_macs <= 1.0):
@@ -80,6 +88,16 @@ def block_si(report_layers, blocks) -> dict[str, tuple[float, float]]:
             continue
         out[b.name] = (float(prev), float(si[b.name]))
     return out
+
+
+def gain_se(si_in: float, si_out: float, n: int | None) -> float:
+    """Standard error of an SI gain measured on n samples: sqrt(p_in(1-p_in)/n + p_out(1-p_out)/n).
+
+    Each SI is a mean of n per-sample 0/1 outcomes; treating the two as independent overstates the
+    noise of their (positively correlated) difference, so a drop it allows is a confident one."""
+    if not n:
+        return 0.0
+    return math.sqrt(max(si_in * (1 - si_in), 0.0) / n + max(si_out * (1 - si_out), 0.0) / n)
 
 
 def _threshold_width(env: np.ndarray, delta: float, round_to: int, min_keep: int) -> int:
@@ -170,12 +188,9 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     mean_gain = float(np.mean(list(gain.values()))) if gain else _GAIN_FLOOR
     wgain = gain if config.weighting == "gain" else {b: mean_gain for b in gain}
     # A stream carries the separation of every section it runs through: its SI loss is weighted by
-    # the sum of their gains (a block's inner conv, by its own block's gain).
-    stream_weight = {}
-    for u in units:
-        if u.coupled:
-            secs = {b.name for b in structure.blocks if any(_in(n, b.name) for n, _ in u.shares)}
-            stream_weight[u.conv] = sum(wgain.get(b, mean_gain) for b in secs) or mean_gain
+    # the sum of the gains of those still there (a block's inner conv, by its own block's gain).
+    stream_secs = {u.conv: {b.name for b in structure.blocks if any(_in(n, b.name) for n, _ in u.shares)}
+                   for u in units if u.coupled}
     dropped: list[str] = []
     reasons: dict[str, str] = {}
     base = structure.total_macs
@@ -206,8 +221,8 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         # A group's separation is weighted by the SI gain of its section, else of the recorded
         # module holding it (an inception block, a stage); a stream by the gains it carries;
         # plain chains use the mean gain.
-        if u.conv in stream_weight:
-            return stream_weight[u.conv]
+        if u.conv in stream_secs:
+            return sum(wgain.get(b, mean_gain) for b in stream_secs[u.conv] if b not in dropped) or mean_gain
         where = u.block or getattr(u, "scope", None)
         return wgain.get(where, mean_gain) if where else mean_gain
 
@@ -216,9 +231,13 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         # compete with the other moves (their loss is at the gain floor, so they go first) and the
         # budget decides how many go.
         for b, (si_in, si_out) in gains.items():
-            if b in block_macs and si_out - si_in <= config.drop_gain and may_drop(b):
+            half = config.drop_z * gain_se(si_in, si_out, config.gain_samples)
+            if b in block_macs and si_out - si_in + half <= config.drop_gain and may_drop(b):
                 dropped.append(b)
-                reasons[b] = f"SI gain {si_out - si_in:+.4f} <= {config.drop_gain}"
+                reasons[b] = f"SI gain {si_out - si_in:+.4f}" + (f" +- {half:.4f}" if half else "") + \
+                    f" <= {config.drop_gain}"
+            elif b in block_macs and si_out - si_in <= config.drop_gain:
+                reasons[b] = f"kept: SI gain {si_out - si_in:+.4f} +- {half:.4f} is not confidently <= {config.drop_gain}"
 
     if config.target_macs is None:
         for u in units:
