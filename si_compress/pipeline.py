@@ -24,6 +24,7 @@ class CompressConfig:
     delta: float = 0.02
     ranking: str = "l1"                # which filters inside a layer (widths and drops always come from SI)
     allow_drop: bool = True
+    streams: bool = True               # narrow residual streams (channels shared by a stage's blocks) too
     weighting: str = "gain"
     objective: str = "both"            # moves ranked per MACs, measured latency, or both (see planner)
     round_to: int = 8                  # channel counts in multiples of 8: the fast CPU kernels need them
@@ -140,17 +141,18 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     t0 = time.perf_counter()
     labels = None
     rankings = {}
-    if plan_structure.convs:
+    units = [u for u in plan_structure.convs if config.streams or not u.coupled]
+    if units:
         # Each observed tensor is read once; a group inside a concatenation keeps only its channels.
         need: dict[str, list[int] | None] = {}
-        for u in plan_structure.convs:
+        for u in units:
             if not u.observe_index:
                 need[u.activation] = None
             elif need.get(u.activation, []) is not None:
                 need[u.activation] = sorted(set(need.get(u.activation, [])) | set(u.observe_index))
         groups, labels = collect_filter_groups(plan_model, sample_loader, list(need), grid=config.grid,
                                                index={k: v for k, v in need.items() if v})
-        for i, u in enumerate(plan_structure.convs):
+        for i, u in enumerate(units):
             G = groups[u.activation]
             if u.observe_index:
                 at = need[u.activation]
@@ -160,7 +162,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
             for other in u.coupled:   # a stream is ranked once; any of its writers finds it
                 rankings.setdefault(other, rankings[u.conv])
             if progress is not None:
-                progress("filter SI", i + 1, len(plan_structure.convs))
+                progress("filter SI", i + 1, len(units))
     from types import SimpleNamespace
 
     # SI gain of every recorded module (sections and scopes); only sections can be dropped.

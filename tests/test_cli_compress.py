@@ -194,3 +194,20 @@ def test_a_downsampling_section_is_scored_against_its_shortcut():
     b = next(b for b in plan.blocks if b.name == "layer2.0")
     assert b.si_in == pytest.approx(ref, abs=1e-12)
     assert next(b for b in plan.blocks if b.name == "layer2.1").si_in == b.si_out   # others: the previous output
+
+
+def test_streams_can_be_kept_whole():
+    from si_compress.models import cifar_resnet
+    from si_compress.pipeline import CompressConfig, si_plan
+
+    torch.manual_seed(0)
+    model = cifar_resnet(14, width=(8, 16, 16)).eval()
+    x = torch.randn(80, 3, 32, 32)
+    y = torch.arange(80) % 4
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=40)
+
+    def plan(streams):
+        return si_plan(model, loader, arch="r", num_classes=10, example_input=x[:1],
+                       config=CompressConfig(target_macs=0.5, objective="macs", streams=streams, round_to=4))[0]
+    assert any(d.coupled for d in plan(True).layers)
+    assert not any(d.coupled for d in plan(False).layers)
