@@ -275,3 +275,17 @@ def test_a_stream_is_named_by_a_writer_that_survives():
     assert "b0" in plan.dropped_blocks
     streams = [d for d in plan.layers if d.name in ("b0.conv2", "b1.conv2")]
     assert all(d.name == "b1.conv2" and d.coupled == () for d in streams)
+
+
+def test_a_budget_that_needs_nothing_drops_nothing():
+    """With a MACs budget, a section whose measured gain is <= 0 competes with other moves; at a
+    budget of the whole model no move is needed and nothing is dropped or narrowed."""
+    st = _structure()
+    rk = {u.conv: _ranking([0.5, 0.6, 0.6, 0.61]) for u in st.convs}
+    gains = {"b0": (0.3, 0.2), "b1": (0.3, 0.3), "b2": (0.3, 0.6)}
+    plan = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=1.0, gain_samples=100))
+    assert plan.dropped_blocks == () and all(len(d.keep) == d.out_channels for d in plan.layers)
+    half = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                            config=PlannerConfig(target_macs=0.75))
+    assert half.dropped_blocks == ("b0",)          # the budget needs a move: the negative-gain block goes first
