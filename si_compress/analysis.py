@@ -8,6 +8,7 @@ The report is a frozen dataclass with a versioned JSON form that the planner rea
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -174,8 +175,38 @@ def analyze(model, loader, *, layers: Sequence[str] | None = None, order: int = 
     ``memory_budget_bytes`` per pass. progress(stage, done, total) reports progress. ``device``: where
     the model runs over the data (``"cpu"``, ``"cuda"``, ``"auto"``; None: the model's own device; the
     layer list and costs are traced where the model is, with ``example_input``); recorded in
-    ``settings["device"]``.
+    ``settings["device"]``. The thread counts of torch and Numba are what they were when it returns
+    (also when it raises): the SI search changes Numba's, which OpenMP shares with torch.
     """
+    with _threads_restored():
+        return _analyze(model, loader, layers=layers, order=order, max_dim=max_dim, backend=backend,
+                        memory_budget_bytes=memory_budget_bytes, reference_loader=reference_loader,
+                        class_names=class_names, example_input=example_input, progress=progress,
+                        model_info=model_info, data_info=data_info, device=device)
+
+
+@contextlib.contextmanager
+def _threads_restored():
+    """torch's intra-op and Numba's thread counts (when loaded) put back on exit, Numba's first: setting
+    it sets the OpenMP count torch reads."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    numba = sys.modules.get("numba")
+    before_torch = torch.get_num_threads() if torch is not None else None
+    before_numba = numba.get_num_threads() if numba is not None else None
+    try:
+        yield
+    finally:
+        numba = sys.modules.get("numba")
+        if before_numba is not None and numba.get_num_threads() != before_numba:
+            numba.set_num_threads(before_numba)
+        if before_torch is not None and torch.get_num_threads() != before_torch:
+            torch.set_num_threads(before_torch)
+
+
+def _analyze(model, loader, *, layers, order, max_dim, backend, memory_budget_bytes, reference_loader, class_names,
+             example_input, progress, model_info, data_info, device) -> AnalysisReport:
     from . import _device
     from .features import collect_features, layer_costs, resolve_layers
 

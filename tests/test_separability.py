@@ -600,3 +600,18 @@ def test_correctly_rounded_distance_is_exact_and_order_free():
             assert nb._sqdist_cr(a, b, 1.0) == e
             assert nb._sqdist_cr(a[perm], b[perm], 1.0) == e
 
+
+@pytest.mark.skipif("numba" not in FAST, reason="numba not installed")
+def test_small_search_leaves_torch_threads_alone():
+    # In a fresh process, Numba's first get/set_num_threads starts its OpenMP pool, which sets the
+    # OpenMP thread count torch reads: a small search (Numba pinned to one thread, then restored)
+    # must leave torch's count as it found it.
+    pytest.importorskip("torch")
+    code = ("import numpy as np, torch; torch.set_num_threads(1); "
+            "from si_compress.separability._knn import knn; "
+            "knn(np.random.default_rng(0).standard_normal((200, 8)), 3, backend='numba'); "
+            "print(torch.get_num_threads())")
+    env = {**__import__("os").environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.stdout.split() == ["1"], out.stdout + out.stderr
