@@ -8,6 +8,7 @@ The report is a frozen dataclass with a versioned JSON form that the planner rea
 """
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import time
@@ -165,22 +166,56 @@ def analyze(model, loader, *, layers: Sequence[str] | None = None, order: int = 
             backend: str = "auto", memory_budget_bytes: int = 4 * 2**30, reference_loader=None,
             class_names: Sequence[str] | None = None, example_input=None,
             progress: Callable[[str, int, int], None] | None = None, model_info: dict | None = None,
-            data_info: dict | None = None) -> AnalysisReport:
+            data_info: dict | None = None, device=None) -> AnalysisReport:
     """Analyse ``model`` on ``loader`` (batches of (inputs, integer labels)).
 
     layers: names/globs (see ``features.resolve_layers``); default stem, blocks, pooled features.
     Features of a map larger than ``max_dim`` are average-pooled (recorded per layer). Layers are
     recorded in passes over the data so that n * sum(d) * 4 bytes stays under
-    ``memory_budget_bytes`` per pass. progress(stage, done, total) reports progress.
+    ``memory_budget_bytes`` per pass. progress(stage, done, total) reports progress. ``device``: where
+    the model runs over the data (``"cpu"``, ``"cuda"``, ``"auto"``; None: the model's own device; the
+    layer list and costs are traced where the model is, with ``example_input``); recorded in
+    ``settings["device"]``. The thread counts of torch and Numba are what they were when it returns
+    (also when it raises): the SI search changes Numba's, which OpenMP shares with torch.
     """
-    import torch
+    with _threads_restored():
+        return _analyze(model, loader, layers=layers, order=order, max_dim=max_dim, backend=backend,
+                        memory_budget_bytes=memory_budget_bytes, reference_loader=reference_loader,
+                        class_names=class_names, example_input=example_input, progress=progress,
+                        model_info=model_info, data_info=data_info, device=device)
 
+
+@contextlib.contextmanager
+def _threads_restored():
+    """torch's intra-op and Numba's thread counts (when loaded) put back on exit, Numba's first: setting
+    it sets the OpenMP count torch reads."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    numba = sys.modules.get("numba")
+    before_torch = torch.get_num_threads() if torch is not None else None
+    before_numba = numba.get_num_threads() if numba is not None else None
+    try:
+        yield
+    finally:
+        numba = sys.modules.get("numba")
+        if before_numba is not None and numba.get_num_threads() != before_numba:
+            numba.set_num_threads(before_numba)
+        if before_torch is not None and torch.get_num_threads() != before_torch:
+            torch.set_num_threads(before_torch)
+
+
+def _analyze(model, loader, *, layers, order, max_dim, backend, memory_budget_bytes, reference_loader, class_names,
+             example_input, progress, model_info, data_info, device) -> AnalysisReport:
+    from . import _device
     from .features import collect_features, layer_costs, resolve_layers
 
     t0 = time.perf_counter()
+    dev = _device.target(device, model)
     if example_input is None:
         x0 = next(iter(loader))[0]
         example_input = x0[:1]
+    example_input = example_input.to(_device.model_device(model))   # traced where the model is
     names = resolve_layers(model, layers, example_input=example_input)
     costs = layer_costs(model, example_input, names)
     dims = _layer_dims(model, names, example_input, max_dim)
@@ -192,7 +227,7 @@ def analyze(model, loader, *, layers: Sequence[str] | None = None, order: int = 
     feature_bytes = 0
     for p, pass_layers in enumerate(passes):
         stage = f"features {p + 1}/{len(passes)}" if len(passes) > 1 else "features"
-        fs = collect_features(model, loader, pass_layers, max_dim=max_dim,
+        fs = collect_features(model, loader, pass_layers, max_dim=max_dim, device=dev,
                               progress=None if progress is None else (lambda d, t, s=stage: progress(s, d, t)))
         if labels is None:
             labels, predictions = fs.labels, fs.predictions
@@ -201,7 +236,7 @@ def analyze(model, loader, *, layers: Sequence[str] | None = None, order: int = 
         feature_bytes = max(feature_bytes, fs.nbytes)
         ref_fs = None
         if reference_loader is not None:
-            ref_fs = collect_features(model, reference_loader, pass_layers, max_dim=max_dim,
+            ref_fs = collect_features(model, reference_loader, pass_layers, max_dim=max_dim, device=dev,
                                       progress=None if progress is None else
                                       (lambda d, t, s=stage: progress(s + " (reference)", d, t)))
             feature_bytes = max(feature_bytes, fs.nbytes + ref_fs.nbytes)
@@ -224,7 +259,7 @@ def analyze(model, loader, *, layers: Sequence[str] | None = None, order: int = 
         model=dict(model_info or {}), data=dict(data_info or {}),
         settings=dict(order=order, max_dim=max_dim, backend=backend, layers=list(names),
                       memory_budget_mb=memory_budget_bytes / 2**20, passes=len(passes),
-                      reference=reference_loader is not None),
+                      reference=reference_loader is not None, device=str(dev)),
         layers=tuple(records),
         class_names=tuple(class_names) if class_names else tuple(str(i) for i in range(n_classes)),
         n_samples=int(labels.size), samples_per_class=tuple(int(c) for c in counts), accuracy=acc,

@@ -49,8 +49,12 @@ class CompressConfig:
     truncate: bool = True               # plain chains: cut after the SI peak (planning/truncate.py)
     truncate_tol: float = 0.01          # absolute SI tolerance of that peak
     truncate_below_budget: bool = False  # apply a cut even when it alone goes well below target_macs
+    device: str = "auto"                # features, compensation, training, evaluation: auto (CUDA if present), cpu, cuda
 
     def __post_init__(self):
+        from ._device import check_device_spec
+
+        object.__setattr__(self, "device", check_device_spec(self.device))
         if not (0.0 <= self.truncate_tol < 1.0):
             raise ValueError(f"truncate_tol is an absolute SI tolerance in [0, 1); got {self.truncate_tol}")
         if self.compensation not in COMPENSATIONS:
@@ -88,19 +92,24 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     ``config.truncate_tol``); only the convs before the cut are ranked and pruned, the head is sized
     from the SI/CSI of the truncated model's head input, and the MACs budget (a fraction of the
     WHOLE model's MACs) applies to what remains: when the cut alone meets it, no filter is pruned.
+
+    ``config.device``: where the model runs over the sample (features, filter maps); structure
+    tracing, planning and MAC counts stay on the CPU (the model comes back there).
     """
+    from ._device import resolve_device
     from .analysis import analyze
     from .compress import apply_plan, find_classifier
     from .planning import PlannerConfig, block_si, choose_truncation, plan_compression, rank_filters, size_head
     from .structure import collect_filter_groups, describe
 
+    device = resolve_device(config.device)   # a CUDA request without CUDA fails here, before any work
     structure = describe(model, example_input)
     if not structure.convs and not structure.blocks:
         why = "; ".join(f"{g.conv}: {g.reason}" for g in structure.skipped[:3]) or "no conv runs in forward()"
         raise ValueError(f"found nothing to prune in {type(model).__name__}: no channel group can be resized alone and no "
                          f"residual section can be dropped ({why}); see si_compress.structure.describe(model, x)")
     report = analyze(model, sample_loader, layers=list(structure.layers), order=config.order, max_dim=1024,
-                     example_input=example_input, progress=progress)
+                     example_input=example_input, progress=progress, device=device)
     final = report.layers[-1]
     # The plan resizes the head only when it is one Linear; a trained MLP head is kept as it is.
     single = structure.head_input == f"{structure.head}:input"
@@ -132,7 +141,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
             plan_structure = describe(plan_model, example_input)
             head_name, _ = find_classifier(plan_model)
             head_rep = analyze(plan_model, sample_loader, layers=[f"{head_name}:input"], order=config.order,
-                               max_dim=1024, example_input=example_input)
+                               max_dim=1024, example_input=example_input, device=device)
             hin = head_rep.layers[-1]
             head = size_head(hin.si, hin.csi, in_features=hin.dim, num_classes=num_classes)
             trunc_settings["truncation"].update(head_input_si=hin.si, head_input_csi=hin.csi,
@@ -151,7 +160,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
             elif need.get(u.activation, []) is not None:
                 need[u.activation] = sorted(set(need.get(u.activation, [])) | set(u.observe_index))
         groups, labels = collect_filter_groups(plan_model, sample_loader, list(need), grid=config.grid,
-                                               index={k: v for k, v in need.items() if v})
+                                               index={k: v for k, v in need.items() if v}, device=device)
         for i, u in enumerate(units):
             G = groups[u.activation]
             if u.observe_index:
@@ -171,12 +180,14 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     # section would read without it (its shortcut's output, same shape, same pooling), not of its input.
     down = [b.name for b in plan_structure.blocks if b.kind == "residual" and b.downsample and b.name in gains]
     for i, name in enumerate(down):
-        gains[name] = (shortcut_si(plan_model, sample_loader, name, order=config.order), gains[name][1])
+        gains[name] = (shortcut_si(plan_model, sample_loader, name, order=config.order, device=device),
+                       gains[name][1])
         if progress is not None:
             progress("shortcut SI", i + 1, len(down))
     branches = [b for b in plan_structure.blocks if b.kind == "concat" and b.channels]
     if branches:
-        gains.update(concat_gains(plan_model, sample_loader, branches, grid=config.grid, progress=progress))
+        gains.update(concat_gains(plan_model, sample_loader, branches, grid=config.grid, progress=progress,
+                                  device=device))
     lat_table = None
     if config.objective != "macs" and plan_structure.convs and config.target_macs is not None:
         from .latency import block_latency_table
@@ -248,7 +259,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
                               truncation=truncation, base_structure=structure)
 
 
-def shortcut_si(model, sample_loader, section: str, *, order: int = 3, max_dim: int = 1024) -> float:
+def shortcut_si(model, sample_loader, section: str, *, order: int = 3, max_dim: int = 1024, device=None) -> float:
     """SI of ``post(shortcut(x))`` for the residual section ``section`` (what the network carries there
     once the section is dropped), pooled exactly like the section's own output in ``si_plan``."""
     import copy
@@ -259,11 +270,11 @@ def shortcut_si(model, sample_loader, section: str, *, order: int = 3, max_dim: 
     work = copy.deepcopy(model)
     parent, _, child = section.rpartition(".")
     setattr(work.get_submodule(parent) if parent else work, child, drop_section(work.get_submodule(section)))
-    return analyze(work, sample_loader, layers=[section], order=order, max_dim=max_dim).layers[-1].si
+    return analyze(work, sample_loader, layers=[section], order=order, max_dim=max_dim, device=device).layers[-1].si
 
 
 def concat_gains(model, sample_loader, branches, *, grid: int = 4, max_dim: int = 4096,
-                 progress=None) -> dict[str, tuple[float, float]]:
+                 progress=None, device=None) -> dict[str, tuple[float, float]]:
     """SI gain of each concatenation branch: name -> (SI of its parent's output without the branch's
     channels, SI with them). The parent's output (N, C, H, W) is average-pooled per channel to a
     k x k grid, k = min(grid, H, W) halved until C*k*k <= max_dim; one pass over ``sample_loader``."""
@@ -271,7 +282,7 @@ def concat_gains(model, sample_loader, branches, *, grid: int = 4, max_dim: int 
     from .structure import collect_filter_groups
 
     parents = list(dict.fromkeys(b.parent for b in branches))
-    maps, labels = collect_filter_groups(model, sample_loader, parents, grid=grid)
+    maps, labels = collect_filter_groups(model, sample_loader, parents, grid=grid, device=device)
     out = {}
     for i, parent in enumerate(parents):
         G = maps[parent]                           # (n, C, k*k)
@@ -348,44 +359,50 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
     labels never read; ``m["reconstruct"]`` says what was used). Fine-tuning distils from ``base``
     unless ``config.teacher == "none"``. ``progress(record)``: after each fine-tuning
     epoch; ``stage(name)``: as each step starts (so a long step is visibly running).
+
+    ``config.device``: where evaluation, compensation, head training and fine-tuning run (``m["device"]``
+    records the resolved one); applying the plan and counting MACs stay on the CPU, and the returned
+    model is on the CPU.
     """
     say = stage if stage is not None else (lambda name: None)
+    from ._device import resolve_device
     from .compress import apply_plan, evaluate, finetune, recalibrate_bn, refit_consumers, refit_head, train_head
 
-    m = {}
+    device = resolve_device(config.device)   # a CUDA request without CUDA fails here, before any work
+    m = {"device": str(device)}
     t0 = time.perf_counter()
     say("apply plan")
     pruned = apply_plan(base, plan, example_input=example_input)
     m["seconds_apply"] = time.perf_counter() - t0
     m["macs"], m["params"] = count_tp(pruned, example_input)
     say("evaluate pruned")
-    m["acc_pruned"] = evaluate(pruned, test_loader)
+    m["acc_pruned"] = evaluate(pruned, test_loader, device=device)
     t0 = time.perf_counter()
     if config.compensation != "none":
         say(f"compensate ({config.compensation})")
     if config.compensation in ("refit", "refit+bn", "refit+reconstruct"):
-        rep = refit_consumers(pruned, base, plan, calib_loader)
+        rep = refit_consumers(pruned, base, plan, calib_loader, device=device)
         m["refit"] = {k: {kk: vv for kk, vv in v.items() if kk in ("before", "after")} for k, v in rep.items()}
     if config.compensation in ("bn", "refit+bn"):
-        recalibrate_bn(pruned, calib_loader)
+        recalibrate_bn(pruned, calib_loader, device=device)
     if config.compensation in ("refit+reconstruct", "reconstruct"):
         from .compress import reconstruct
 
         if config.compensation == "refit+reconstruct":
-            m["acc_refit"] = evaluate(pruned, test_loader)   # the least-squares step alone, for comparison
+            m["acc_refit"] = evaluate(pruned, test_loader, device=device)   # the least-squares step alone, for comparison
 
         m["reconstruct"] = reconstruct(
             pruned, base, recon_loader if recon_loader is not None else calib_loader, steps=config.reconstruct_steps,
             seconds=config.reconstruct_seconds, images=config.reconstruct_images, targets=config.reconstruct_targets,
-            augment=augment, bf16=config.bf16,
+            augment=augment, bf16=config.bf16, device=device,
             progress=None if progress is None else (lambda r: progress({"stage": "reconstruct", **r})))
     if plan.truncate_after is not None and config.compensation in ("refit", "refit+bn"):
         # The cut chain's new head reads features the old head never saw: fit it (least squares)
         # to the original network's logits on the calibration sample.
-        m.setdefault("refit", {})["head"] = refit_head(pruned, base, calib_loader)
+        m.setdefault("refit", {})["head"] = refit_head(pruned, base, calib_loader, device=device)
     m["seconds_compensate"] = time.perf_counter() - t0
     say("evaluate compensated")
-    m["acc_compensated"] = evaluate(pruned, test_loader)
+    m["acc_compensated"] = evaluate(pruned, test_loader, device=device)
     truncated = plan.truncate_after is not None
     if (plan.head is not None and plan.head.kind == "mlp") or config.head_only or truncated:
         # A truncated chain has a new (untrained) head: always train it. Without the training
@@ -396,10 +413,10 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         m["head_data"] = "train" if head_loader is train_loader else "calibration sample"
         t0 = time.perf_counter()
         say("train head")
-        train_head(pruned, head_loader, epochs=config.head_epochs, lr=config.lr, seed=config.seed)
+        train_head(pruned, head_loader, epochs=config.head_epochs, lr=config.lr, seed=config.seed, device=device)
         m["seconds_head"] = time.perf_counter() - t0
         say("evaluate head")
-        m["acc_head"] = evaluate(pruned, test_loader)
+        m["acc_head"] = evaluate(pruned, test_loader, device=device)
     if config.finetune_epochs and not config.head_only:
         if train_loader is None:
             raise ValueError("fine-tuning needs the training split")
@@ -408,12 +425,12 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         hist = finetune(pruned, train_loader, epochs=config.finetune_epochs, lr=config.lr, augment=augment,
                         bf16=config.bf16, max_steps=config.finetune_steps, progress=progress,
                         teacher=base if config.teacher == "base" else None, kd_weight=config.kd_weight,
-                        temperature=config.kd_temperature)
+                        temperature=config.kd_temperature, device=device)
         m["finetune_teacher"] = config.teacher
         m["seconds_finetune"] = time.perf_counter() - t0
         m["finetune_history"] = hist
         say("evaluate fine-tuned")
-        m["acc_finetuned"] = evaluate(pruned, test_loader)
+        m["acc_finetuned"] = evaluate(pruned, test_loader, device=device)
     pruned.eval()
     return pruned, m
 

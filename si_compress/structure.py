@@ -1045,18 +1045,20 @@ def _is_identity(gm, short) -> bool:
 prunable_structure = describe
 
 
-def collect_filter_groups(model: nn.Module, loader, activations, *, grid: int = 4, index=None):
+def collect_filter_groups(model: nn.Module, loader, activations, *, grid: int = 4, index=None, device=None):
     """Per-filter pooled activations in one pass: name -> (n, C, k*k) float32 with k = min(grid, H, W),
     and labels (n,) int64.
 
     ``activations``: layer names (``"conv2:input"``); ``index``: optional name -> channel indices to
     keep, in root-channel order (a group observed inside a concatenation). Each filter's map is
     average-pooled to k x k so a filter is one group of features for single-filter SI, prefix SI and
-    greedy selection. A flat (N, C) input gives k*k = 1.
+    greedy selection. A flat (N, C) input gives k*k = 1. ``device``: where the forwards run (None: the
+    model's own); the model comes back to where it was.
     """
     import numpy as np
     import torch.nn.functional as F
 
+    from . import _device
     from .features import FeatureRecorder
 
     names = list(dict.fromkeys(activations))
@@ -1074,12 +1076,14 @@ def collect_filter_groups(model: nn.Module, loader, activations, *, grid: int = 
     out: dict[str, np.ndarray] = {}
     labels = np.empty(n, np.int64)
     done = 0
+    dev = _device.target(device, model)
     was = model.training
     model.eval()
     try:
-        with FeatureRecorder(model, names, transform=pool) as rec, torch.inference_mode():
+        with _device.on_device(dev, model), FeatureRecorder(model, names, transform=pool) as rec, \
+                torch.inference_mode():
             for x, y in loader:
-                model(x)
+                model(_device.to_device(x, dev))
                 maps = rec.take()
                 b = x.shape[0]
                 for name in names:
@@ -1088,8 +1092,8 @@ def collect_filter_groups(model: nn.Module, loader, activations, *, grid: int = 
                         raise ValueError(f"layer {name!r} has NaN/Inf activations; check the model and data")
                     if name not in out:
                         out[name] = np.empty((n,) + tuple(m.shape[1:]), np.float32)
-                    out[name][done:done + b] = m.numpy()
-                labels[done:done + b] = y.numpy()
+                    out[name][done:done + b] = m.cpu().numpy()
+                labels[done:done + b] = torch.as_tensor(y).cpu().numpy()
                 done += b
     finally:
         model.train(was)

@@ -108,3 +108,73 @@ def test_resnet20_shared_integration():
     fs = collect_features(model, loader, [names[0], names[5], names[-1]])
     for name in (names[0], names[5], names[-1]):
         assert rep.layer(name).si == separation_index(fs.features[name], fs.labels, backend="numpy")
+
+
+@pytest.mark.parametrize("backend", ["auto", "numba", "numpy"])
+@pytest.mark.parametrize("fail", [False, True])
+def test_analyze_leaves_thread_counts_as_they_were(digits_setup, monkeypatch, backend, fail):
+    """The SI search pins Numba's threads for small searches and restores Numba's count, which (one
+    OpenMP count) also set torch's: analyze() must leave both as it found them, also when it raises."""
+    numba = pytest.importorskip("numba")
+    import si_compress.analysis as A
+
+    model, info, loader = digits_setup
+    if fail:
+        real = A.score_layer
+        calls = []
+
+        def failing(*a, **k):
+            calls.append(real(*a, **k))     # one real SI search first, then an error
+            torch.set_num_threads(3)        # a stage that leaves a count changed: analyze puts it back
+            raise RuntimeError("scoring failed")
+        monkeypatch.setattr(A, "score_layer", failing)
+    torch_before, numba_before = torch.get_num_threads(), numba.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        numba.set_num_threads(numba_before)          # Numba's own count unchanged: torch's is the one asked for
+        torch.set_num_threads(1)
+        if fail:
+            with pytest.raises(RuntimeError, match="scoring failed"):
+                analyze(model, loader, order=1, backend=backend)
+        else:
+            analyze(model, loader, order=1, backend=backend)
+        assert torch.get_num_threads() == 1
+        assert numba.get_num_threads() == numba_before
+    finally:
+        torch.set_num_threads(torch_before)
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_analyze_in_a_fresh_process_keeps_torch_threads(fail):
+    """Issue 16: in a fresh process analyze() (its first Numba launch sets the OpenMP count torch
+    reads) left torch on all cores after the caller pinned it to one; also when it raises."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import torch, numpy as np
+from torch.utils.data import DataLoader, TensorDataset
+import si_compress.analysis as A
+torch.set_num_threads(1)
+torch.manual_seed(0)
+m = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                        torch.nn.Linear(4, 3))
+loader = DataLoader(TensorDataset(torch.randn(3000, 1, 8, 8), torch.arange(3000) % 3), batch_size=500)
+if {fail}:
+    real = A.score_layer
+    def failing(*a, **k):
+        real(*a, **k)
+        raise RuntimeError("scoring failed")
+    A.score_layer = failing
+try:
+    A.analyze(m, loader, layers=["1"], order=1, backend="numba")
+except RuntimeError:
+    pass
+print(torch.get_num_threads())
+"""
+    env = {**os.environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=str(Path(__file__).parents[1]))
+    assert out.returncode == 0 and out.stdout.split() == ["1"], out.stdout + out.stderr

@@ -28,14 +28,16 @@ def _run(argv, capsys):
 def test_digits_end_to_end(digits_ckpt, tmp_path, capsys):
     out_dir = tmp_path / "out"
     code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--samples", "200",
-                           "--out", out_dir, "--quiet"], capsys)
+                           "--out", out_dir, "--quiet", "--device", "cpu"], capsys)
     assert code == 0, err
+    assert "device cpu;" in out
     assert "features.10" in out and "highest SI" in out
     for f in ("report.json", "layers.csv", "si_layers.png", "si_per_class.png"):
         assert (out_dir / f).stat().st_size > 0
     rep = json.loads((out_dir / "report.json").read_text())
     assert rep["schema"] == "si_compress.analysis" and rep["n_samples"] == 200
     assert rep["data"]["name"] == "digits" and rep["versions"]["torch"]
+    assert rep["settings"]["device"] == "cpu"
     assert not [p for p in out_dir.iterdir() if p.name.startswith(".")]  # no temp files left
 
 

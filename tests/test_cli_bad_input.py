@@ -134,6 +134,18 @@ def test_lr_must_be_finite_and_positive(digits_ckpt, tmp_path, capsys, lr):
             "--lr", "finite number > 0")
 
 
+@pytest.mark.parametrize("main", [analyze_main, compress_main])
+@pytest.mark.parametrize("device, match", [("cuda", "use --device cpu or auto"), ("cuda:1", "use --device cpu or auto"),
+                                           ("gpu", "auto, cpu, cuda or cuda:N")])
+def test_device_unavailable_or_unknown(digits_ckpt, tmp_path, capsys, monkeypatch, main, device, match):
+    import si_compress.models
+
+    # refused before any model is loaded, also on a machine that has a GPU
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(si_compress.models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
+    _expect(main, [digits_ckpt, *DIGITS, "--device", device], capsys, tmp_path / "o", "--device", match)
+
+
 def test_finetune_steps_without_epochs(digits_ckpt, tmp_path, capsys):
     _expect(compress_main, [digits_ckpt, *DIGITS, "--finetune-steps", "150"], capsys, tmp_path / "o",
             "--finetune-steps", "--finetune-epochs 1")

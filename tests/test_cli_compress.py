@@ -27,11 +27,13 @@ def _run(argv, capsys):
 def test_compress_digits_end_to_end(digits_ckpt, tmp_path, capsys):
     out_dir = tmp_path / "c"
     code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
-                           "--target-macs", "0.6", "--out", out_dir, "--quiet", "--export", "torchscript"], capsys)
+                           "--target-macs", "0.6", "--out", out_dir, "--quiet", "--export", "torchscript",
+                           "--device", "cpu"], capsys)
     assert code == 0, err
     for f in ("plan.json", "model.pt", "metrics.json", "kept_filters.png", "model.ts"):
         assert (out_dir / f).stat().st_size > 0
     metrics = json.loads((out_dir / "metrics.json").read_text())
+    assert metrics["device"] == "cpu" and metrics["config"]["device"] == "cpu" and "device cpu:" in out
     assert metrics["compressed"]["macs"] <= 0.6 * metrics["base"]["macs"] + 1
     assert metrics["accuracy"]["compensated"] > 0.8
     lat = metrics["latency"]["batch128"]

@@ -89,6 +89,80 @@ def test_int8_calibration_methods_run(tiny, data, method):
         assert torch.isfinite(q(data)).all()
 
 
+def _int8_input_scale(q) -> float:
+    """Scale of the quantize node in front of the first conv of a converted FX int8 model."""
+    names = [n for n, _ in q.named_buffers() if n.endswith("input_scale_0")] + \
+        [n for n in dir(q) if n.endswith("input_scale_0")]
+    assert names, "no input scale in the converted model"
+    return float(getattr(q, sorted(names)[0]))
+
+
+def test_int8_calibration_reads_every_batch_up_to_max_samples(tiny, data):
+    """The torch engine observes every calibration batch (not only the first) up to max_samples."""
+    big = data.clone()
+    big[-1, 0, 0, 0] = 25.0  # the widest input range is in the last batch
+    loader = DataLoader(TensorDataset(torch.cat([data * 0.1, big]), torch.zeros(128)), batch_size=32)
+    all_of_it = quantize_int8(tiny, loader, method="minmax", max_samples=128)
+    first_half = quantize_int8(tiny, loader, method="minmax", max_samples=64)
+    assert _int8_input_scale(all_of_it) > 5 * _int8_input_scale(first_half)
+    assert _int8_input_scale(all_of_it) * 255 >= 25.0   # uint8 activations span the outlier
+
+
+@pytest.mark.parametrize("method,observer", [("minmax", "MinMaxObserver"), ("mse", "HistogramObserver"),
+                                             ("percentile", "PercentileObserver")])
+def test_int8_calibration_method_reaches_the_observer(tiny, data, monkeypatch, method, observer):
+    """QuantConfig(calibration=...) through quantize_model -> quantize_int8 -> prepare_fx: each method gets its
+    own activation observer ("mse" is torch's HistogramObserver, never a silent min/max)."""
+    import torch.ao.quantization.quantize_fx as qfx
+
+    real, seen = qfx.prepare_fx, []
+
+    def spy(model, mapping, *a, **k):
+        seen.append(type(mapping.global_qconfig.activation()).__name__)
+        return real(model, mapping, *a, **k)
+    monkeypatch.setattr(qfx, "prepare_fx", spy)
+    quantize_model(tiny, QuantConfig(mode="int8", int8_engine="torch", calibration=method, calibration_samples=32),
+                   data)
+    assert seen == [observer]
+
+
+def test_calibrate_scale_mse_clips_heavy_tails():
+    """4-bit "mse" picks a clipping ratio well below 1 on heavy-tailed values, with a lower error than
+    min/max (it must not fall back to min/max) and never a larger scale."""
+    from si_compress.quant.primitives import calibrate_scale, dequantize, quantize
+
+    v = torch.randn(20000, generator=torch.Generator().manual_seed(0)) ** 3
+    s_minmax = calibrate_scale(v, 4, method="minmax")
+    s_mse = calibrate_scale(v, 4, method="mse")
+    assert float(s_mse) < 0.7 * float(s_minmax)
+    err = {k: float(((dequantize(quantize(v, s, 4), s) - v) ** 2).mean()) for k, s in
+           (("minmax", s_minmax), ("mse", s_mse))}
+    assert err["mse"] < 0.8 * err["minmax"], err
+    w = v.reshape(100, 200)                       # per channel: every row clipped below its own min/max
+    assert (calibrate_scale(w, 4, method="mse", axis=0) < calibrate_scale(w, 4, method="minmax", axis=0)).all()
+
+
+def test_activation_calibration_reads_every_batch_and_mse_clips(tiny, data):
+    """Fake-quant activation ranges: every batch up to calibration_samples is observed (the widest
+    range is in the last one), and "mse" / "percentile" clip a heavy-tailed input below min/max."""
+    big = data.clone()
+    big[-1, 0, 0, 0] = 25.0
+    loader = DataLoader(TensorDataset(torch.cat([data * 0.1, big]), torch.zeros(128)), batch_size=32)
+
+    def input_range(res):
+        return float(next(m for m in res.model.modules() if hasattr(m, "act_quant")).act_quant.max_val)
+
+    every = quantize_model(tiny, QuantConfig(mode="int4", calibration="minmax", calibration_samples=128), loader)
+    half = quantize_model(tiny, QuantConfig(mode="int4", calibration="minmax", calibration_samples=64), loader)
+    assert input_range(every) >= 25.0 > 5 * input_range(half)
+    heavy = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1)) ** 3
+    first = {}
+    for method in ("minmax", "mse", "percentile"):
+        res = quantize_model(tiny, QuantConfig(mode="int4", calibration=method, percentile=99.0), heavy)
+        first[method] = float(next(m for m in res.model.modules() if hasattr(m, "act_quant")).act_quant.scale())
+    assert first["percentile"] < first["mse"] < 0.98 * first["minmax"], first
+
+
 def test_cifar_resnet_is_fx_traceable_and_int8_converts(tmp_path):
     torch.manual_seed(0)
     m = _trained_bn(cifar_resnet(20))

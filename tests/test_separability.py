@@ -552,3 +552,66 @@ def test_knn_float64_screen_tier_equals_the_oracle(rng, monkeypatch, offset, noi
     for k in (1, 4):
         np.testing.assert_array_equal(knn(X, k, backend="numba"), knn_numpy(X, None, k))
     assert sum(calls) > 0
+
+
+def _tie_data():
+    # 300 rows one rounding step around a common point: many exact float64 ties, decided only by the
+    # order in which a sum of squares is accumulated (issue 16: numba gave [48, 151, 176] for row 188)
+    rng = np.random.default_rng(12345)
+    return np.repeat(rng.standard_normal((1, 16)) * 100, 300, axis=0) + rng.integers(-2, 3, (300, 16)) * 1e-3
+
+
+@pytest.mark.parametrize("backend", ALL)
+def test_knn_equal_distances_go_to_the_lowest_index(backend):
+    X = _tie_data()
+    got = knn(X, 3, backend=backend)
+    assert got[188].tolist() == [48, 151, 49]          # rows 49 and 176 are at the same distance
+    np.testing.assert_array_equal(got, knn_numpy(X, None, 3))
+    for k in (1, 5):
+        np.testing.assert_array_equal(knn(X, k, backend=backend), knn_numpy(X, None, k))
+    np.testing.assert_array_equal(knn(X, 4, query=X[::7], backend=backend), knn_numpy(X, X[::7], 4))
+
+
+def test_knn_ties_through_the_dask_merge():
+    pytest.importorskip("dask")
+    import dask.array as da
+
+    X = _tie_data()
+    got = knn(da.from_array(X, chunks=(70, 16)), 3, backend="numba" if "numba" in FAST else "numpy")
+    np.testing.assert_array_equal(got, knn_numpy(X, None, 3))
+
+
+def test_correctly_rounded_distance_is_exact_and_order_free():
+    from fractions import Fraction
+
+    from si_compress.separability._numpy import sqdist_cr
+
+    X = _tie_data()
+    A, B = X[[188, 188, 3, 7]], X[[49, 176, 200, 9]]
+    exact = [float(sum(Fraction(float(v)) ** 2 for v in a - b)) for a, b in zip(A, B)]
+    assert sqdist_cr(A, B).tolist() == exact
+    assert exact[0] == exact[1]
+    perm = np.random.default_rng(0).permutation(16)
+    assert sqdist_cr(A[:, perm], B[:, perm]).tolist() == exact
+    if "numba" in FAST:
+        from si_compress.separability import _numba as nb
+
+        for a, b, e in zip(A, B, exact):
+            assert nb._sqdist_cr(a, b, 1.0) == e
+            assert nb._sqdist_cr(a[perm], b[perm], 1.0) == e
+
+
+@pytest.mark.skipif("numba" not in FAST, reason="numba not installed")
+def test_small_search_leaves_torch_threads_alone():
+    # In a fresh process, Numba's first get/set_num_threads starts its OpenMP pool, which sets the
+    # OpenMP thread count torch reads: a small search (Numba pinned to one thread, then restored)
+    # must leave torch's count as it found it.
+    pytest.importorskip("torch")
+    code = ("import numpy as np, torch; torch.set_num_threads(1); "
+            "from si_compress.separability._knn import knn; "
+            "knn(np.random.default_rng(0).standard_normal((200, 8)), 3, backend='numba'); "
+            "print(torch.get_num_threads())")
+    env = {**__import__("os").environ, "NUMBA_NUM_THREADS": "2"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
+                         cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert out.stdout.split() == ["1"], out.stdout + out.stderr

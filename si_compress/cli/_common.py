@@ -204,6 +204,23 @@ def parse_arch_kwargs(text) -> dict | None:
     return value
 
 
+def add_device_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--device", default="auto", metavar="{auto,cpu,cuda}",
+                   help=f"where {what} run: auto (default: a CUDA GPU when torch sees one, else the CPU), cpu, "
+                        "cuda or cuda:N; structure tracing, planning, MAC counts, latency timing, quantization "
+                        "and export always run on the CPU")
+
+
+def check_device(args):
+    """The resolved ``--device`` (a torch.device); CLIError for a bad or unavailable one, before any work."""
+    from .._device import resolve_device
+
+    try:
+        return resolve_device(args.device)
+    except ValueError as exc:
+        raise CLIError(f"--device: {exc}") from None
+
+
 DEFAULT_SAMPLES = 5000
 
 

@@ -16,7 +16,9 @@ from ._common import (
     CLIError,
     Progress,
     add_data_args,
+    add_device_arg,
     add_model_args,
+    check_device,
     load_model_and_data,
     positive_float,
     positive_int,
@@ -44,6 +46,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--memory-budget", type=positive_float, default=4.0,
                    help="GiB of features held at once; more layers take more passes (default 4)")
     p.add_argument("--threads", type=positive_int, help="torch and Numba threads (default: all cores)")
+    add_device_arg(p, "the model's forward passes over the data (feature collection)")
     p.add_argument("--out", default="runs/analyze", help="output folder (default runs/analyze)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -59,6 +62,7 @@ def _body(argv) -> int:
         raise CLIError(f"--max-dim must be >= 1; got {args.max_dim}")
     if args.memory_budget <= 0:
         raise CLIError(f"--memory-budget must be > 0 GiB; got {args.memory_budget}")
+    args.device = check_device(args)
     folder = OutputFolder(args.out)   # a file or unwritable folder fails here, before any work
     with folder, torch_threads(args.threads):
         _run(args, folder)
@@ -88,7 +92,7 @@ def _run(args, folder) -> None:
     report = analyze(
         loaded.model, loader, layers=args.layers, order=args.order, max_dim=args.max_dim, backend=args.backend,
         memory_budget_bytes=int(args.memory_budget * 2**30), reference_loader=ref_loader,
-        class_names=info.class_names, example_input=x0, progress=progress,
+        class_names=info.class_names, example_input=x0, progress=progress, device=args.device,
         model_info=dict(path=str(Path(args.model).resolve()), name=Path(args.model).name, arch=loaded.arch,
                         num_classes=loaded.num_classes, key_style=loaded.key_style,
                         arch_kwargs=dict(loaded.arch_kwargs)),
@@ -111,7 +115,9 @@ def _run(args, folder) -> None:
     best = max(report.layers, key=lambda r: r.si)
     print(f"\nhighest SI {best.si:.3f} at {best.name}; final-layer SI {report.layers[-1].si:.3f}, "
           f"CSI {report.layers[-1].csi:.3f}")
-    print(f"time {report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB "
+    from .._device import describe_device
+
+    print(f"device {describe_device(args.device)}; time {report.seconds:.1f} s, peak RSS {report.peak_rss_mb:.0f} MB "
           f"(features {report.feature_mb:.0f} MB in {report.settings['passes']} pass(es)); wrote {out}/")
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ._common import (ArgumentParser, CLIError, Progress, add_model_args, nonneg_int, positive_float,
-                      positive_int, run_main, torch_threads)
+from ._common import (ArgumentParser, CLIError, Progress, add_device_arg, add_model_args, check_device, nonneg_int,
+                      positive_float, positive_int, run_main, torch_threads)
 from ._quant import add_quant_args
 
 PROG = "si-compress"
@@ -95,6 +95,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=128, help="fine-tuning batch size (default 128)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch and Numba threads for everything, latency timing included (default: all cores)")
+    add_device_arg(p, "feature collection, compensation, reconstruction, head training, fine-tuning and "
+                      "evaluation")
     p.add_argument("--out", default="runs/compress", help="output folder (default runs/compress)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     add_quant_args(p)
@@ -119,6 +121,7 @@ def _check_options(args) -> None:
                        "epoch runs; add --finetune-epochs 1")
     if args.head_only and args.finetune_epochs:
         raise CLIError("--head-only trains the classifier only (--head-epochs); drop --finetune-epochs or --head-only")
+    args.device = check_device(args)
     if args.quant or args.sparsity:  # quantization options are checked before any expensive step
         from ._quant import check_quant_args
 
@@ -199,7 +202,7 @@ def _run(args, folder) -> list[str]:
                             truncate_below_budget=args.truncate_below_budget,
                             reconstruct_steps=args.reconstruct_steps, reconstruct_seconds=args.reconstruct_seconds,
                             reconstruct_images=args.reconstruct_images, reconstruct_targets=args.reconstruct_targets,
-                            teacher=args.teacher)
+                            teacher=args.teacher, device=str(args.device))
     n_si = args.si_samples or min(DEFAULT_SI_SAMPLES, len(train))
     si_idx = balanced_indices(train.labels, n_si, seed=args.seed)
     sample = preload(train.dataset, si_idx)
@@ -211,6 +214,7 @@ def _run(args, folder) -> list[str]:
     x0 = sample[0][0][None]
     if plan is not None:
         check_plan_base(plan, model, x0)
+    from .._device import describe_device
     from ..structure import describe
 
     # What the adapter finds (and what it cannot handle) is known before any expensive step.
@@ -226,7 +230,7 @@ def _run(args, folder) -> list[str]:
     augment = cifar_augment if tuple(x0.shape[-2:]) == (32, 32) else None
     step = progress.step
     step("evaluate base")
-    base_acc = evaluate(model, test_loader)
+    base_acc = evaluate(model, test_loader, device=args.device)
     recon_loader = None
     if "reconstruct" in args.compensation:
         recon_idx = balanced_indices(train.labels, min(args.reconstruct_images, len(train)), seed=args.seed + 1)
@@ -255,6 +259,7 @@ def _run(args, folder) -> list[str]:
         accuracy=dict(base=base_acc, pruned=m["acc_pruned"], compensated=m["acc_compensated"],
                       head=m.get("acc_head"), finetuned=m.get("acc_finetuned")),
         latency=lat, threads=torch.get_num_threads(), config=config_dict(config),
+        device=m["device"], device_name=describe_device(m["device"]),
         seconds={k: v for k, v in m.items() if k.startswith("seconds")}, refit=m.get("refit"),
         finetune_history=m.get("finetune_history"), finetune_steps=ft_steps if ft else None,
         reconstruct=m.get("reconstruct"), finetune_teacher=m.get("finetune_teacher"),
@@ -300,6 +305,8 @@ def _run(args, folder) -> list[str]:
         what = f"{len(ft)} ep" if full else f"{ft_steps} steps ({len(ft)} ep of <= {args.finetune_steps} steps)"
         steps.append(f"fine-tuned {what} {100 * acc['finetuned']:.2f}%")
     lines.append(f"accuracy on {metrics['eval_samples']} test images: " + " -> ".join(steps))
+    lines.append(f"device {metrics['device_name']}: SI features, compensation, training and evaluation ran there; "
+                 "structure tracing, planning, MAC counts and latency on the CPU")
     lines.append(f"MACs {base_macs / 1e6:.2f} M -> {m['macs'] / 1e6:.2f} M ({100 * metrics['macs_reduction']:.1f}% "
                  f"fewer), params {base_params / 1e6:.3f} M -> {m['params'] / 1e6:.3f} M "
                  f"({100 * metrics['params_reduction']:.1f}% fewer)")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _device
 from ..plan import CompressionPlan
 
 __all__ = ["refit_consumers", "refit_head", "recalibrate_bn"]
@@ -73,10 +74,10 @@ def _input_of(model: nn.Module, name: str, x: torch.Tensor) -> torch.Tensor:
     return seen["x"]
 
 
-def _bn_affine(bn: nn.BatchNorm2d | None, channels: int):
+def _bn_affine(bn: nn.BatchNorm2d | None, channels: int, device=None):
     """(a, beta, mu) with eval BN(z) = a * (z - mu) + beta; identity when there is no BN."""
     if bn is None:
-        one = torch.ones(channels, dtype=torch.float64)
+        one = torch.ones(channels, dtype=torch.float64, device=device)
         return one, torch.zeros_like(one), torch.zeros_like(one)
     var = bn.running_var.double()
     a = torch.rsqrt(var + bn.eps)
@@ -110,15 +111,16 @@ def _fit_conv(conv: nn.Conv2d, bn, inputs, residuals, *, ridge: float, max_rows:
     if conv.groups != 1:
         raise ValueError(f"refit supports ungrouped convs only; got groups={conv.groups}")
     out = conv.out_channels
-    a, beta, mu = _bn_affine(bn, out)
+    dev = conv.weight.device
+    a, beta, mu = _bn_affine(bn, out, dev)
     # A channel with a ~ 0 outputs beta whatever its weights: nothing to fit, keep it as is.
     valid = a.abs() > 1e-12
     a_safe = torch.where(valid, a, torch.ones_like(a))
     fit_bias = conv.bias is not None or bn is not None
     total = sum(h.shape[0] * _rows(r[:1]).shape[0] for h, r in zip(inputs, residuals))
     D = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1] + int(fit_bias)
-    AtA = torch.zeros(D, D, dtype=torch.float64)
-    AtB = torch.zeros(D, out, dtype=torch.float64)
+    AtA = torch.zeros(D, D, dtype=torch.float64, device=dev)
+    AtB = torch.zeros(D, out, dtype=torch.float64, device=dev)
     used = 0
     for h, r in zip(inputs, residuals):
         P = _patches(conv, h).double()
@@ -126,10 +128,10 @@ def _fit_conv(conv: nn.Conv2d, bn, inputs, residuals, *, ridge: float, max_rows:
         n = P.shape[0]
         quota = n if total <= max_rows else max(1, (n * max_rows) // total)
         if quota < n:  # uniform subsample keeps the normal equations unbiased
-            idx = torch.randperm(n, generator=gen)[:quota]
+            idx = torch.randperm(n, generator=gen)[:quota].to(dev)   # CPU generator: same rows on any device
             P, Z = P[idx], Z[idx]
         if fit_bias:
-            P = torch.cat([P, torch.ones(P.shape[0], 1, dtype=torch.float64)], dim=1)
+            P = torch.cat([P, torch.ones(P.shape[0], 1, dtype=torch.float64, device=dev)], dim=1)
         AtA += P.T @ P
         AtB += P.T @ Z
         used += P.shape[0]
@@ -151,7 +153,7 @@ def _ridge_solve(AtA: torch.Tensor, AtB: torch.Tensor, k: int, ridge: float) -> 
     """Solve the normal equations (AtA + lam I_k) X = AtB in place of AtA, lam = ridge x trace/k over
     the first k (weight) columns; a trailing bias column is not shrunk."""
     lam = ridge * float(torch.trace(AtA[:k, :k])) / max(k, 1)
-    AtA[:k, :k] += lam * torch.eye(k, dtype=torch.float64)
+    AtA[:k, :k] += lam * torch.eye(k, dtype=torch.float64, device=AtA.device)
     try:
         return torch.linalg.solve(AtA, AtB)
     except RuntimeError:  # singular even with the ridge (e.g. ridge=0 and dead inputs)
@@ -273,7 +275,7 @@ def _followers(model: nn.Module, x: torch.Tensor):
     return order, bn_of, _Run(model, x)
 
 
-def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -> dict:
+def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen, followers) -> dict:
     """Least-squares re-fit of every consumer of pruned channels (and, with ``after_change``, of every
     residual section's exit conv and every conv on the model's cut after the first change), in
     execution order so each fit absorbs the error of those before it.
@@ -281,8 +283,7 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -
     Residual section exit (``bn(conv(h)) + s -> T``): the target is the ORIGINAL section's sum ``T``
     minus the PRUNED shortcut ``s``; any other layer matches the original layer's (post-BN) output.
     """
-    x1 = xs[0][:1]
-    order, bn_of, run = _followers(pruned, x1)
+    order, bn_of, run = followers
     cuts = run._cuts
     orig_mods = dict(original.named_modules())
     keep = plan.keep_map()
@@ -329,7 +330,7 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen) -
             if name not in keep:
                 report[name] = {"skipped": "its outputs are pruned as part of another group", "reason": reason}
                 continue
-            out_idx = torch.tensor(keep[name])
+            out_idx = torch.tensor(keep[name], device=_device.model_device(mp))
         if is_exit and out_idx is None:
             sec, (gm_p, add_p, short_p, conv_p, bn_p) = exits[name]
             info_o = _section_exit(orig_mods[sec])
@@ -380,14 +381,15 @@ def _fit_linear(lin: nn.Linear, inputs, targets, *, ridge: float) -> int:
     """Least-squares fit of ``lin`` (weight and bias) so that ``lin(h) ≈ target`` (rows: every sample)."""
     F_ = torch.cat([h.reshape(-1, h.shape[-1]) for h in inputs]).double()
     L = torch.cat([t.reshape(-1, t.shape[-1]) for t in targets]).double()
-    A = F_ if lin.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64)], 1)
+    A = F_ if lin.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64,
+                                                              device=F_.device)], 1)
     k = F_.shape[1]
     if A.shape[1] > A.shape[0]:
         # More inputs than rows (a 25088-wide VGG classifier): the dual form solves an n x n system,
         # X = A^T (A A^T + lam I)^-1 L (the bias column is shrunk too here).
         G = A @ A.T
         lam = max(ridge, 1e-8) * float(torch.trace(G)) / G.shape[0]
-        X = A.T @ torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64), L)
+        X = A.T @ torch.linalg.solve(G + lam * torch.eye(G.shape[0], dtype=torch.float64, device=G.device), L)
     else:
         X = _ridge_solve(A.T @ A, A.T @ L, k, ridge)
     lin.weight.copy_(X[:k].T.to(lin.weight.dtype))
@@ -398,7 +400,7 @@ def _fit_linear(lin: nn.Linear, inputs, targets, *, ridge: float) -> int:
 
 def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPlan, calib_loader, *,
                     ridge: float = 1e-4, max_rows: int = 100_000, max_batches: int | None = None,
-                    scope: str = "after_change", seed: int = 0) -> dict[str, dict]:
+                    scope: str = "after_change", seed: int = 0, device=None) -> dict[str, dict]:
     """Re-fit, in place, the convs of ``pruned`` that read changed inputs; returns a per-layer report.
 
     Any model (see :func:`_generic_refit`): every consumer of pruned channels (ungrouped conv or
@@ -411,7 +413,9 @@ def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPla
     to trace(A^T A)/D. ``max_rows``: im2col rows per layer (uniformly subsampled). Report:
     ``{layer name: {"before", "after", "rows", "reason"}}`` with relative squared errors
     ``||y - T||^2 / ||T||^2`` over all calibration positions. A Linear is re-fitted only when it reads
-    pruned channels (``refit_head`` fits a new head to the logits).
+    pruned channels (``refit_head`` fits a new head to the logits). ``device``: where the forwards
+    and the least-squares solves run (None: ``pruned``'s own device); the order of the layers is traced
+    where the model is, before it moves, and both models come back to where they were.
     """
     if scope not in ("after_change", "consumers"):
         raise ValueError(f"scope must be 'after_change' or 'consumers'; got {scope!r}")
@@ -423,17 +427,23 @@ def refit_consumers(pruned: nn.Module, original: nn.Module, plan: CompressionPla
     pruned.eval()
     original.eval()
     gen = torch.Generator().manual_seed(seed)
+    dev = _device.target(device, pruned)
     try:
         with torch.no_grad():
             xs = _batches(calib_loader, max_batches)
-            return _generic_refit(pruned, original, plan, xs, scope=scope, ridge=ridge, max_rows=max_rows, gen=gen)
+            # structure (execution order, BN of each conv, the cut) from a forward where the model is now
+            followers = _followers(pruned, xs[0][:1].to(_device.model_device(pruned)))
+            with _device.on_device(dev, pruned, original):
+                xs = [_device.to_device(x, dev) for x in xs]
+                return _generic_refit(pruned, original, plan, xs, scope=scope, ridge=ridge, max_rows=max_rows,
+                                      gen=gen, followers=followers)
     finally:
         for m, mode in modes:
             m.training = mode
 
 
 def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: float = 1e-4,
-               max_batches: int | None = None) -> dict:
+               max_batches: int | None = None, device=None) -> dict:
     """Least-squares fit, in place, of ``pruned``'s Linear classifier to ``original``'s logits.
 
     For a truncated chain, whose new head reads features the old head never saw: on the
@@ -441,7 +451,8 @@ def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: f
     pruned model's head input (N, C) and ``L`` the original model's logits (N, K); ``lam`` is
     ``ridge`` x trace(F^T F) / C (the bias is not shrunk). No labels are used. Returns
     ``{"before", "after", "rows"}`` (relative squared logit errors). A non-Linear head (an MLP)
-    is left alone and reported as ``{"skipped": reason}``.
+    is left alone and reported as ``{"skipped": reason}``. ``device``: where it runs (None: ``pruned``'s
+    own device); both models come back to where they were.
     """
     from .prune import find_classifier
 
@@ -453,12 +464,14 @@ def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: f
     modes = [(m, m.training) for m in list(pruned.modules()) + list(original.modules())]
     pruned.eval()
     original.eval()
+    dev = _device.target(device, pruned)
     seen = {}
     hook = head.register_forward_pre_hook(lambda mod, args: seen.__setitem__("x", args[0].detach()))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _device.on_device(dev, pruned, original):
             feats, logits, preds = [], [], []
             for x in _batches(calib_loader, max_batches):
+                x = _device.to_device(x, dev)
                 preds.append(pruned(x))
                 feats.append(seen["x"].double())
                 logits.append(original(x).double())
@@ -467,7 +480,8 @@ def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: f
                 raise ValueError(f"refit_head: head input {tuple(F_.shape)} / original logits {tuple(L.shape)} "
                                  f"do not fit a Linear({head.in_features}, {head.out_features})")
             before = _rel_err([torch.cat(preds).double()], [L])
-            A = F_ if head.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64)], 1)
+            A = F_ if head.bias is None else torch.cat([F_, torch.ones(F_.shape[0], 1, dtype=torch.float64,
+                                                                      device=F_.device)], 1)
             AtA, AtB = A.T @ A, A.T @ L
             k = F_.shape[1]
             X = _ridge_solve(AtA, AtB, k, ridge)
@@ -482,11 +496,12 @@ def refit_head(pruned: nn.Module, original: nn.Module, calib_loader, *, ridge: f
     return {"before": before, "after": after, "rows": int(F_.shape[0])}
 
 
-def recalibrate_bn(model: nn.Module, loader, *, batches: int | None = None) -> nn.Module:
+def recalibrate_bn(model: nn.Module, loader, *, batches: int | None = None, device=None) -> nn.Module:
     """Reset every BatchNorm's running stats and re-estimate them on ``loader`` (cumulative average,
     ``momentum=None``) in train mode without gradients; returns ``model`` in eval mode.
 
-    ``batches``: use at most this many batches (None: all). Only BN buffers change.
+    ``batches``: use at most this many batches (None: all). Only BN buffers change. ``device``: where
+    the forwards run (None: the model's own); the model comes back to where it was.
     """
     if batches is not None and (isinstance(batches, bool) or not isinstance(batches, int) or batches < 1):
         raise ValueError(f"batches must be a positive integer or None; got {batches!r}")
@@ -495,13 +510,14 @@ def recalibrate_bn(model: nn.Module, loader, *, batches: int | None = None) -> n
     for m in bns:
         m.reset_running_stats()
         m.momentum = None
+    dev = _device.target(device, model)
     model.train()
     seen = 0
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _device.on_device(dev, model):
             for item in loader:
                 x = item[0] if isinstance(item, (tuple, list)) else item
-                model(x)
+                model(_device.to_device(x, dev))
                 seen += 1
                 if batches is not None and seen >= batches:
                     break

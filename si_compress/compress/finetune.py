@@ -1,12 +1,16 @@
-"""Evaluation, head training and fine-tuning of a compressed model on CPU.
+"""Evaluation, head training and fine-tuning of a compressed model (on the CPU or a CUDA device).
 
 - :func:`preload` decodes a dataset once into tensors, so repeated evaluations skip JPEG decoding.
 - :func:`cifar_augment` is the standard CIFAR augmentation (4-px padded random crop + horizontal
   flip) applied per batch on tensors, so a preloaded dataset can still be augmented.
 - :func:`train_head` trains only the classifier on features computed once (frozen extractor).
 - :func:`finetune` is SGD + Nesterov with a per-step cosine schedule; ``bf16=True`` runs forward
-  and backward under ``torch.autocast("cpu", dtype=torch.bfloat16)`` where the CPU has native
-  bf16 (AMX or AVX512-BF16), and silently stays in float32 elsewhere.
+  and backward under ``torch.autocast(device type, dtype=torch.bfloat16)`` where the device has native
+  bf16 (a CUDA GPU that supports it, a CPU with AMX or AVX512-BF16), and silently stays in float32
+  elsewhere.
+
+``device=`` (each function): run there (``"cpu"``, ``"cuda"``, ``"auto"``; ``si_compress._device``);
+None runs on the model's own device. The model (and teacher) come back to where they were.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .. import _device
 from .prune import find_classifier
 
 __all__ = ["evaluate", "train_head", "finetune", "preload", "cifar_augment", "bf16_supported"]
@@ -38,9 +43,18 @@ def bf16_supported() -> bool:
     return False
 
 
-def _autocast(bf16: bool):
-    if bf16 and bf16_supported():
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+def _bf16_on(bf16: bool, dev: torch.device) -> bool:
+    """bf16 autocast only where the device computes in bf16 natively."""
+    if not bf16:
+        return False
+    if dev.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bf16_supported()
+
+
+def _autocast(bf16: bool, dev: torch.device = torch.device("cpu")):
+    if _bf16_on(bf16, dev):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -51,18 +65,21 @@ def _xy(item):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, *, bf16: bool = False) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (eval mode; its training flag is restored)."""
+def evaluate(model: nn.Module, loader, *, bf16: bool = False, device=None) -> float:
+    """Top-1 accuracy in [0, 1] of ``model`` (eval mode; its training flag is restored) on ``device``."""
+    dev = _device.target(device, model)
     was = model.training
     model.eval()
     correct = total = 0
     try:
-        for item in loader:
-            x, y = _xy(item)
-            with _autocast(bf16):
-                logits = model(x)
-            correct += int((logits.argmax(1) == y).sum())
-            total += int(y.numel())
+        with _device.on_device(dev, model):
+            for item in loader:
+                x, y = _xy(item)
+                x = _device.to_device(x, dev)
+                with _autocast(bf16, dev):
+                    logits = model(x)
+                correct += int((logits.argmax(1).cpu() == torch.as_tensor(y).cpu()).sum())
+                total += int(torch.as_tensor(y).numel())
     finally:
         model.train(was)
     if total == 0:
@@ -105,6 +122,7 @@ def cifar_augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True,
         raise ValueError(f"cifar_augment expects a (N, C, H, W) batch; got shape {tuple(x.shape)}")
     n, _, h, w = x.shape
     xp = F.pad(x, (padding, padding, padding, padding)) if padding else x
+    # the random draws on the CPU (a CPU generator), the indices then on the batch's device
     oy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     ox = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
     rows = oy[:, None] + torch.arange(h)                       # (N, H)
@@ -112,7 +130,8 @@ def cifar_augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True,
     if flip:
         flipped = torch.rand(n, generator=generator) < 0.5
         cols = torch.where(flipped[:, None], cols.flip(1), cols)
-    batch = torch.arange(n)[:, None, None]
+    rows, cols = rows.to(x.device), cols.to(x.device)
+    batch = torch.arange(n, device=x.device)[:, None, None]
     out = xp.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]   # (N, H, W, C)
     return out.permute(0, 3, 1, 2).contiguous()
 
@@ -128,15 +147,23 @@ def _check_epochs(epochs) -> int:
 
 
 def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momentum: float = 0.9,
-               weight_decay: float = 5e-4, seed: int = 0) -> list[dict]:
+               weight_decay: float = 5e-4, seed: int = 0, device=None) -> list[dict]:
     """Train only the classifier head (``find_classifier``) on features computed once.
 
     The feature extractor runs once in eval mode over ``loader`` (augmentation in the loader is
     therefore seen once, not per epoch); the head is then trained with SGD + Nesterov and a cosine
     schedule on the cached (N, in_features) features, reshuffled each epoch with batches of the
     loader's size. Returns per-epoch ``{"epoch", "loss", "acc"}`` (on the cached features).
+    ``device``: where the features are computed and the head trained (None: the model's own).
     """
     epochs = _check_epochs(epochs)
+    dev = _device.target(device, model)
+    with _device.on_device(dev, model):
+        return _train_head(model, loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                           seed=seed, dev=dev)
+
+
+def _train_head(model, loader, *, epochs, lr, momentum, weight_decay, seed, dev) -> list[dict]:
     name, head = find_classifier(model)
     feats, labels, seen = [], [], {}
     hook = head.register_forward_pre_hook(lambda m, a: seen.__setitem__("x", a[0].detach()))
@@ -146,9 +173,9 @@ def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momen
         with torch.no_grad():
             for item in loader:
                 x, y = _xy(item)
-                model(x)
+                model(_device.to_device(x, dev))
                 feats.append(seen["x"].float())
-                labels.append(torch.as_tensor(y, dtype=torch.int64))
+                labels.append(_device.to_device(torch.as_tensor(y, dtype=torch.int64), dev))
     finally:
         hook.remove()
     if not feats:
@@ -167,7 +194,7 @@ def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momen
             p.requires_grad_(True)
         head.train()
         for epoch in range(epochs):
-            perm = torch.randperm(len(X), generator=gen)
+            perm = torch.randperm(len(X), generator=gen).to(dev)   # drawn on the CPU: same order on any device
             loss_sum = correct = 0.0
             for i in range(0, len(X), bs):
                 idx = perm[i:i + bs]
@@ -191,7 +218,8 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
              weight_decay: float = 5e-4, nesterov: bool = True, schedule: str = "cosine",
              augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = False,
              max_steps: int | None = None, teacher: nn.Module | None = None, kd_weight: float = 0.5,
-             temperature: float = 4.0, progress: Callable[[dict], None] | None = None) -> list[dict]:
+             temperature: float = 4.0, progress: Callable[[dict], None] | None = None,
+             device=None) -> list[dict]:
     """Fine-tune all parameters with SGD; the learning rate follows ``schedule`` per step.
 
     ``schedule``: ``"cosine"`` (lr -> 0 over ``epochs * len(train_loader)`` steps) or
@@ -200,8 +228,9 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
     epoch after that many batches (for quick runs). ``teacher``: distil from this model (eval mode,
     unchanged): loss = (1 - kd_weight) * CE(labels) + kd_weight * T^2 * KL(teacher || student) at
     temperature T (``reconstruct.kd_loss``). ``progress(record)`` is called after each
-    epoch. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16", "steps", "teacher"}``; the model is
-    left in eval mode.
+    epoch. ``device``: where model and teacher train and run (None: the model's own); both come
+    back to where they were. Returns per-epoch ``{"epoch", "loss", "acc", "lr", "seconds", "bf16",
+    "steps", "teacher"}``; the model is left in eval mode.
     """
     epochs = _check_epochs(epochs)
     if schedule not in ("cosine", "constant"):
@@ -210,12 +239,21 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
         raise ValueError("nesterov=True needs momentum > 0")
     if teacher is not None and not (0.0 <= kd_weight <= 1.0):
         raise ValueError(f"kd_weight must be in [0, 1]; got {kd_weight!r}")
+    dev = _device.target(device, model)
+    with _device.on_device(dev, model, teacher):
+        return _finetune(model, train_loader, epochs=epochs, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         nesterov=nesterov, schedule=schedule, augment=augment, bf16=bf16, max_steps=max_steps,
+                         teacher=teacher, kd_weight=kd_weight, temperature=temperature, progress=progress, dev=dev)
+
+
+def _finetune(model, train_loader, *, epochs, lr, momentum, weight_decay, nesterov, schedule, augment, bf16,
+              max_steps, teacher, kd_weight, temperature, progress, dev) -> list[dict]:
     from .reconstruct import kd_loss
 
     t_modes = [(m, m.training) for m in teacher.modules()] if teacher is not None else []
     if teacher is not None:
         teacher.eval()
-    use_bf16 = bool(bf16) and bf16_supported()
+    use_bf16 = _bf16_on(bf16, dev)
     per_epoch = len(train_loader) if max_steps is None else min(len(train_loader), max_steps)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
@@ -233,9 +271,10 @@ def finetune(model: nn.Module, train_loader, *, epochs: int, lr: float = 0.01, m
                     break
                 steps += 1
                 x, y = _xy(item)
+                x, y = _device.to_device(x, dev), _device.to_device(torch.as_tensor(y), dev)
                 if augment is not None:
                     x = augment(x)
-                with _autocast(use_bf16):
+                with _autocast(use_bf16, dev):
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
                     if teacher is not None:

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _device
+
 __all__ = ["reconstruct", "kd_loss", "TARGETS"]
 
 TARGETS = ("logits", "features", "both")
@@ -86,7 +88,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     images of ``loader`` (its first ones, cycled); ``targets``: "logits", "features" or "both" (see
     the module doc). The teacher is never changed. Returns a report: ``targets, steps, seconds,
     images, loss_first, loss_last, layers`` (the matched feature layers). The student is left in
-    eval mode with re-estimated BatchNorm statistics.
+    eval mode with re-estimated BatchNorm statistics. ``device``: where both models train and run
+    (None: the student's own device); both come back to where they were.
     """
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {', '.join(TARGETS)}; got {targets!r}")
@@ -98,7 +101,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
         raise ValueError(f"lr must be a positive number; got {lr!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
-    dev = torch.device(device) if device is not None else next(student.parameters()).device
+    dev = _device.target(device, student)
     # cache the images (bounded by ``images``): every step then draws from memory
     xs, n = [], 0
     for item in loader:
@@ -111,12 +114,21 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
             break
     if not xs or n == 0:
         raise ValueError("reconstruct: the loader yielded no images")
-    batches = [x.to(dev) for x in xs]
-    layers = _matched_layers(student, teacher, batches[0]) if targets != "logits" else []
+    # the adapter traces the layers where the models are, before they move
+    layers = _matched_layers(student, teacher, xs[0].to(_device.model_device(student))) \
+        if targets != "logits" else []
     if targets == "features" and not layers:
         raise ValueError("reconstruct(targets='features'): no layer has the same output shape in both models; "
                          "use targets='logits'")
-    use_bf16 = bool(bf16) and (dev.type == "cuda" or _cpu_bf16())
+    with _device.on_device(dev, student, teacher):
+        batches = [_device.to_device(x, dev) for x in xs]
+        return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
+                      temperature=temperature, targets=targets, augment=augment, bf16=bf16, progress=progress)
+
+
+def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, temperature, targets, augment, bf16,
+           progress) -> dict:
+    use_bf16 = bool(bf16) and (torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_bf16())
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))

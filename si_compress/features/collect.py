@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _device
 from .._validation import check_positive_int
 from .hooks import FeatureRecorder, _as_name_list, _call_model, _check_model, _first_tensor
 
@@ -132,13 +133,14 @@ def _split_batch(batch, index: int):
 
 
 def collect_features(model: nn.Module, loader, layer_names: Sequence[str], *, max_dim: int = 4096,
-                     device: str | torch.device = "cpu", progress: Callable[[int, int], None] | None = None,
+                     device: str | torch.device | None = None, progress: Callable[[int, int], None] | None = None,
                      dtype=np.float32, n_samples: int | None = None) -> FeatureSet:
     """Run ``loader`` through ``model`` and return the flattened features of ``layer_names``.
 
     The model runs in eval mode under ``torch.inference_mode`` (each module's training flag is
-    restored afterwards) and is moved to ``device`` in place (``model.to(device)``); inputs are
-    moved per batch. A (C, H, W) map with C*H*W > ``max_dim`` is reduced inside the hook by
+    restored afterwards) on ``device`` (``"cpu"``, ``"cuda"``, ``"auto"``; None: the model's own device):
+    the model is moved there for the run and back to where it was afterwards, inputs are moved per
+    batch and features come back to host memory. A (C, H, W) map with C*H*W > ``max_dim`` is reduced inside the hook by
     ``F.adaptive_avg_pool2d`` to the k x k grid of :func:`pooled_grid`, so features are
     (C*k*k,) in channel-major order; maps with other ranks are flattened without reduction.
 
@@ -158,7 +160,7 @@ def collect_features(model: nn.Module, loader, layer_names: Sequence[str], *, ma
     n = _n_samples(loader) if n_samples is None else check_positive_int(n_samples, "n_samples")
     if n == 0:
         raise ValueError("the loader has no samples; features of an empty dataset cannot be collected")
-    device = torch.device(device)
+    device = _device.target(device, model)
 
     shapes: dict[str, tuple[int, ...]] = {}
     grids: dict[str, int | None] = {}
@@ -186,17 +188,16 @@ def collect_features(model: nn.Module, loader, layer_names: Sequence[str], *, ma
     predictions: np.ndarray | None = np.empty(n, dtype=np.int64)
     done = 0
     modes = [(m, m.training) for m in model.modules()]
-    model.to(device)
     model.eval()
     try:
-        with FeatureRecorder(model, names, transform=reduce) as rec, torch.inference_mode():
+        with _device.on_device(device, model), FeatureRecorder(model, names, transform=reduce) as rec, torch.inference_mode():
             for index, batch in enumerate(loader):
                 x, y = _split_batch(batch, index)
                 b = int(x.shape[0])
                 if done + b > n:
                     raise ValueError(f"the loader yielded more than the {n} samples expected (batch {index}); "
                                      "pass the right n_samples=")
-                out = _first_tensor(_call_model(model, x.to(device, non_blocking=True)), what="the model")
+                out = _first_tensor(_call_model(model, _device.to_device(x, device)), what="the model")
                 maps = rec.take()
                 if nonfinite:
                     name = next(n_ for n_ in names if n_ in nonfinite)

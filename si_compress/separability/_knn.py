@@ -255,15 +255,24 @@ def _fallback64(Q, qrows, U, urows, qn, un, first, self_ids, need, rows):
 
 @contextmanager
 def _numba_threads_at_most(k: int):
-    """Run the enclosed Numba parallel regions on at most k threads (restored afterwards)."""
+    """Run the enclosed Numba parallel regions on at most k threads (restored afterwards).
+
+    Numba's OpenMP layer and torch share one OpenMP thread count: setting Numba's sets torch's too,
+    so when torch is loaded its count is put back as well (the core itself never imports torch)."""
+    import sys
+
     import numba
 
+    torch = sys.modules.get("torch")
+    torch_prev = torch.get_num_threads() if torch is not None else None
     prev = numba.get_num_threads()
     numba.set_num_threads(max(1, min(k, prev)))
     try:
         yield
     finally:
         numba.set_num_threads(prev)
+        if torch_prev is not None and torch.get_num_threads() != torch_prev:
+            torch.set_num_threads(torch_prev)
 
 
 def knn(ref: np.ndarray, k: int, *, query: np.ndarray | None = None, backend: str = "auto") -> np.ndarray:

@@ -115,12 +115,57 @@ def _sqdist(a, b):
     return s
 
 
+# Relative and (per coordinate) absolute error of ``_sqdist`` against the exact sum of the squared
+# float64 differences, per coordinate: any summation order (reassoc), fused or rounded products
+# (contract), products that underflow; with a margin (2 units of 2**-53 per term, not 1).
+_SQ_REL = 2.3e-16
+_SQ_ABS = 1e-322
+
+
+@njit(cache=True)
+def _sqdist_cr(a, b, fast):
+    """The squared distance of the float64 differences a - b, correctly rounded (up to 2**-100 relative):
+    the same value in whatever order the coordinates come, so equal distances are equal bit for bit
+    and ties go to the lowest index in every backend. Each square is split exactly (Dekker) and
+    summed in double-double; no fast-math flags here (they would undo the error-free transforms).
+    ``fast``: the ``_sqdist`` value, returned as is when it is not finite."""
+    if not np.isfinite(fast):
+        return fast
+    hi = 0.0
+    lo = 0.0
+    for t in range(a.shape[0]):
+        x = np.float64(a[t]) - np.float64(b[t])
+        p = x * x
+        c = 134217729.0 * x            # 2**27 + 1: x = xh + xl exactly, each with <= 26 bits
+        xh = c - (c - x)
+        xl = x - xh
+        e = ((xh * xh - p) + 2.0 * xh * xl) + xl * xl   # p + e == x * x exactly
+        s = hi + p                     # two-sum: s + err == hi + p exactly
+        bb = s - hi
+        err = (hi - (s - bb)) + (p - bb)
+        hi = s
+        lo += err + e
+    return hi + lo
+
+
+@njit(cache=True, inline="always")
+def _offer(bd, bi, bf, q, row, u, f):
+    """Insert row u (tie key f) into the lists when it may enter them: its fast distance screens it,
+    the correctly rounded one (:func:`_sqdist_cr`) is what is stored and compared."""
+    d = _sqdist(q, row)
+    n = q.shape[0]
+    if d * (1.0 - _SQ_REL * (n + 2)) - _SQ_ABS * n > bd[bd.shape[0] - 1]:
+        return
+    _insert_sorted(bd, bi, bf, _sqdist_cr(q, row, d), u, f)
+
+
 @njit(parallel=True, cache=True)
 def pair_sqdist(A, B, idx, out):
-    """out[i, t] = squared distance of A[i] to B[idx[i, t]], with the arithmetic of the re-ranking."""
+    """out[i, t] = squared distance of A[i] to B[idx[i, t]], with the arithmetic of the re-ranking
+    (correctly rounded, :func:`_sqdist_cr`)."""
     for i in prange(idx.shape[0]):
         for t in range(idx.shape[1]):
-            out[i, t] = _sqdist(A[i], B[idx[i, t]])
+            out[i, t] = _sqdist_cr(A[i], B[idx[i, t]], _sqdist(A[i], B[idx[i, t]]))
 
 
 @njit(cache=True, inline="always")
@@ -175,8 +220,7 @@ def refine(Q, qrows, U, urows, qnorm, cand, cand_d, first, self_ids, need, scree
                 reach = np.sqrt(qnorm[i]) + np.sqrt(dk)
                 if np.float64(cand_d[i, t]) - (c_tol * (qnorm[i] + reach * reach) + a_tol) > dk:
                     break
-            d = _sqdist(q, U[urows[u]])
-            _insert_sorted(bd, bi, bf, d, u, first[u])
+            _offer(bd, bi, bf, q, U[urows[u]], u, first[u])
         for t in range(need):
             out_idx[i, t] = bi[t]
             out_dist[i, t] = bd[t]
@@ -206,8 +250,7 @@ def exact_rows(Q, U, urows, cand_mask_rows, cand_cols, first, self_ids, need, ou
             u = cand_cols[t]
             if u == self_ids[i]:
                 continue
-            d = _sqdist(Q[i], U[urows[u]])
-            _insert_sorted(bd, bi, bf, d, u, first[u])
+            _offer(bd, bi, bf, Q[i], U[urows[u]], u, first[u])
         for t in range(need):
             out_idx[i, t] = bi[t]
             out_dist[i, t] = bd[t]
@@ -499,8 +542,7 @@ def exact_knn_rows(Q, qrows, U, urows, first, self_ids, need, out_idx, out_dist)
             for i in range(nb):
                 if u == self_ids[i]:
                     continue
-                d = _sqdist(Q[qrows[i]], row)
-                _insert_sorted(pd[ch, i], pi[ch, i], pf[ch, i], d, u, first[u])
+                _offer(pd[ch, i], pi[ch, i], pf[ch, i], Q[qrows[i]], row, u, first[u])
     for i in prange(nb):
         bd = np.full(need, np.inf)
         bi = np.full(need, -1, np.int64)
