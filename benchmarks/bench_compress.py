@@ -56,9 +56,9 @@ def run(args) -> dict:
     from si_compress.planning import plan_uniform, plan_with_widths, rank_filters
 
     torch.manual_seed(args.seed)
-    ckpt = SHARED / "models" / args.model
+    ckpt = Path(args.model) if Path(args.model).is_file() else SHARED / "models" / args.model
     data = SHARED / "data" / "cifar10-jpeg"
-    loaded = load_model(ckpt)
+    loaded = load_model(ckpt, arch=args.arch)
     base = loaded.model
     train = load_dataset(data, split="train")
     test = load_dataset(data, split="test")
@@ -216,7 +216,8 @@ def table(path: Path) -> str:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="resnet56-cifar10-jpeg.th")
+    p.add_argument("--model", default="resnet56-cifar10-jpeg.th", help="a file in ../shared/models, or a path")
+    p.add_argument("--arch", default=None, help="the model's arch when the file does not say (torchvision:resnet18)")
     p.add_argument("--target-macs", type=float, default=0.5)
     p.add_argument("--ranking", default="l1")
     p.add_argument("--objective", default="both", choices=("macs", "latency", "both"))
