@@ -177,6 +177,68 @@ def run(args) -> dict:
     return results
 
 
+def rebuilt_plan(base, structure, result: dict, arch: str, num_classes: int):
+    """A plan giving the architecture a method produced (its recorded widths and dropped blocks; the
+    first filters kept): latency depends on shapes, not on which filters survived."""
+    from si_compress.plan import CompressionPlan, LayerDecision
+
+    gone = {n for b in structure.blocks if b.name in result.get("dropped_blocks", []) for n in b.branch}
+    writers = {}
+    for u in structure.convs:
+        for n in (u.conv, *u.coupled):
+            writers[n] = (u, [w for w in (u.conv, *u.coupled) if w not in gone and w != n])
+    layers = []
+    for name, w in result["widths"].items():
+        u, others = writers[name]
+        layers.append(LayerDecision(name=name, out_channels=u.out_channels, keep=tuple(range(w)),
+                                    coupled=tuple(others) if u.coupled else ()))
+    return CompressionPlan(arch=arch, num_classes=num_classes, layers=tuple(layers),
+                           dropped_blocks=tuple(result.get("dropped_blocks", [])))
+
+
+def latency_only(args) -> dict:
+    """Time every method of ``args.out`` and the base together (interleaved rounds, one run): the models
+    are rebuilt from the recorded widths, so timing can wait for a quiet machine."""
+    import json
+
+    import torch
+
+    from si_compress.compress import apply_plan
+    from si_compress.latency import compare_models
+    from si_compress.models import load_model
+    from si_compress.pipeline import count_tp
+    from si_compress.structure import describe
+
+    d = json.loads(args.out.read_text())
+    st = d["settings"]
+    ckpt = Path(st["model"]) if Path(st["model"]).is_file() else SHARED / "models" / st["model"]
+    loaded = load_model(ckpt, arch=st.get("arch"))
+    base = loaded.model.eval()
+    x0 = torch.zeros(1, 3, 32, 32)
+    structure = describe(base, x0)
+    models = {"base": base}
+    for name, m in d["results"].items():
+        models[name] = apply_plan(base, rebuilt_plan(base, structure, m, loaded.arch, loaded.num_classes),
+                                  example_input=x0)
+        got = count_tp(models[name], x0)[0]
+        if got != m["macs"]:
+            raise SystemExit(f"{name}: the rebuilt model has {got} MACs, the run recorded {m['macs']}")
+    for b in (1, 128):
+        t = compare_models(models, b, (3, 32, 32), repeats=args.latency_repeats)
+        tb = t["models"]["base"]
+        log(f"batch {b}: " + ", ".join(f"{k} {1e3 * v['median_s']:.1f} ms" for k, v in t["models"].items())
+            + (" (NOISY)" if t["noisy"] else ""))
+        for name, m in d["results"].items():
+            tc = t["models"][name]
+            m.setdefault("latency", {})[f"batch{b}"] = dict(
+                base_s=tb["median_s"], compressed_s=tc["median_s"], speedup=tb["median_s"] / tc["median_s"],
+                base_spread=tb["spread"], compressed_spread=tc["spread"], noisy=t["noisy"], retried=t["retried"],
+                repeats=t["repeats"], threads=t["threads"], timed_together=list(models))
+    d["latency_run"] = dict(machine=machine_info(), repeats=args.latency_repeats, together=True)
+    write_json_atomic(args.out, d)
+    return d
+
+
 def table(path: Path) -> str:
     import json
 
@@ -203,14 +265,24 @@ def table(path: Path) -> str:
     for name, m in r.items():
         ft = "" if m.get("acc_finetuned") is None else f"{100 * m['acc_finetuned']:.2f}%"
         lat = m.get("latency")
-        sp = f"{lat['batch1']['speedup']:.2f}x / {lat['batch128']['speedup']:.2f}x" if lat else ""
+        sp = " / ".join(f"{lat[k]['speedup']:.2f}x" + (" (noisy)" if lat[k].get("noisy") else "")
+                        for k in ("batch1", "batch128")) if lat else ""
         lines.append(f"| {name} | -{100 * m['macs_reduction']:.1f}% | -{100 * m['params_reduction']:.1f}% | "
                      f"{len(m.get('dropped_blocks', []))} | {100 * m['acc_pruned']:.2f}% | "
                      + (f"{100 * m['acc_refit']:.2f}% | " if recon else "")
                      + f"{100 * m['acc_compensated']:.2f}% | {ft} | {sp} |")
-    lines += ["", f"Speed-up: base latency / compressed latency, eager PyTorch on the CPU, "
-                  f"{d['machine'].get('torch_threads', '?')} threads, median of {d['settings'].get('latency_repeats', 7)} "
-                  "runs, both models timed back to back in one run."]
+    if d.get("latency_run"):
+        lr = d["latency_run"]
+        threads = next((m["latency"]["batch1"].get("threads") for m in r.values() if m.get("latency")), "?")
+        lines += ["", f"Speed-up: base latency / method latency (medians), eager PyTorch on the CPU, {threads} "
+                      f"threads; the base and every method timed in turn in the same {lr['repeats']} rounds "
+                      "(`--latency-only`, one run); (noisy): interquartile spread above 10%."]
+    elif any(m.get("latency") for m in r.values()):
+        lines += ["", f"Speed-up: base latency / compressed latency, eager PyTorch on the CPU, "
+                      f"{d['machine'].get('torch_threads', '?')} threads, median of "
+                      f"{d['settings'].get('latency_repeats', 7)} runs, both models timed back to back in one run."]
+    else:
+        lines += ["", "Latency not timed in this run (`--no-latency`); `--latency-only` times it later."]
     return "\n".join(lines)
 
 
@@ -240,6 +312,8 @@ def main(argv=None):
                    help="methods that are also fine-tuned (--epochs); the others stop after compensation")
     p.add_argument("--latency-si-only", action="store_true", help="time only the SI model (default: every method)")
     p.add_argument("--latency-repeats", type=int, default=7)
+    p.add_argument("--latency-only", action="store_true",
+                   help="time the methods already in --out together with the base (rebuilt from their widths) and stop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--table", action="store_true")
@@ -247,6 +321,10 @@ def main(argv=None):
     stem = stem_of(args.model)
     args.out = args.out or HERE / "results" / f"compress_{stem}.json"
     if args.table:
+        print(table(args.out))
+        return 0
+    if args.latency_only:
+        latency_only(args)
         print(table(args.out))
         return 0
     import torch
