@@ -161,15 +161,15 @@ def _shift_row_abs_sums(shifts: np.ndarray, signs: np.ndarray) -> np.ndarray:
 _SCRATCH = threading.local()
 
 
-def _scratch(shape, dtype) -> np.ndarray:
-    """A reused, grow-only scratch array of ``shape`` (per calling thread and dtype): a fresh
+def _scratch(shape, dtype, key: str = "cols") -> np.ndarray:
+    """A reused, grow-only scratch array of ``shape`` (per calling thread, dtype and ``key``): a fresh
     allocation per call costs page faults comparable to the convolution itself."""
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
     size = int(np.prod(shape))
-    buf = cache.get(np.dtype(dtype))
+    buf = cache.get((key, np.dtype(dtype)))
     if buf is None or buf.size < size:
         buf = np.empty(size, dtype=dtype)
-        cache[np.dtype(dtype)] = buf
+        cache[(key, np.dtype(dtype))] = buf
     return buf[:size].reshape(shape)
 
 
@@ -179,27 +179,56 @@ def _num_threads() -> int:
     return numba.get_num_threads()
 
 
-def _run_conv(x, terms, is_shift, row_sums, w_shape, geo):
-    k = _kernels()
+def _padded(x, w_shape, geo, dtype):
+    """x zero-padded (only as far as the kernel reads) in the accumulator dtype."""
     sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
-    dtype = _acc_dtype(x, row_sums)
-    # pad (only as far as the kernel reads) in the accumulator dtype
     h_need = (oh - 1) * sh + dh * (w_shape[2] - 1) + 1
     w_need = (ow - 1) * sw + dw * (w_shape[3] - 1) + 1
     xp = np.zeros((x.shape[0], x.shape[1], h_need, w_need), dtype=dtype)
     hs, ws = min(x.shape[2], h_need - pt), min(x.shape[3], w_need - pl)
     xp[:, :, pt:pt + hs, pl:pl + ws] = x[:, :, :hs, :ws]
-    ks, vals, n_pos, n_all = terms
-    n = x.shape[0]
-    out = np.zeros((w_shape[0], n * oh * ow), dtype=dtype)
-    k_size = int(np.prod(w_shape[1:]))
+    return xp
+
+
+def _conv_tiles(k_size: int, n_q: int):
+    """(tile, n_chunks): output pixels per job and parallel chunks (one scratch buffer each)."""
     n_threads = _num_threads()
-    tile = k.tile_pixels(k_size, n * oh * ow, n_threads)
-    n_chunks = min(n_threads, -(-n * oh * ow // tile))
-    k.conv2d_terms(xp, ks, vals.astype(dtype), n_pos, n_all, is_shift, out, w_shape[2], w_shape[3], sh, sw, dh, dw,
-                   groups, oh, ow, _scratch((n_chunks, k_size, tile), dtype))
-    res = np.empty((n, w_shape[0], oh, ow), dtype=np.int64)
-    res[...] = out.reshape(w_shape[0], n, oh, ow).transpose(1, 0, 2, 3)
+    tile = _kernels().tile_pixels(k_size, n_q, n_threads)
+    return tile, min(n_threads, -(-n_q // tile))
+
+
+def _run_conv_shift(x, shifts, signs, w_shape, geo):
+    k = _kernels()
+    sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
+    c = w_shape[0]
+    k_size = int(np.prod(w_shape[1:]))
+    pptr, pd, pneg, pn, prow, elast, row_sums = k.shift_passes(
+        np.ascontiguousarray(shifts.reshape(shifts.shape[0], c, -1)), np.ascontiguousarray(signs.reshape(c, -1)), k_size)
+    dtype = _acc_dtype(x, row_sums)
+    xp = _padded(x, w_shape, geo, dtype)
+    n = x.shape[0]
+    out = np.empty((n, c, oh, ow), dtype=np.int64)
+    tile, n_chunks = _conv_tiles(k_size, n * oh * ow)
+    k.conv2d_shift_passes(xp, pptr, pd.astype(dtype), pneg, pn, prow, elast, out.reshape(n, c, oh * ow), w_shape[2],
+                          w_shape[3], sh, sw, dh, dw, groups, oh, ow, _scratch((n_chunks, k_size + 1, tile), dtype),
+                          _scratch((n_chunks, c // groups, tile), dtype, "acc"))
+    return out
+
+
+def _run_conv_mul(x, weight, geo):
+    k = _kernels()
+    sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
+    ks, ws, n_all = k.mul_terms(np.ascontiguousarray(weight.reshape(weight.shape[0], -1)))
+    dtype = _acc_dtype(x, np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1))
+    xp = _padded(x, weight.shape, geo, dtype)
+    n = x.shape[0]
+    out = np.zeros((weight.shape[0], n * oh * ow), dtype=dtype)
+    k_size = int(np.prod(weight.shape[1:]))
+    tile, n_chunks = _conv_tiles(k_size, n * oh * ow)
+    k.conv2d_mul_terms(xp, ks, ws.astype(dtype), n_all, out, weight.shape[2], weight.shape[3], sh, sw, dh, dw, groups,
+                       oh, ow, _scratch((n_chunks, k_size, tile), dtype))
+    res = np.empty((n, weight.shape[0], oh, ow), dtype=np.int64)
+    res[...] = out.reshape(weight.shape[0], n, oh, ow).transpose(1, 0, 2, 3)
     return res
 
 
@@ -233,8 +262,7 @@ def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: i
     shifts, signs, max_w = _shift_weights(shifts, signs, 4)
     geo = _conv_geometry(x.shape, signs.shape, stride, padding, dilation, groups)
     _check_headroom(x, max_w, int(np.prod(signs.shape[1:])))
-    return _run_conv(x, _shift_term_lists(shifts, signs), True, _shift_row_abs_sums(shifts, signs), signs.shape,
-                     geo)
+    return _run_conv_shift(x, shifts, signs, signs.shape, geo)
 
 
 def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
@@ -243,8 +271,7 @@ def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -
     weight = _int_activations(weight, 4, "weight", np.int64)
     geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
     _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
-    sums = np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1)
-    return _run_conv(x, _mul_term_lists(weight), False, sums, weight.shape, geo)
+    return _run_conv_mul(x, weight, geo)
 
 
 def linear_shift(x, shifts, signs) -> np.ndarray:
