@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 TILE_TARGET = 1 << 17  # scratch elements per job (cols K x P tile): about 512 KiB of int32
+DIRECT_TILE = 4096  # output pixels per job of the stride-1 shift conv (no im2col: longer passes, fewer)
 K_BLOCK = 32  # fan-in rows applied to every output channel before the next rows
 
 
@@ -283,23 +284,24 @@ def _mul_row(acc, cols, ks, ws, lo, hi, n_p):
 
 
 @njit(cache=True, inline="always")
-def _horner_passes(acc, cols, pd, pneg, pn, prow, lo, hi, n_p, mask):
-    """Passes [lo, hi) of :func:`shift_passes` on acc[:n_p]: ``acc = (acc << d) +/- sum of rows``.
+def _horner_passes(acc, flat, roff, base, pd, pneg, pn, prow, lo, hi, n_p, mask):
+    """Passes [lo, hi) of :func:`shift_passes` on acc[:n_p]: ``acc = (acc << d) +/- sum of rows``, row k
+    being ``flat[base + roff[k]:]``.
 
     Additions only inside a pass (its rows share one exponent and one sign); one shift of the
     accumulator per pass. ``mask`` as in :func:`_shift_row` (31 keeps the int32 path in 8 lanes)."""
     for j in range(lo, hi):
         d = pd[j] & mask
         r = prow[j]
-        r0 = cols[r[0]]
-        r1 = cols[r[1]]
-        r2 = cols[r[2]]
-        r3 = cols[r[3]]
+        r0 = flat[base + roff[r[0]]:]
+        r1 = flat[base + roff[r[1]]:]
+        r2 = flat[base + roff[r[2]]:]
+        r3 = flat[base + roff[r[3]]:]
         if pn[j] == 8:
-            r4 = cols[r[4]]
-            r5 = cols[r[5]]
-            r6 = cols[r[6]]
-            r7 = cols[r[7]]
+            r4 = flat[base + roff[r[4]]:]
+            r5 = flat[base + roff[r[5]]:]
+            r6 = flat[base + roff[r[6]]:]
+            r7 = flat[base + roff[r[7]]:]
             if pneg[j]:
                 for p in range(n_p):
                     acc[p] = (acc[p] << d) - (((r0[p] + r1[p]) + (r2[p] + r3[p])) + ((r4[p] + r5[p]) + (r6[p] + r7[p])))
@@ -351,10 +353,11 @@ def _im2col(cols, xp, ci0, c_per_g, kh_size, kw_size, q0, n_q, oh_size, ow_size,
                         n += 1
 
 
-def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1) -> int:
-    """Output pixels per job: about TILE_TARGET / K, a multiple of 16, at least 16, and small enough
-    that every one of ``n_threads`` threads gets a job when there are enough pixels."""
-    t = max(16, (TILE_TARGET // max(k_size, 1)) // 16 * 16)
+def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1, direct: bool = False) -> int:
+    """Output pixels per job: about TILE_TARGET / K (DIRECT_TILE for :func:`conv2d_shift_direct`), a
+    multiple of 16, at least 16, and small enough that every one of ``n_threads`` threads gets a job
+    when there are enough pixels."""
+    t = max(16, (DIRECT_TILE if direct else TILE_TARGET // max(k_size, 1)) // 16 * 16)
     if n_threads > 1:
         per_thread = -(-n_pix // n_threads)  # ceil
         t = min(t, max(16, -(-per_thread // 16) * 16))  # rounded up to a multiple of 16
@@ -382,8 +385,10 @@ def conv2d_shift_passes(xp, pptr, pd, pneg, pn, prow, elast, out, kh_size, kw_si
     k_size = k1 - 1
     n_tiles = (n_q + tile - 1) // tile
     narrow = acc_scratch.itemsize == 4
+    roff = np.arange(k1) * tile  # row k of a chunk's cols
     for chunk in prange(n_chunks):
         cols = scratch[chunk]
+        flat = cols.ravel()
         acc = acc_scratch[chunk]
         zero = cols[k_size]
         for p in range(tile):
@@ -399,9 +404,9 @@ def conv2d_shift_passes(xp, pptr, pd, pneg, pn, prow, elast, out, kh_size, kw_si
                     for p in range(n_p):
                         a[p] = 0
                     if narrow:
-                        _horner_passes(a, cols, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p, 31)
+                        _horner_passes(a, flat, roff, 0, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p, 31)
                     else:
-                        _horner_passes(a, cols, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p, 63)
+                        _horner_passes(a, flat, roff, 0, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p, 63)
                 # out[n, co, pix] = acc << elast, image by image (a tile may cross images)
                 n = q0 // n_pix
                 pix = q0 - n * n_pix
@@ -417,6 +422,76 @@ def conv2d_shift_passes(xp, pptr, pd, pneg, pn, prow, elast, out, kh_size, kw_si
                     j += seg
                     pix = 0
                     n += 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hp, wp, kh_size, kw_size, dh, dw, groups,
+                        tile, n_chunks, acc_scratch):
+    """Stride-1 shift conv without im2col: Horner passes read the padded input in place.
+
+    xf: the zero-padded input in (C, Hp, Wp, N) order (batch innermost), flattened, followed by at
+    least ``tile + (KW - 1) * dw * N`` zeros (the short passes' zero row starts right after the input).
+    Output pixels run over q = (oh * Wp + w) * N + n for w in [0, Wp): the input pixel that weight
+    column k = (ci, kh, kw) meets at q is ``xf[ci * Hp * Wp * N + (kh * dh * Wp + kw * dw) * N + q]``,
+    so every row of a tile is a contiguous slice. Columns w >= OW are computed and dropped (the
+    price: Wp / OW more work, against an im2col copy of K values per output pixel).
+    out (N, Co, OH * OW) int64; acc_scratch (n_chunks, Co / groups, tile) in the accumulator dtype.
+    """
+    n_img, c_out, n_pix = out.shape
+    ow_size = wp - dw * (kw_size - 1)
+    oh_size = hp - dh * (kh_size - 1)
+    n_q = oh_size * wp * n_img
+    c_per_g = c_in // groups
+    co_per_g = c_out // groups
+    k_size = c_per_g * kh_size * kw_size
+    plane = hp * wp * n_img
+    roff = np.empty(k_size + 1, np.int64)
+    for cig in range(c_per_g):
+        for kh in range(kh_size):
+            for kw in range(kw_size):
+                roff[(cig * kh_size + kh) * kw_size + kw] = cig * plane + (kh * dh * wp + kw * dw) * n_img
+    n_tiles = (n_q + tile - 1) // tile
+    narrow = acc_scratch.itemsize == 4
+    for chunk in prange(n_chunks):
+        acc = acc_scratch[chunk]
+        rows = roff.copy()
+        for tile_i in range(chunk, n_tiles, n_chunks):
+            q0 = tile_i * tile
+            n_p = min(tile, n_q - q0)
+            for g in range(groups):
+                base = g * c_per_g * plane + q0
+                rows[k_size] = c_in * plane - base  # the zero row: the zeros after the input
+                co0 = g * co_per_g
+                for c in range(co_per_g):
+                    a = acc[c]
+                    for p in range(n_p):
+                        a[p] = 0
+                    if narrow:
+                        _horner_passes(a, xf, rows, base, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p,
+                                       31)
+                    else:
+                        _horner_passes(a, xf, rows, base, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p,
+                                       63)
+                # out[n, co, oh * OW + w] = acc << elast for the columns w < OW
+                for c in range(co_per_g):
+                    e = elast[co0 + c]
+                    a = acc[c]
+                    o = out[:, co0 + c, :]
+                    pos = q0 // n_img
+                    n = q0 - pos * n_img
+                    oh = pos // wp
+                    w = pos - oh * wp
+                    for j in range(n_p):
+                        if w < ow_size:
+                            o[n, oh * ow_size + w] = np.int64(a[j]) << e
+                        n += 1
+                        if n == n_img:
+                            n = 0
+                            w += 1
+                            if w == wp:
+                                w = 0
+                                oh += 1
     return out
 
 

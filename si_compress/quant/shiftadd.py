@@ -95,14 +95,18 @@ def _int_activations(x, ndim: int, name: str = "x", dtype=np.int32) -> np.ndarra
         raise TypeError(f"{name} must be an integer array (quantize activations first); got dtype {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {x.shape}")
-    if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
+    if x.size and not np.can_cast(x.dtype, np.int32) and (x.min() < np.iinfo(np.int32).min
+                                                          or x.max() > np.iinfo(np.int32).max):
         raise ValueError(f"{name} values must fit in int32")
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _check_headroom(x: np.ndarray, max_abs_weight: int, fan_in: int) -> None:
-    """Refuse inputs whose worst-case accumulator could overflow int64."""
-    max_x = max(abs(int(x.min())), abs(int(x.max()))) if x.size else 0
+def _max_abs(x: np.ndarray) -> int:
+    return max(abs(int(x.min())), abs(int(x.max()))) if x.size else 0
+
+
+def _check_headroom(max_x: int, max_abs_weight: int, fan_in: int) -> None:
+    """Refuse inputs whose worst-case accumulator could overflow int64 (max_x: max |x|)."""
     if max_x * max_abs_weight * fan_in > _ACC_LIMIT:
         raise ValueError(f"worst-case accumulator {max_x} * {max_abs_weight} * {fan_in} overflows int64; "
                          "use fewer activation bits or a smaller exponent range")
@@ -116,7 +120,7 @@ def _shift_weights(shifts, signs, ndim: int) -> tuple[np.ndarray, np.ndarray, in
                          f"and {signs.shape}")
     if shifts.size and (shifts.min() < -1 or shifts.max() > 62):
         raise ValueError("shifts must be in [-1, 62] (-1 marks an absent term)")
-    if signs.size and np.abs(signs.astype(np.int64)).max() > 1:
+    if signs.size and (signs.min() < -1 or signs.max() > 1):
         raise ValueError("signs must be in {-1, 0, 1}")
     max_w = sum(2 ** int(s.max()) for s in shifts if s.size and s.max() >= 0)
     return (np.ascontiguousarray(shifts, dtype=np.int8), np.ascontiguousarray(signs, dtype=np.int8), max_w)
@@ -141,12 +145,12 @@ def _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     return sh, sw, pt, pb, pl, pr, dh, dw, int(groups), oh, ow
 
 
-def _acc_dtype(x: np.ndarray, row_abs_sums: np.ndarray):
+def _acc_dtype(x: np.ndarray, row_abs_sums: np.ndarray, max_x: int | None = None):
     """int32 when the worst-case accumulator ``max|x| * max_c sum_k |w[c, k]|`` fits in int32, else int64.
 
     Every partial sum the kernels form is bounded by that worst case, so int32 never wraps. The bound
-    is computed in float64 (relative error far below the 1e-6 margin kept)."""
-    max_x = max(abs(float(x.min())), abs(float(x.max()))) if x.size else 0.0
+    is computed in float64 (relative error far below the 1e-6 margin kept). ``max_x``: max|x| if known."""
+    max_x = float(_max_abs(x) if max_x is None else max_x)
     bound = max_x * (float(row_abs_sums.max()) if row_abs_sums.size else 0.0)
     return np.int32 if bound <= np.iinfo(np.int32).max * (1 - 1e-6) else np.int64
 
@@ -190,36 +194,50 @@ def _padded(x, w_shape, geo, dtype):
     return xp
 
 
-def _conv_tiles(k_size: int, n_q: int):
+def _conv_tiles(k_size: int, n_q: int, direct: bool = False):
     """(tile, n_chunks): output pixels per job and parallel chunks (one scratch buffer each)."""
     n_threads = _num_threads()
-    tile = _kernels().tile_pixels(k_size, n_q, n_threads)
+    tile = _kernels().tile_pixels(k_size, n_q, n_threads, direct)
     return tile, min(n_threads, -(-n_q // tile))
 
 
-def _run_conv_shift(x, shifts, signs, w_shape, geo):
+def _run_conv_shift(x, max_x, shifts, signs, w_shape, geo):
     k = _kernels()
     sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
     c = w_shape[0]
     k_size = int(np.prod(w_shape[1:]))
     pptr, pd, pneg, pn, prow, elast, row_sums = k.shift_passes(
         np.ascontiguousarray(shifts.reshape(shifts.shape[0], c, -1)), np.ascontiguousarray(signs.reshape(c, -1)), k_size)
-    dtype = _acc_dtype(x, row_sums)
-    xp = _padded(x, w_shape, geo, dtype)
+    dtype = _acc_dtype(x, row_sums, max_x)
+    pd = pd.astype(dtype)
     n = x.shape[0]
     out = np.empty((n, c, oh, ow), dtype=np.int64)
+    if sh == sw == 1:
+        # no im2col: the passes read a (C, Hp, Wp, N) padded copy in place (see conv2d_shift_direct)
+        hp = oh + dh * (w_shape[2] - 1)
+        wp = ow + dw * (w_shape[3] - 1)
+        tile, n_chunks = _conv_tiles(k_size, oh * wp * n, direct=True)
+        size = x.shape[1] * hp * wp * n
+        xf = np.zeros(size + tile + dw * (w_shape[3] - 1) * n, dtype=dtype)
+        hs, ws = min(x.shape[2], hp - pt), min(x.shape[3], wp - pl)
+        xf[:size].reshape(x.shape[1], hp, wp, n)[:, pt:pt + hs, pl:pl + ws] = x[:, :, :hs, :ws].transpose(1, 2, 3, 0)
+        k.conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), x.shape[1], hp, wp,
+                              w_shape[2], w_shape[3], dh, dw, groups, tile, n_chunks,
+                              _scratch((n_chunks, c // groups, tile), dtype, "acc"))
+        return out
+    xp = _padded(x, w_shape, geo, dtype)
     tile, n_chunks = _conv_tiles(k_size, n * oh * ow)
-    k.conv2d_shift_passes(xp, pptr, pd.astype(dtype), pneg, pn, prow, elast, out.reshape(n, c, oh * ow), w_shape[2],
-                          w_shape[3], sh, sw, dh, dw, groups, oh, ow, _scratch((n_chunks, k_size + 1, tile), dtype),
+    k.conv2d_shift_passes(xp, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), w_shape[2], w_shape[3], sh,
+                          sw, dh, dw, groups, oh, ow, _scratch((n_chunks, k_size + 1, tile), dtype),
                           _scratch((n_chunks, c // groups, tile), dtype, "acc"))
     return out
 
 
-def _run_conv_mul(x, weight, geo):
+def _run_conv_mul(x, max_x, weight, geo):
     k = _kernels()
     sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
     ks, ws, n_all = k.mul_terms(np.ascontiguousarray(weight.reshape(weight.shape[0], -1)))
-    dtype = _acc_dtype(x, np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1))
+    dtype = _acc_dtype(x, np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1), max_x)
     xp = _padded(x, weight.shape, geo, dtype)
     n = x.shape[0]
     out = np.zeros((weight.shape[0], n * oh * ow), dtype=dtype)
@@ -261,8 +279,9 @@ def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: i
     x = _int_activations(x, 4)
     shifts, signs, max_w = _shift_weights(shifts, signs, 4)
     geo = _conv_geometry(x.shape, signs.shape, stride, padding, dilation, groups)
-    _check_headroom(x, max_w, int(np.prod(signs.shape[1:])))
-    return _run_conv_shift(x, shifts, signs, signs.shape, geo)
+    max_x = _max_abs(x)
+    _check_headroom(max_x, max_w, int(np.prod(signs.shape[1:])))
+    return _run_conv_shift(x, max_x, shifts, signs, signs.shape, geo)
 
 
 def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
@@ -270,8 +289,9 @@ def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -
     x = _int_activations(x, 4)
     weight = _int_activations(weight, 4, "weight", np.int64)
     geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
-    return _run_conv_mul(x, weight, geo)
+    max_x = _max_abs(x)
+    _check_headroom(max_x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
+    return _run_conv_mul(x, max_x, weight, geo)
 
 
 def linear_shift(x, shifts, signs) -> np.ndarray:
@@ -280,7 +300,7 @@ def linear_shift(x, shifts, signs) -> np.ndarray:
     shifts, signs, max_w = _shift_weights(shifts, signs, 2)
     if x.shape[1] != signs.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight expects {signs.shape[1]}")
-    _check_headroom(x, max_w, signs.shape[1])
+    _check_headroom(_max_abs(x), max_w, signs.shape[1])
     return _run_linear(x, _shift_term_lists(shifts, signs), True, _shift_row_abs_sums(shifts, signs))
 
 
@@ -290,7 +310,7 @@ def linear_mul(x, weight) -> np.ndarray:
     weight = _int_activations(weight, 2, "weight", np.int64)
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight expects {weight.shape[1]}")
-    _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, weight.shape[1])
+    _check_headroom(_max_abs(x), int(np.abs(weight).max()) if weight.size else 0, weight.shape[1])
     return _run_linear(x, _mul_term_lists(weight), False, np.abs(weight.astype(np.float64)).sum(axis=1))
 
 
