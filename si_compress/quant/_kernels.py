@@ -6,25 +6,29 @@ Two kernels per layer type compute the same integers:
   ``sign * sum_t 2**shifts[t]`` over its present terms (``shifts[t] == -1`` marks an absent term).
 * multiply, the reference: ``acc += x * w`` with the integer weight ``w``.
 
-Convolutions unfold the zero-padded input per tile of output pixels (the pixel axis runs over the
-whole batch) into ``cols (K, P)`` (im2col): row k holds the input pixel that weight column k meets at
-each of the P output pixels (``k`` indexes the flattened (C/groups, KH, KW) fan-in), so stride,
-dilation and padding are resolved once, and every inner loop runs over contiguous pixels (SIMD
-lanes, no branches). Zero weights cost nothing.
+Layouts:
 
-* Conv, shift (:func:`shift_passes`, :func:`conv2d_shift_passes`): "shift the accumulator, not the
+* Conv, shift (:func:`shift_passes`, :func:`conv2d_shift_direct`): "shift the accumulator, not the
   weight". Each output channel's terms are sorted by exponent, descending, and cut into passes of 8
   rows of one exponent and one sign; a pass computes ``acc = (acc << d) +/- (r0 + ... + r7)``, d
   being the exponent step from the previous pass (Horner's scheme over the exponents), and the
-  output is ``acc << e_min``. Per weight term: one load and one addition; one shift per pass.
-* Conv, multiply: ``acc[p] += cols[k0, p] * w0 + ...`` eight terms per pass, fan-in in blocks of
-  K_BLOCK rows so a block stays in L1 while every channel reads it.
+  output is ``acc << e_min``. Per weight term: one load and one addition; one shift per pass. No
+  im2col: the zero-padded input, split into stride phases and stored batch-innermost, makes the
+  input row that weight column k meets across a tile of output pixels one contiguous slice (a few
+  padding columns are computed and dropped).
+* Conv, multiply: the zero-padded input is unfolded per tile of output pixels into ``cols (K, P)``
+  (im2col: row k holds the input pixel that weight column k meets at each of the P output pixels,
+  ``k`` indexing the flattened (C/groups, KH, KW) fan-in), then ``acc[p] += cols[k0, p] * w0 + ...``
+  eight terms per pass, fan-in in blocks of K_BLOCK rows so a block stays in L1 while every channel
+  reads it.
 * Linear layers: eight terms per pass (``x << e``, or ``x * w``) over the batch.
 
-Pixel tiles run in parallel (``prange``, one reused im2col buffer per thread). Integers only (no
+The pixel axis runs over the whole batch, so small maps still fill long SIMD loops; every inner
+loop runs over contiguous pixels (SIMD lanes, no branches) and zero weights cost nothing. Pixel
+tiles run in parallel (``prange``, one reused scratch buffer per thread). Integers only (no
 fastmath is involved), so every summation order gives the same result: the shift and multiply
-kernels are bit-exact. The accumulator dtype is the dtype of the ``cols`` scratch, chosen by the
-caller: int32 when the worst-case sum ``max|x| * max_c sum_k |w[c, k]|`` fits in int32 (twice the
+kernels are bit-exact. The accumulator dtype (of the scratch buffers and the padded input) is chosen
+by the caller: int32 when the worst-case sum ``max|x| * max_c sum_k |w[c, k]|`` fits in int32 (twice the
 SIMD lanes of int64), else int64. Every partial sum (a pass's row sum, a Horner accumulator: a
 subset of a channel's terms, scaled down by a power of two) is bounded by that worst case, so int32
 never wraps when chosen.
@@ -36,8 +40,8 @@ import math
 import numpy as np
 from numba import njit, prange
 
-TILE_TARGET = 1 << 17  # scratch elements per job (cols K x P tile): about 512 KiB of int32
-DIRECT_TILE = 4096  # output pixels per job of the stride-1 shift conv (no im2col: longer passes, fewer)
+TILE_TARGET = 1 << 17  # scratch elements per job of the im2col kernels (cols K x P tile): 512 KiB of int32
+DIRECT_TILE = 4096  # output pixels per job of the shift conv (no im2col: longer passes, fewer)
 K_BLOCK = 32  # fan-in rows applied to every output channel before the next rows
 
 
@@ -365,92 +369,36 @@ def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1, direct: bool = Fals
 
 
 @njit(parallel=True, cache=True)
-def conv2d_shift_passes(xp, pptr, pd, pneg, pn, prow, elast, out, kh_size, kw_size, sh, sw, dh, dw, groups, oh_size,
-                        ow_size, scratch, acc_scratch):
-    """Shift conv on Horner pass lists (:func:`shift_passes`) into ``out`` (N, Co, OH * OW) int64.
+def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph, kh_size, kw_size, sh, sw, dh, dw,
+                        groups, tile, n_chunks, acc_scratch):
+    """Shift conv on Horner pass lists (:func:`shift_passes`) without im2col: the passes read the input in place.
 
-    xp (N, C, H + pads, W + pads) zero-padded int input in the accumulator dtype (pd is in it too).
-    scratch (n_chunks, K + 1, tile): one im2col buffer per parallel chunk, its last row kept zero
-    (the padding row of short passes); acc_scratch (n_chunks, Co / groups, tile): the accumulators
-    of one tile, all in the accumulator dtype. Chunk c handles pixel tiles c, c + n_chunks, ...; the
-    pixel axis runs over the whole batch. Each channel's accumulator stays in L1 while its passes
-    run, and each im2col row is read by every channel of the group from L2.
-    """
-    c_in = xp.shape[1]
-    n_img, c_out, n_pix = out.shape
-    n_q = n_img * n_pix
-    c_per_g = c_in // groups
-    co_per_g = c_out // groups
-    n_chunks, k1, tile = scratch.shape
-    k_size = k1 - 1
-    n_tiles = (n_q + tile - 1) // tile
-    narrow = acc_scratch.itemsize == 4
-    roff = np.arange(k1) * tile  # row k of a chunk's cols
-    for chunk in prange(n_chunks):
-        cols = scratch[chunk]
-        flat = cols.ravel()
-        acc = acc_scratch[chunk]
-        zero = cols[k_size]
-        for p in range(tile):
-            zero[p] = 0
-        for tile_i in range(chunk, n_tiles, n_chunks):
-            q0 = tile_i * tile
-            n_p = min(tile, n_q - q0)
-            for g in range(groups):
-                _im2col(cols, xp, g * c_per_g, c_per_g, kh_size, kw_size, q0, n_p, oh_size, ow_size, sh, sw, dh, dw)
-                co0 = g * co_per_g
-                for c in range(co_per_g):
-                    a = acc[c]
-                    for p in range(n_p):
-                        a[p] = 0
-                    if narrow:
-                        _horner_passes(a, flat, roff, 0, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p, 31)
-                    else:
-                        _horner_passes(a, flat, roff, 0, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p, 63)
-                # out[n, co, pix] = acc << elast, image by image (a tile may cross images)
-                n = q0 // n_pix
-                pix = q0 - n * n_pix
-                j = 0
-                while j < n_p:
-                    seg = min(n_pix - pix, n_p - j)
-                    for c in range(co_per_g):
-                        e = elast[co0 + c]
-                        src = acc[c, j:]
-                        dst = out[n, co0 + c, pix:]
-                        for t in range(seg):
-                            dst[t] = np.int64(src[t]) << e
-                    j += seg
-                    pix = 0
-                    n += 1
-    return out
-
-
-@njit(parallel=True, cache=True)
-def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hp, wp, kh_size, kw_size, dh, dw, groups,
-                        tile, n_chunks, acc_scratch):
-    """Stride-1 shift conv without im2col: Horner passes read the padded input in place.
-
-    xf: the zero-padded input in (C, Hp, Wp, N) order (batch innermost), flattened, followed by at
-    least ``tile + (KW - 1) * dw * N`` zeros (the short passes' zero row starts right after the input).
-    Output pixels run over q = (oh * Wp + w) * N + n for w in [0, Wp): the input pixel that weight
-    column k = (ci, kh, kw) meets at q is ``xf[ci * Hp * Wp * N + (kh * dh * Wp + kw * dw) * N + q]``,
-    so every row of a tile is a contiguous slice. Columns w >= OW are computed and dropped (the
-    price: Wp / OW more work, against an im2col copy of K values per output pixel).
+    xf: the zero-padded input split into stride phases, in (C, SH * SW, Hph, Wph, N) order (batch
+    innermost) and flattened: phase (a, b) holds padded pixel (h * SH + a, w * SW + b) at (h, w);
+    followed by at least ``tile + ((KW - 1) * dw // SW) * N`` zeros (the short passes' zero row starts
+    right after the input). Hph = OH + (KH - 1) * dh // SH, Wph likewise. Output pixels run over
+    q = (oh * Wph + w) * N + n for w in [0, Wph): the input pixel that weight column k = (ci, kh, kw)
+    meets at q lies in phase ((kh * dh) % SH, (kw * dw) % SW) of channel ci, at offset
+    ``((kh * dh) // SH * Wph + (kw * dw) // SW) * N + q``, so every row of a tile is a contiguous
+    slice (stride 1: one phase, the padded image). Columns w >= OW are computed and dropped (the
+    price: Wph / OW more work, against an im2col copy of K values per output pixel).
     out (N, Co, OH * OW) int64; acc_scratch (n_chunks, Co / groups, tile) in the accumulator dtype.
     """
     n_img, c_out, n_pix = out.shape
-    ow_size = wp - dw * (kw_size - 1)
-    oh_size = hp - dh * (kh_size - 1)
-    n_q = oh_size * wp * n_img
+    ow_size = wph - (kw_size - 1) * dw // sw
+    oh_size = hph - (kh_size - 1) * dh // sh
+    n_q = oh_size * wph * n_img
     c_per_g = c_in // groups
     co_per_g = c_out // groups
     k_size = c_per_g * kh_size * kw_size
-    plane = hp * wp * n_img
+    plane = hph * wph * n_img
     roff = np.empty(k_size + 1, np.int64)
     for cig in range(c_per_g):
         for kh in range(kh_size):
             for kw in range(kw_size):
-                roff[(cig * kh_size + kh) * kw_size + kw] = cig * plane + (kh * dh * wp + kw * dw) * n_img
+                phase = ((kh * dh) % sh) * sw + (kw * dw) % sw
+                roff[(cig * kh_size + kh) * kw_size + kw] = ((cig * sh * sw + phase) * plane
+                                                             + ((kh * dh) // sh * wph + (kw * dw) // sw) * n_img)
     n_tiles = (n_q + tile - 1) // tile
     narrow = acc_scratch.itemsize == 4
     for chunk in prange(n_chunks):
@@ -460,8 +408,8 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hp, wp, 
             q0 = tile_i * tile
             n_p = min(tile, n_q - q0)
             for g in range(groups):
-                base = g * c_per_g * plane + q0
-                rows[k_size] = c_in * plane - base  # the zero row: the zeros after the input
+                base = g * c_per_g * sh * sw * plane + q0
+                rows[k_size] = c_in * sh * sw * plane - base  # the zero row: the zeros after the input
                 co0 = g * co_per_g
                 for c in range(co_per_g):
                     a = acc[c]
@@ -480,8 +428,8 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hp, wp, 
                     o = out[:, co0 + c, :]
                     pos = q0 // n_img
                     n = q0 - pos * n_img
-                    oh = pos // wp
-                    w = pos - oh * wp
+                    oh = pos // wph
+                    w = pos - oh * wph
                     for j in range(n_p):
                         if w < ow_size:
                             o[n, oh * ow_size + w] = np.int64(a[j]) << e
@@ -489,7 +437,7 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hp, wp, 
                         if n == n_img:
                             n = 0
                             w += 1
-                            if w == wp:
+                            if w == wph:
                                 w = 0
                                 oh += 1
     return out

@@ -212,23 +212,23 @@ def _run_conv_shift(x, max_x, shifts, signs, w_shape, geo):
     pd = pd.astype(dtype)
     n = x.shape[0]
     out = np.empty((n, c, oh, ow), dtype=np.int64)
-    if sh == sw == 1:
-        # no im2col: the passes read a (C, Hp, Wp, N) padded copy in place (see conv2d_shift_direct)
-        hp = oh + dh * (w_shape[2] - 1)
-        wp = ow + dw * (w_shape[3] - 1)
-        tile, n_chunks = _conv_tiles(k_size, oh * wp * n, direct=True)
-        size = x.shape[1] * hp * wp * n
-        xf = np.zeros(size + tile + dw * (w_shape[3] - 1) * n, dtype=dtype)
-        hs, ws = min(x.shape[2], hp - pt), min(x.shape[3], wp - pl)
-        xf[:size].reshape(x.shape[1], hp, wp, n)[:, pt:pt + hs, pl:pl + ws] = x[:, :, :hs, :ws].transpose(1, 2, 3, 0)
-        k.conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), x.shape[1], hp, wp,
-                              w_shape[2], w_shape[3], dh, dw, groups, tile, n_chunks,
-                              _scratch((n_chunks, c // groups, tile), dtype, "acc"))
-        return out
-    xp = _padded(x, w_shape, geo, dtype)
-    tile, n_chunks = _conv_tiles(k_size, n * oh * ow)
-    k.conv2d_shift_passes(xp, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), w_shape[2], w_shape[3], sh,
-                          sw, dh, dw, groups, oh, ow, _scratch((n_chunks, k_size + 1, tile), dtype),
+    # no im2col: the passes read a phase-split (C, SH * SW, Hph, Wph, N) padded copy in place (conv2d_shift_direct)
+    hph = oh + (w_shape[2] - 1) * dh // sh
+    wph = ow + (w_shape[3] - 1) * dw // sw
+    tile, n_chunks = _conv_tiles(k_size, oh * wph * n, direct=True)
+    size = x.shape[1] * sh * sw * hph * wph * n
+    xf = np.zeros(size + tile + (w_shape[3] - 1) * dw // sw * n, dtype=dtype)
+    phases = xf[:size].reshape(x.shape[1], sh, sw, hph, wph, n)
+    hs, ws = min(x.shape[2], hph * sh - pt), min(x.shape[3], wph * sw - pl)
+    src = x[:, :, :hs, :ws].transpose(1, 2, 3, 0)  # (C, H, W, N)
+    for a in range(sh):  # padded row h * sh + a is input row h * sh + a - pt
+        for b in range(sw):
+            h0, w0 = (a - pt) % sh, (b - pl) % sw  # first input row / column of the phase
+            hd, wd = (h0 + pt - a) // sh, (w0 + pl - b) // sw  # where it lands in the phase
+            part = src[:, h0::sh, w0::sw]
+            phases[:, a, b, hd:hd + part.shape[1], wd:wd + part.shape[2]] = part
+    k.conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), x.shape[1], hph, wph,
+                          w_shape[2], w_shape[3], sh, sw, dh, dw, groups, tile, n_chunks,
                           _scratch((n_chunks, c // groups, tile), dtype, "acc"))
     return out
 
