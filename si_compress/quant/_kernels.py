@@ -360,7 +360,7 @@ def _im2col(cols, xp, ci0, c_per_g, kh_size, kw_size, q0, n_q, oh_size, ow_size,
 def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1, direct: bool = False) -> int:
     """Output pixels per job: about TILE_TARGET / K (DIRECT_TILE for :func:`conv2d_shift_direct`), a
     multiple of 16, at least 16, and small enough that every one of ``n_threads`` threads gets a job
-    when there are enough pixels."""
+    when there are enough pixels (the caller rounds it to whole pixels of the batch for the direct kernel)."""
     t = max(16, (DIRECT_TILE if direct else TILE_TARGET // max(k_size, 1)) // 16 * 16)
     if n_threads > 1:
         per_thread = -(-n_pix // n_threads)  # ceil
@@ -382,7 +382,8 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph
     ``((kh * dh) // SH * Wph + (kw * dw) // SW) * N + q``, so every row of a tile is a contiguous
     slice (stride 1: one phase, the padded image). Columns w >= OW are computed and dropped (the
     price: Wph / OW more work, against an im2col copy of K values per output pixel).
-    out (N, Co, OH * OW) int64; acc_scratch (n_chunks, Co / groups, tile) in the accumulator dtype.
+    out (N, Co, OH * OW) int64; acc_scratch (n_chunks, Co / groups, tile) in the accumulator dtype;
+    tile a multiple of N.
     """
     n_img, c_out, n_pix = out.shape
     ow_size = wph - (kw_size - 1) * dw // sw
@@ -401,6 +402,8 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph
                                                              + ((kh * dh) // sh * wph + (kw * dw) // sw) * n_img)
     n_tiles = (n_q + tile - 1) // tile
     narrow = acc_scratch.itemsize == 4
+    outf = out.ravel()
+    stride_n = c_out * n_pix
     for chunk in prange(n_chunks):
         acc = acc_scratch[chunk]
         rows = roff.copy()
@@ -421,25 +424,24 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph
                     else:
                         _horner_passes(a, xf, rows, base, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p,
                                        63)
-                # out[n, co, oh * OW + w] = acc << elast for the columns w < OW
+                # out[n, co, oh * OW + w] = acc << elast for the columns w < OW (tiles hold whole pixels)
+                pos0 = q0 // n_img
                 for c in range(co_per_g):
                     e = elast[co0 + c]
                     a = acc[c]
-                    o = out[:, co0 + c, :]
-                    pos = q0 // n_img
-                    n = q0 - pos * n_img
-                    oh = pos // wph
-                    w = pos - oh * wph
-                    for j in range(n_p):
+                    dst0 = (co0 + c) * n_pix
+                    oh = pos0 // wph
+                    w = pos0 - oh * wph
+                    for i in range(n_p // n_img):
                         if w < ow_size:
-                            o[n, oh * ow_size + w] = np.int64(a[j]) << e
-                        n += 1
-                        if n == n_img:
-                            n = 0
-                            w += 1
-                            if w == wph:
-                                w = 0
-                                oh += 1
+                            dst = dst0 + oh * ow_size + w
+                            src = a[i * n_img:]
+                            for n in range(n_img):
+                                outf[dst + n * stride_n] = np.int64(src[n]) << e
+                        w += 1
+                        if w == wph:
+                            w = 0
+                            oh += 1
     return out
 
 

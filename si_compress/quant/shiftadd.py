@@ -216,8 +216,11 @@ def _run_conv_shift(x, max_x, shifts, signs, w_shape, geo):
     hph = oh + (w_shape[2] - 1) * dh // sh
     wph = ow + (w_shape[3] - 1) * dw // sw
     tile, n_chunks = _conv_tiles(k_size, oh * wph * n, direct=True)
+    tile = max(1, tile // n) * n  # whole pixels (all N images) per tile
+    n_chunks = min(n_chunks, -(-oh * wph * n // tile))
     size = x.shape[1] * sh * sw * hph * wph * n
-    xf = np.zeros(size + tile + (w_shape[3] - 1) * dw // sw * n, dtype=dtype)
+    xf = _scratch((size + tile + (w_shape[3] - 1) * dw // sw * n,), dtype, "input")
+    xf.fill(0)
     phases = xf[:size].reshape(x.shape[1], sh, sw, hph, wph, n)
     hs, ws = min(x.shape[2], hph * sh - pt), min(x.shape[3], wph * sw - pl)
     src = x[:, :, :hs, :ws].transpose(1, 2, 3, 0)  # (C, H, W, N)
