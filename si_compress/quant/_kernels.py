@@ -369,6 +369,32 @@ def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1, direct: bool = Fals
 
 
 @njit(parallel=True, cache=True)
+def fill_phases(phases, x, pt, pl):
+    """phases (C, SH, SW, Hph, Wph, N) <- x (N, C, H, W): padded pixel (h + pt, w + pl) goes to phase
+    ((h + pt) % SH, (w + pl) % SW) at ((h + pt) // SH, (w + pl) // SW); input pixels past the phases'
+    extent are not read by any output and are skipped. Untouched entries (the zero padding) are left
+    as they are. Per (c, h) a (N, W) -> (W, N) transpose whose destination stays in cache."""
+    n_img, c_in, h_in, w_in = x.shape
+    sh, sw, hph, wph = phases.shape[1], phases.shape[2], phases.shape[3], phases.shape[4]
+    hs = min(h_in, hph * sh - pt)
+    ws = min(w_in, wph * sw - pl)
+    flat = phases.ravel()
+    for c in prange(c_in):
+        for h in range(hs):
+            a = (h + pt) % sh
+            hq = (h + pt) // sh
+            for b in range(sw):
+                w0 = (b - pl) % sw  # the first input column of phase b, at column (w0 + pl) // sw
+                row = (((c * sh + a) * sw + b) * hph + hq) * wph * n_img + (w0 + pl) // sw * n_img
+                for n in range(n_img):
+                    src = x[n, c, h]
+                    d = row + n
+                    for w in range(w0, ws, sw):
+                        flat[d] = src[w]
+                        d += n_img
+
+
+@njit(parallel=True, cache=True)
 def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph, kh_size, kw_size, sh, sw, dh, dw,
                         groups, tile, n_chunks, acc_scratch):
     """Shift conv on Horner pass lists (:func:`shift_passes`) without im2col: the passes read the input in place.
@@ -402,8 +428,6 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph
                                                              + ((kh * dh) // sh * wph + (kw * dw) // sw) * n_img)
     n_tiles = (n_q + tile - 1) // tile
     narrow = acc_scratch.itemsize == 4
-    outf = out.ravel()
-    stride_n = c_out * n_pix
     for chunk in prange(n_chunks):
         acc = acc_scratch[chunk]
         rows = roff.copy()
@@ -424,24 +448,25 @@ def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph
                     else:
                         _horner_passes(a, xf, rows, base, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p,
                                        63)
-                # out[n, co, oh * OW + w] = acc << elast for the columns w < OW (tiles hold whole pixels)
+                # out[n, co, oh * OW + w] = acc << elast for the columns w < OW (tiles hold whole pixels);
+                # image by image, so the writes run along output rows (pages) and the reads stride in cache
                 pos0 = q0 // n_img
                 for c in range(co_per_g):
                     e = elast[co0 + c]
                     a = acc[c]
-                    dst0 = (co0 + c) * n_pix
-                    oh = pos0 // wph
-                    w = pos0 - oh * wph
-                    for i in range(n_p // n_img):
-                        if w < ow_size:
-                            dst = dst0 + oh * ow_size + w
-                            src = a[i * n_img:]
-                            for n in range(n_img):
-                                outf[dst + n * stride_n] = np.int64(src[n]) << e
-                        w += 1
-                        if w == wph:
-                            w = 0
-                            oh += 1
+                    for n in range(n_img):
+                        o = out[n, co0 + c]
+                        oh = pos0 // wph
+                        w = pos0 - oh * wph
+                        i = n
+                        while i < n_p:
+                            if w < ow_size:
+                                o[oh * ow_size + w] = np.int64(a[i]) << e
+                            i += n_img
+                            w += 1
+                            if w == wph:
+                                w = 0
+                                oh += 1
     return out
 
 

@@ -221,15 +221,7 @@ def _run_conv_shift(x, max_x, shifts, signs, w_shape, geo):
     size = x.shape[1] * sh * sw * hph * wph * n
     xf = _scratch((size + tile + (w_shape[3] - 1) * dw // sw * n,), dtype, "input")
     xf.fill(0)
-    phases = xf[:size].reshape(x.shape[1], sh, sw, hph, wph, n)
-    hs, ws = min(x.shape[2], hph * sh - pt), min(x.shape[3], wph * sw - pl)
-    src = x[:, :, :hs, :ws].transpose(1, 2, 3, 0)  # (C, H, W, N)
-    for a in range(sh):  # padded row h * sh + a is input row h * sh + a - pt
-        for b in range(sw):
-            h0, w0 = (a - pt) % sh, (b - pl) % sw  # first input row / column of the phase
-            hd, wd = (h0 + pt - a) // sh, (w0 + pl - b) // sw  # where it lands in the phase
-            part = src[:, h0::sh, w0::sw]
-            phases[:, a, b, hd:hd + part.shape[1], wd:wd + part.shape[2]] = part
+    k.fill_phases(xf[:size].reshape(x.shape[1], sh, sw, hph, wph, n), x, pt, pl)
     k.conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), x.shape[1], hph, wph,
                           w_shape[2], w_shape[3], sh, sw, dh, dw, groups, tile, n_chunks,
                           _scratch((n_chunks, c // groups, tile), dtype, "acc"))
