@@ -234,9 +234,9 @@ RANDOM_LAYERS = [
 @pytest.mark.parametrize("layer", RANDOM_LAYERS)
 @pytest.mark.parametrize("tiles", ["default", "tiny"])
 def test_conv_shift_matches_multiply_on_random_layers(layer, tiles, monkeypatch):
-    """The shift kernel (its stride-1 path without im2col and its im2col path) equals the integer-multiply
+    """The shift kernel (Horner passes over the phase-split input, every stride) equals the integer-multiply
     kernel and the float64 conv exactly, with default tiles and with 16-pixel tiles (tiles that
-    cross output rows and images)."""
+    cross output rows)."""
     from si_compress.quant import _kernels
 
     xs, (co, k), stride, padding, n_terms, signed = layer

@@ -280,7 +280,8 @@ def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: i
 
 
 def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
-    """Integer-multiply reference conv2d with ``conv2d_shift``'s layout: weight (Co, C/groups, KH, KW) int."""
+    """Integer-multiply reference conv2d (im2col, ``acc += x * w``; the same integers as ``conv2d_shift``):
+    weight (Co, C/groups, KH, KW) int."""
     x = _int_activations(x, 4)
     weight = _int_activations(weight, 4, "weight", np.int64)
     geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
