@@ -1,5 +1,5 @@
 """Claim under test: the shift-add conv kernel runs at >= 1/3 of torch's fp32 conv speed on one
-thread, bit-exact with the integer-multiply kernel (same layout), on ResNet-20's layer shapes.
+thread, bit-exact with the integer-multiply reference kernel, on ResNet-20's layer shapes.
 
 Shift-add is an accelerator idea (a shifter is cheaper than a multiplier in silicon); on a CPU a
 vectorised multiply costs about as much as a shift, so the goal is a usable evaluator, not a

@@ -534,8 +534,8 @@ def rows_e(results: Path) -> list[Row]:
     rng = lambda xs: f"{min(xs):.1f}-{max(xs):.1f}x" if len(xs) > 1 else f"{xs[0]:.1f}x"  # noqa: E731
     v = (f"shift-add {'slower' if min(ratios_fp) > 1 else 'faster'} than torch fp32 ({rng(ratios_fp)} its time)"
          + (f" and than int8 ({rng(ratios_i8)})" if ratios_i8 else "")
-         + (f"; {rng(ratios_mul)} the time of the same loop with integer multiplies" if ratios_mul else "")
-         + f"; numba loop kernel vs torch's vectorised convolutions, {s.get('threads', '?')} thread(s)"
+         + (f"; {rng(ratios_mul)} the time of the integer-multiply reference kernel" if ratios_mul else "")
+         + f"; Numba kernels vs torch's convolutions, {s.get('threads', '?')} thread(s)"
          + ("; QUICK run" if s.get("quick") else "")) if ratios_fp else "no shift kernel timing in the JSON"
     rows.append(Row(claim, "- (CPU: no published number)", "; ".join(parts), v, "shiftadd",
                     "results[*].median_ms"))

@@ -211,11 +211,47 @@ def test_conv_kernels_match_slow_reference(case, acc, monkeypatch):
 
     assert _acc_dtype(x, row_sums) == (np.int32 if acc == "int32" else np.int64)
     monkeypatch.setattr(_kernels, "TILE_TARGET", 16 * xs[1] // groups * kh * kw)
+    monkeypatch.setattr(_kernels, "DIRECT_TILE", 16)
     opts = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
     ref = _slow_conv_reference(x, w, stride, padding, dilation, groups)
     for got in (conv2d_shift(x, shifts, signs, **opts), conv2d_mul(x, w, **opts)):
         assert got.dtype == np.int64 and got.shape == ref.shape
         assert np.array_equal(got.astype(object), ref)
+
+
+RANDOM_LAYERS = [
+    # (N, C, H, W), (Co, K), stride, padding, n_terms, signed input
+    ((1, 3, 5, 7), (4, 3), 1, 1, 1, False),  # batch 1, odd sizes
+    ((2, 5, 9, 6), (7, 3), 2, 1, 2, True),  # stride 2, odd channel counts
+    ((3, 4, 11, 13), (5, 5), 1, 2, 1, True),
+    ((1, 9, 6, 6), (3, 1), 1, 0, 2, False),  # 1x1
+    ((4, 2, 7, 5), (6, 3), (2, 1), (1, 0), 1, False),
+    ((8, 16, 8, 8), (16, 3), 1, 1, 1, False),  # a ResNet-like block shape
+    ((2, 6, 10, 10), (4, 3), 2, 0, 1, True),  # stride 2, no padding
+]
+
+
+@pytest.mark.parametrize("layer", RANDOM_LAYERS)
+@pytest.mark.parametrize("tiles", ["default", "tiny"])
+def test_conv_shift_matches_multiply_on_random_layers(layer, tiles, monkeypatch):
+    """The shift kernel (Horner passes over the phase-split input, every stride) equals the integer-multiply
+    kernel and the float64 conv exactly, with default tiles and with 16-pixel tiles (tiles that
+    cross output rows)."""
+    from si_compress.quant import _kernels
+
+    xs, (co, k), stride, padding, n_terms, signed = layer
+    if tiles == "tiny":
+        monkeypatch.setattr(_kernels, "TILE_TARGET", 16 * xs[1] * k * k)
+        monkeypatch.setattr(_kernels, "DIRECT_TILE", 16)
+    rng = np.random.default_rng(sum(xs) * 31 + co * k)
+    x = rng.integers(-128 if signed else 0, 128 if signed else 256, xs).astype(np.int32)
+    shifts, signs = _random_shift_weight(rng, (co, xs[1], k, k), n_terms, 7)
+    w = _integer_weight(shifts, signs)
+    got = conv2d_shift(x, shifts, signs, stride=stride, padding=padding)
+    assert got.dtype == np.int64
+    assert np.array_equal(got, conv2d_mul(x, w, stride=stride, padding=padding))
+    ref = F.conv2d(torch.from_numpy(x).double(), torch.from_numpy(w).double(), stride=stride, padding=padding)
+    assert np.array_equal(got, ref.numpy().astype(np.int64))
 
 
 @pytest.mark.parametrize("x_val,hi_shift,acc", [(2**14, 15, np.int32), (2**15, None, np.int64)])

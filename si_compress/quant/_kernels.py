@@ -1,41 +1,47 @@
 """Numba integer kernels for shift-add convolution and linear layers (imported lazily: numba is heavy).
 
-Two kernels per layer type share one layout and loop structure:
+Two kernels per layer type compute the same integers:
 
-* ``*_shift``: the inner product uses only left shifts, additions and subtractions on integer
-  activations: ``acc += x << e`` (``acc -= x << e`` for a negative weight). A weight is
+* shift: only left shifts, additions and subtractions on integer activations. A weight is
   ``sign * sum_t 2**shifts[t]`` over its present terms (``shifts[t] == -1`` marks an absent term).
-* ``*_mul``: the reference, ``acc += x * w`` with the integer weight ``w``.
+* multiply, the reference: ``acc += x * w`` with the integer weight ``w``.
 
-Layout (the speed comes from here, not from the shift):
+Layouts:
 
-1. Each output channel's weight becomes a *term list*: the (column k, exponent e) pairs of its
-   non-zero terms, positive terms first, each sign grouped by exponent (``k`` indexes the flattened
-   (C/groups, KH, KW) fan-in). Zero weights cost nothing.
-2. Activations are unfolded per tile of output pixels (the pixel axis runs over the whole batch)
-   and group into ``cols (K, P)`` (im2col from the zero-padded input): row k holds the input pixel
-   that weight column k meets at each of the P output pixels, so stride, dilation and padding are
-   resolved once.
-3. Conv, shift: per exponent group, ``tmp[p] = sum_k cols[k, p]`` (additions only, eight rows per
-   pass), then ``acc[p] +/-= tmp[p] << e``: one shift per group, ``sum_e (sum_k x_k) << e``.
-   Conv, multiply: ``acc[p] += cols[k0, p] * w0 + ... `` eight terms per pass, fan-in in blocks of
-   K_BLOCK rows so a block stays in L1 while every channel reads it. Linear layers: eight terms per
-   pass (``x << e``) over the batch. Innermost loops run over contiguous pixels (SIMD lanes, no
-   branches).
+* Conv, shift (:func:`shift_passes`, :func:`conv2d_shift_direct`): "shift the accumulator, not the
+  weight". Each output channel's terms are sorted by exponent, descending, and cut into passes of 8
+  rows of one exponent and one sign; a pass computes ``acc = (acc << d) +/- (r0 + ... + r7)``, d
+  being the exponent step from the previous pass (Horner's scheme over the exponents), and the
+  output is ``acc << e_min``. Per weight term: one load and one addition; one shift per pass. No
+  im2col: the zero-padded input, split into stride phases and stored batch-innermost, makes the
+  input row that weight column k meets across a tile of output pixels one contiguous slice (a few
+  padding columns are computed and dropped).
+* Conv, multiply: the zero-padded input is unfolded per tile of output pixels into ``cols (K, P)``
+  (im2col: row k holds the input pixel that weight column k meets at each of the P output pixels,
+  ``k`` indexing the flattened (C/groups, KH, KW) fan-in), then ``acc[p] += cols[k0, p] * w0 + ...``
+  eight terms per pass, fan-in in blocks of K_BLOCK rows so a block stays in L1 while every channel
+  reads it.
+* Linear layers: eight terms per pass (``x << e``, or ``x * w``) over the batch.
 
-Pixel tiles run in parallel (``prange``, one reused im2col buffer per thread). Integers only (no fastmath is involved), so
-every summation order gives the same result: the shift and multiply kernels are bit-exact.
-The accumulator dtype is the dtype of the ``cols`` scratch, chosen by the caller: int32 when the
-worst-case sum ``max|x| * max_c sum_k |w[c, k]|`` fits in int32 (twice the SIMD lanes of int64),
-else int64. Every partial sum (group sums included) is bounded by that worst case, so int32 never
-wraps when chosen.
+The pixel axis runs over the whole batch, so small maps still fill long SIMD loops; every inner
+loop runs over contiguous pixels (SIMD lanes, no branches) and zero weights cost nothing. Pixel
+tiles run in parallel (``prange``, one reused scratch buffer per thread). Integers only (no
+fastmath is involved), so every summation order gives the same result: the shift and multiply
+kernels are bit-exact. The accumulator dtype (of the scratch buffers and the padded input) is chosen
+by the caller: int32 when the worst-case sum ``max|x| * max_c sum_k |w[c, k]|`` fits in int32 (twice the
+SIMD lanes of int64), else int64. Every partial sum (a pass's row sum, a Horner accumulator: a
+subset of a channel's terms, scaled down by a power of two) is bounded by that worst case, so int32
+never wraps when chosen.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
 
-TILE_TARGET = 1 << 17  # scratch elements per job (cols K x P tile): about 512 KiB of int32
+TILE_TARGET = 1 << 17  # scratch elements per job of the im2col kernels (cols K x P tile): 512 KiB of int32
+DIRECT_TILE = 4096  # output pixels per job of the shift conv (no im2col: longer passes, fewer)
 K_BLOCK = 32  # fan-in rows applied to every output channel before the next rows
 
 
@@ -97,6 +103,81 @@ def mul_terms(weight):
                 i += 1
         n_all[c] = i
     return ks, ws, n_all
+
+
+@njit(cache=True)
+def shift_passes(shifts, signs, zero_row):
+    """Horner pass lists of a conv shift weight: shifts (T, Co, K) int8 (-1 = absent), signs (Co, K) int8.
+
+    A channel's terms are ordered by exponent, descending (positive before negative at each exponent;
+    within a group, by term then column), and cut into *passes* of 8 (or, for a group's last 1-4 terms, 4) rows of one exponent and one
+    sign; a pass short of rows is padded with ``zero_row`` (an all-zero row of the im2col tile).
+    Pass j updates ``acc = (acc << pd[j]) +/- (sum of its rows)``, pd being the exponent step from the
+    previous pass, so the channel ends as ``acc = sum_k w[k] x_k >> elast`` (exact: every term has
+    exponent >= elast) and the output is ``acc << elast``.
+
+    Returns (pptr (Co+1,) int64: channel c's passes are [pptr[c], pptr[c+1]); pd (n,) int64 exponent
+    steps; pneg (n,) int8 1 for a subtracting pass; pn (n,) int8 rows used, 8 or 4; prow (n, 8) int32
+    row indices; elast (Co,) int64; abs_sums (Co,) float64, sum_k |w[c, k]| for the accumulator choice).
+    """
+    n_terms, c_out, k_size = shifts.shape
+    # per channel, bin g = (63 - e) * 2 + negative (128: absent term), counted at g + 1 (counting sort);
+    # branch-free: random signs would mispredict
+    count = np.zeros((c_out, 130), np.int64)
+    abs_sums = np.zeros(c_out, np.float64)
+    n_pass = 0
+    for c in range(c_out):
+        cc = count[c]
+        sgc = signs[c]
+        for t in range(n_terms):
+            shc = shifts[t, c]
+            for k in range(k_size):
+                s = sgc[k]
+                e = np.int64(shc[k])
+                cc[((63 - e) * 2 + (s < 0) if (s != 0) & (e >= 0) else 128) + 1] += 1
+        for g in range(1, 129):
+            n_pass += (cc[g] + 7) // 8
+            abs_sums[c] += math.ldexp(cc[g], 63 - (g - 1) // 2)  # count * 2**e
+    pptr = np.zeros(c_out + 1, np.int64)
+    pd = np.zeros(n_pass, np.int64)
+    pneg = np.zeros(n_pass, np.int8)
+    pn = np.zeros(n_pass, np.int8)
+    prow = np.full((n_pass, 8), zero_row, np.int32)
+    elast = np.zeros(c_out, np.int64)
+    rows = np.empty(n_terms * k_size, np.int32)
+    j = 0
+    for c in range(c_out):
+        cc = count[c]
+        for g in range(1, 130):  # bin starts
+            cc[g] += cc[g - 1]
+        sgc = signs[c]
+        for t in range(n_terms):
+            shc = shifts[t, c]
+            for k in range(k_size):
+                s = sgc[k]
+                e = np.int64(shc[k])
+                g = (63 - e) * 2 + (s < 0) if (s != 0) & (e >= 0) else 128
+                rows[cc[g]] = k
+                cc[g] += 1
+        # now cc[g] is the end of bin g (and the start of bin g + 1)
+        prev = -1
+        i = 0
+        for g in range(128):
+            end = cc[g]
+            e = 63 - g // 2
+            while i < end:
+                m = min(8, end - i)
+                pn[j] = 8 if m > 4 else 4
+                for q in range(m):
+                    prow[j, q] = rows[i + q]
+                pneg[j] = g % 2
+                pd[j] = 0 if prev < 0 else prev - e
+                prev = e
+                i += m
+                j += 1
+        elast[c] = max(prev, 0)
+        pptr[c + 1] = j
+    return pptr, pd, pneg, pn, prow, elast, abs_sums
 
 
 @njit(cache=True, inline="always")
@@ -162,53 +243,6 @@ def _shift_row(acc, cols, ks, es, lo, hi, n_p, negate, mask):
 
 
 @njit(cache=True, inline="always")
-def _sum_rows(tmp, cols, ks, lo, hi, n_p):
-    """tmp[:n_p] = sum over terms i in [lo, hi) (hi > lo) of cols[ks[i], :n_p]: additions only."""
-    r0 = cols[ks[lo]]
-    for p in range(n_p):
-        tmp[p] = r0[p]
-    i = lo + 1
-    while i + 8 <= hi:
-        r0 = cols[ks[i]]
-        r1 = cols[ks[i + 1]]
-        r2 = cols[ks[i + 2]]
-        r3 = cols[ks[i + 3]]
-        r4 = cols[ks[i + 4]]
-        r5 = cols[ks[i + 5]]
-        r6 = cols[ks[i + 6]]
-        r7 = cols[ks[i + 7]]
-        for p in range(n_p):
-            tmp[p] += ((r0[p] + r1[p]) + (r2[p] + r3[p])) + ((r4[p] + r5[p]) + (r6[p] + r7[p]))
-        i += 8
-    while i < hi:
-        r0 = cols[ks[i]]
-        for p in range(n_p):
-            tmp[p] += r0[p]
-        i += 1
-
-
-@njit(cache=True, inline="always")
-def _shift_grouped(acc, tmp, cols, ks, es, lo, hi, n_p, negate, mask):
-    """acc[:n_p] (+/-)= sum over terms in [lo, hi) of cols[ks[i]] << es[i], for terms grouped by
-    exponent: each group's rows are added first, then shifted once (``sum_e (sum_k x_k) << e``)."""
-    i = lo
-    while i < hi:
-        e = es[i]
-        j = i + 1
-        while j < hi and es[j] == e:
-            j += 1
-        _sum_rows(tmp, cols, ks, i, j, n_p)
-        sh = e & mask
-        if negate:
-            for p in range(n_p):
-                acc[p] -= tmp[p] << sh
-        else:
-            for p in range(n_p):
-                acc[p] += tmp[p] << sh
-        i = j
-
-
-@njit(cache=True, inline="always")
 def _mul_row(acc, cols, ks, ws, lo, hi, n_p):
     """acc[:n_p] += sum over terms i in [lo, hi) of cols[ks[i], :n_p] * ws[i]."""
     i = lo
@@ -254,17 +288,36 @@ def _mul_row(acc, cols, ks, ws, lo, hi, n_p):
 
 
 @njit(cache=True, inline="always")
-def _valid_range(offset, stride, size, n_out):
-    """Output indices o in [lo, hi) with 0 <= o * stride + offset < size."""
-    lo = -(offset // stride)  # ceil(-offset / stride) with floor division
-    if lo < 0:
-        lo = 0
-    hi = (size - 1 - offset) // stride + 1
-    if hi > n_out:
-        hi = n_out
-    if hi < lo:
-        hi = lo
-    return lo, hi
+def _horner_passes(acc, flat, roff, base, pd, pneg, pn, prow, lo, hi, n_p, mask):
+    """Passes [lo, hi) of :func:`shift_passes` on acc[:n_p]: ``acc = (acc << d) +/- sum of rows``, row k
+    being ``flat[base + roff[k]:]``.
+
+    Additions only inside a pass (its rows share one exponent and one sign); one shift of the
+    accumulator per pass. ``mask`` as in :func:`_shift_row` (31 keeps the int32 path in 8 lanes)."""
+    for j in range(lo, hi):
+        d = pd[j] & mask
+        r = prow[j]
+        r0 = flat[base + roff[r[0]]:]
+        r1 = flat[base + roff[r[1]]:]
+        r2 = flat[base + roff[r[2]]:]
+        r3 = flat[base + roff[r[3]]:]
+        if pn[j] == 8:
+            r4 = flat[base + roff[r[4]]:]
+            r5 = flat[base + roff[r[5]]:]
+            r6 = flat[base + roff[r[6]]:]
+            r7 = flat[base + roff[r[7]]:]
+            if pneg[j]:
+                for p in range(n_p):
+                    acc[p] = (acc[p] << d) - (((r0[p] + r1[p]) + (r2[p] + r3[p])) + ((r4[p] + r5[p]) + (r6[p] + r7[p])))
+            else:
+                for p in range(n_p):
+                    acc[p] = (acc[p] << d) + (((r0[p] + r1[p]) + (r2[p] + r3[p])) + ((r4[p] + r5[p]) + (r6[p] + r7[p])))
+        elif pneg[j]:
+            for p in range(n_p):
+                acc[p] = (acc[p] << d) - ((r0[p] + r1[p]) + (r2[p] + r3[p]))
+        else:
+            for p in range(n_p):
+                acc[p] = (acc[p] << d) + ((r0[p] + r1[p]) + (r2[p] + r3[p]))
 
 
 @njit(cache=True, inline="always")
@@ -304,10 +357,11 @@ def _im2col(cols, xp, ci0, c_per_g, kh_size, kw_size, q0, n_q, oh_size, ow_size,
                         n += 1
 
 
-def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1) -> int:
-    """Output pixels per job: about TILE_TARGET / K, a multiple of 16, at least 16, and small enough
-    that every one of ``n_threads`` threads gets a job when there are enough pixels."""
-    t = max(16, (TILE_TARGET // max(k_size, 1)) // 16 * 16)
+def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1, direct: bool = False) -> int:
+    """Output pixels per job: about TILE_TARGET / K (DIRECT_TILE for :func:`conv2d_shift_direct`), a
+    multiple of 16, at least 16, and small enough that every one of ``n_threads`` threads gets a job
+    when there are enough pixels (the caller rounds it to whole pixels of the batch for the direct kernel)."""
+    t = max(16, (DIRECT_TILE if direct else TILE_TARGET // max(k_size, 1)) // 16 * 16)
     if n_threads > 1:
         per_thread = -(-n_pix // n_threads)  # ceil
         t = min(t, max(16, -(-per_thread // 16) * 16))  # rounded up to a multiple of 16
@@ -315,15 +369,117 @@ def tile_pixels(k_size: int, n_pix: int, n_threads: int = 1) -> int:
 
 
 @njit(parallel=True, cache=True)
-def conv2d_terms(xp, ks, vals, n_pos, n_all, is_shift, out, kh_size, kw_size, sh, sw, dh, dw, groups,
-                 oh_size, ow_size, scratch):
-    """Conv on term lists into ``out`` (Co, N * OH * OW), accumulating in out's dtype.
+def fill_phases(phases, x, pt, pl):
+    """phases (C, SH, SW, Hph, Wph, N) <- x (N, C, H, W): padded pixel (h + pt, w + pl) goes to phase
+    ((h + pt) % SH, (w + pl) % SW) at ((h + pt) // SH, (w + pl) // SW); input pixels past the phases'
+    extent are not read by any output and are skipped. Untouched entries (the zero padding) are left
+    as they are. Per (c, h) a (N, W) -> (W, N) transpose whose destination stays in cache."""
+    n_img, c_in, h_in, w_in = x.shape
+    sh, sw, hph, wph = phases.shape[1], phases.shape[2], phases.shape[3], phases.shape[4]
+    hs = min(h_in, hph * sh - pt)
+    ws = min(w_in, wph * sw - pl)
+    flat = phases.ravel()
+    for c in prange(c_in):
+        for h in range(hs):
+            a = (h + pt) % sh
+            hq = (h + pt) // sh
+            for b in range(sw):
+                w0 = (b - pl) % sw  # the first input column of phase b, at column (w0 + pl) // sw
+                row = (((c * sh + a) * sw + b) * hph + hq) * wph * n_img + (w0 + pl) // sw * n_img
+                for n in range(n_img):
+                    src = x[n, c, h]
+                    d = row + n
+                    for w in range(w0, ws, sw):
+                        flat[d] = src[w]
+                        d += n_img
 
-    xp (N, C, H + pads, W + pads) zero-padded int input in out's dtype; ks/vals/n_pos/n_all from
-    :func:`shift_terms` (is_shift) or :func:`mul_terms` (n_pos unused). The pixel axis runs over
-    the whole batch, so small maps still fill long SIMD loops. scratch (n_chunks, >= K, tile) in
-    out's dtype: one im2col buffer per parallel chunk (reused across calls: no page faults);
-    chunk c handles pixel tiles c, c + n_chunks, ...
+
+@njit(parallel=True, cache=True)
+def conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out, c_in, hph, wph, kh_size, kw_size, sh, sw, dh, dw,
+                        groups, tile, n_chunks, acc_scratch):
+    """Shift conv on Horner pass lists (:func:`shift_passes`) without im2col: the passes read the input in place.
+
+    xf: the zero-padded input split into stride phases, in (C, SH * SW, Hph, Wph, N) order (batch
+    innermost) and flattened: phase (a, b) holds padded pixel (h * SH + a, w * SW + b) at (h, w);
+    followed by at least ``tile + ((KW - 1) * dw // SW) * N`` zeros (the short passes' zero row starts
+    right after the input). Hph = OH + (KH - 1) * dh // SH, Wph likewise. Output pixels run over
+    q = (oh * Wph + w) * N + n for w in [0, Wph): the input pixel that weight column k = (ci, kh, kw)
+    meets at q lies in phase ((kh * dh) % SH, (kw * dw) % SW) of channel ci, at offset
+    ``((kh * dh) // SH * Wph + (kw * dw) // SW) * N + q``, so every row of a tile is a contiguous
+    slice (stride 1: one phase, the padded image). Columns w >= OW are computed and dropped (the
+    price: Wph / OW more work, against an im2col copy of K values per output pixel).
+    out (N, Co, OH * OW) int64; acc_scratch (n_chunks, Co / groups, tile) in the accumulator dtype;
+    tile a multiple of N.
+    """
+    n_img, c_out, n_pix = out.shape
+    ow_size = wph - (kw_size - 1) * dw // sw
+    oh_size = hph - (kh_size - 1) * dh // sh
+    n_q = oh_size * wph * n_img
+    c_per_g = c_in // groups
+    co_per_g = c_out // groups
+    k_size = c_per_g * kh_size * kw_size
+    plane = hph * wph * n_img
+    roff = np.empty(k_size + 1, np.int64)
+    for cig in range(c_per_g):
+        for kh in range(kh_size):
+            for kw in range(kw_size):
+                phase = ((kh * dh) % sh) * sw + (kw * dw) % sw
+                roff[(cig * kh_size + kh) * kw_size + kw] = ((cig * sh * sw + phase) * plane
+                                                             + ((kh * dh) // sh * wph + (kw * dw) // sw) * n_img)
+    n_tiles = (n_q + tile - 1) // tile
+    narrow = acc_scratch.itemsize == 4
+    for chunk in prange(n_chunks):
+        acc = acc_scratch[chunk]
+        rows = roff.copy()
+        for tile_i in range(chunk, n_tiles, n_chunks):
+            q0 = tile_i * tile
+            n_p = min(tile, n_q - q0)
+            for g in range(groups):
+                base = g * c_per_g * sh * sw * plane + q0
+                rows[k_size] = c_in * sh * sw * plane - base  # the zero row: the zeros after the input
+                co0 = g * co_per_g
+                for c in range(co_per_g):
+                    a = acc[c]
+                    for p in range(n_p):
+                        a[p] = 0
+                    if narrow:
+                        _horner_passes(a, xf, rows, base, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p,
+                                       31)
+                    else:
+                        _horner_passes(a, xf, rows, base, pd, pneg, pn, prow, pptr[co0 + c], pptr[co0 + c + 1], n_p,
+                                       63)
+                # out[n, co, oh * OW + w] = acc << elast for the columns w < OW (tiles hold whole pixels);
+                # image by image, so the writes run along output rows (pages) and the reads stride in cache
+                pos0 = q0 // n_img
+                for c in range(co_per_g):
+                    e = elast[co0 + c]
+                    a = acc[c]
+                    for n in range(n_img):
+                        o = out[n, co0 + c]
+                        oh = pos0 // wph
+                        w = pos0 - oh * wph
+                        i = n
+                        while i < n_p:
+                            if w < ow_size:
+                                o[oh * ow_size + w] = np.int64(a[i]) << e
+                            i += n_img
+                            w += 1
+                            if w == wph:
+                                w = 0
+                                oh += 1
+    return out
+
+
+@njit(parallel=True, cache=True)
+def conv2d_mul_terms(xp, ks, ws, n_all, out, kh_size, kw_size, sh, sw, dh, dw, groups, oh_size, ow_size, scratch):
+    """Integer-multiply reference conv on term lists (:func:`mul_terms`) into ``out`` (Co, N * OH * OW),
+    accumulating in out's dtype.
+
+    xp (N, C, H + pads, W + pads) zero-padded int input in out's dtype; ws in out's dtype. scratch
+    (n_chunks, >= K, tile) in out's dtype: one im2col buffer per parallel chunk (reused across
+    calls: no page faults); chunk c handles pixel tiles c, c + n_chunks, ... Per channel, eight
+    terms per pass over the tile's pixels, fan-in in blocks of K_BLOCK rows so a block stays in L1
+    while every channel reads it.
     """
     c_in = xp.shape[1]
     c_out = out.shape[0]
@@ -333,32 +489,17 @@ def conv2d_terms(xp, ks, vals, n_pos, n_all, is_shift, out, kh_size, kw_size, sh
     n_chunks, _, tile = scratch.shape
     k_size = c_per_g * kh_size * kw_size
     n_tiles = (n_q + tile - 1) // tile
-    narrow = out.itemsize == 4
     for chunk in prange(n_chunks):
         cols = scratch[chunk]
-        tmp = np.empty(tile, out.dtype)  # one exponent group's sum of rows
-        next_pos = np.empty(c_out, np.int64)  # mul path, per channel: first term not yet applied
+        next_pos = np.empty(c_out, np.int64)  # per channel: first term not yet applied
         for tile_i in range(chunk, n_tiles, n_chunks):
             q0 = tile_i * tile
             n_p = min(tile, n_q - q0)
             for g in range(groups):
-                _im2col(cols, xp, g * c_per_g, c_per_g, kh_size, kw_size, q0, n_p, oh_size, ow_size, sh, sw, dh,
-                        dw)
+                _im2col(cols, xp, g * c_per_g, c_per_g, kh_size, kw_size, q0, n_p, oh_size, ow_size, sh, sw, dh, dw)
                 co0 = g * co_per_g
-                if is_shift:
-                    # terms grouped by exponent (shift_terms): adds per term, one shift per group
-                    for co in range(co0, co0 + co_per_g):
-                        acc = out[co, q0:q0 + n_p]
-                        if narrow:
-                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], 0, n_pos[co], n_p, False, 31)
-                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], n_pos[co], n_all[co], n_p, True, 31)
-                        else:
-                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], 0, n_pos[co], n_p, False, 63)
-                            _shift_grouped(acc, tmp, cols, ks[co], vals[co], n_pos[co], n_all[co], n_p, True, 63)
-                    continue
                 for co in range(co0, co0 + co_per_g):
                     next_pos[co] = 0
-                # K blocks of K_BLOCK rows: the block's rows stay in L1 while every channel reads them
                 for k1 in range(K_BLOCK, k_size + K_BLOCK, K_BLOCK):
                     for co in range(co0, co0 + co_per_g):
                         kc = ks[co]
@@ -367,7 +508,7 @@ def conv2d_terms(xp, ks, vals, n_pos, n_all, is_shift, out, kh_size, kw_size, sh
                         while b < n_all[co] and kc[b] < k1:
                             b += 1
                         next_pos[co] = b
-                        _mul_row(out[co, q0:q0 + n_p], cols, kc, vals[co], a, b, n_p)
+                        _mul_row(out[co, q0:q0 + n_p], cols, kc, ws[co], a, b, n_p)
     return out
 
 

@@ -95,14 +95,18 @@ def _int_activations(x, ndim: int, name: str = "x", dtype=np.int32) -> np.ndarra
         raise TypeError(f"{name} must be an integer array (quantize activations first); got dtype {x.dtype}")
     if x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D; got shape {x.shape}")
-    if x.size and (x.min() < np.iinfo(np.int32).min or x.max() > np.iinfo(np.int32).max):
+    if x.size and not np.can_cast(x.dtype, np.int32) and (x.min() < np.iinfo(np.int32).min
+                                                          or x.max() > np.iinfo(np.int32).max):
         raise ValueError(f"{name} values must fit in int32")
     return np.ascontiguousarray(x, dtype=dtype)
 
 
-def _check_headroom(x: np.ndarray, max_abs_weight: int, fan_in: int) -> None:
-    """Refuse inputs whose worst-case accumulator could overflow int64."""
-    max_x = max(abs(int(x.min())), abs(int(x.max()))) if x.size else 0
+def _max_abs(x: np.ndarray) -> int:
+    return max(abs(int(x.min())), abs(int(x.max()))) if x.size else 0
+
+
+def _check_headroom(max_x: int, max_abs_weight: int, fan_in: int) -> None:
+    """Refuse inputs whose worst-case accumulator could overflow int64 (max_x: max |x|)."""
     if max_x * max_abs_weight * fan_in > _ACC_LIMIT:
         raise ValueError(f"worst-case accumulator {max_x} * {max_abs_weight} * {fan_in} overflows int64; "
                          "use fewer activation bits or a smaller exponent range")
@@ -116,7 +120,7 @@ def _shift_weights(shifts, signs, ndim: int) -> tuple[np.ndarray, np.ndarray, in
                          f"and {signs.shape}")
     if shifts.size and (shifts.min() < -1 or shifts.max() > 62):
         raise ValueError("shifts must be in [-1, 62] (-1 marks an absent term)")
-    if signs.size and np.abs(signs.astype(np.int64)).max() > 1:
+    if signs.size and (signs.min() < -1 or signs.max() > 1):
         raise ValueError("signs must be in {-1, 0, 1}")
     max_w = sum(2 ** int(s.max()) for s in shifts if s.size and s.max() >= 0)
     return (np.ascontiguousarray(shifts, dtype=np.int8), np.ascontiguousarray(signs, dtype=np.int8), max_w)
@@ -141,12 +145,12 @@ def _conv_geometry(x_shape, w_shape, stride, padding, dilation, groups):
     return sh, sw, pt, pb, pl, pr, dh, dw, int(groups), oh, ow
 
 
-def _acc_dtype(x: np.ndarray, row_abs_sums: np.ndarray):
+def _acc_dtype(x: np.ndarray, row_abs_sums: np.ndarray, max_x: int | None = None):
     """int32 when the worst-case accumulator ``max|x| * max_c sum_k |w[c, k]|`` fits in int32, else int64.
 
     Every partial sum the kernels form is bounded by that worst case, so int32 never wraps. The bound
-    is computed in float64 (relative error far below the 1e-6 margin kept)."""
-    max_x = max(abs(float(x.min())), abs(float(x.max()))) if x.size else 0.0
+    is computed in float64 (relative error far below the 1e-6 margin kept). ``max_x``: max|x| if known."""
+    max_x = float(_max_abs(x) if max_x is None else max_x)
     bound = max_x * (float(row_abs_sums.max()) if row_abs_sums.size else 0.0)
     return np.int32 if bound <= np.iinfo(np.int32).max * (1 - 1e-6) else np.int64
 
@@ -161,15 +165,15 @@ def _shift_row_abs_sums(shifts: np.ndarray, signs: np.ndarray) -> np.ndarray:
 _SCRATCH = threading.local()
 
 
-def _scratch(shape, dtype) -> np.ndarray:
-    """A reused, grow-only scratch array of ``shape`` (per calling thread and dtype): a fresh
+def _scratch(shape, dtype, key: str = "cols") -> np.ndarray:
+    """A reused, grow-only scratch array of ``shape`` (per calling thread, dtype and ``key``): a fresh
     allocation per call costs page faults comparable to the convolution itself."""
     cache = _SCRATCH.__dict__.setdefault("buffers", {})
     size = int(np.prod(shape))
-    buf = cache.get(np.dtype(dtype))
+    buf = cache.get((key, np.dtype(dtype)))
     if buf is None or buf.size < size:
         buf = np.empty(size, dtype=dtype)
-        cache[np.dtype(dtype)] = buf
+        cache[(key, np.dtype(dtype))] = buf
     return buf[:size].reshape(shape)
 
 
@@ -179,27 +183,65 @@ def _num_threads() -> int:
     return numba.get_num_threads()
 
 
-def _run_conv(x, terms, is_shift, row_sums, w_shape, geo):
-    k = _kernels()
+def _padded(x, w_shape, geo, dtype):
+    """x zero-padded (only as far as the kernel reads) in the accumulator dtype."""
     sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
-    dtype = _acc_dtype(x, row_sums)
-    # pad (only as far as the kernel reads) in the accumulator dtype
     h_need = (oh - 1) * sh + dh * (w_shape[2] - 1) + 1
     w_need = (ow - 1) * sw + dw * (w_shape[3] - 1) + 1
     xp = np.zeros((x.shape[0], x.shape[1], h_need, w_need), dtype=dtype)
     hs, ws = min(x.shape[2], h_need - pt), min(x.shape[3], w_need - pl)
     xp[:, :, pt:pt + hs, pl:pl + ws] = x[:, :, :hs, :ws]
-    ks, vals, n_pos, n_all = terms
-    n = x.shape[0]
-    out = np.zeros((w_shape[0], n * oh * ow), dtype=dtype)
-    k_size = int(np.prod(w_shape[1:]))
+    return xp
+
+
+def _conv_tiles(k_size: int, n_q: int, direct: bool = False):
+    """(tile, n_chunks): output pixels per job and parallel chunks (one scratch buffer each)."""
     n_threads = _num_threads()
-    tile = k.tile_pixels(k_size, n * oh * ow, n_threads)
-    n_chunks = min(n_threads, -(-n * oh * ow // tile))
-    k.conv2d_terms(xp, ks, vals.astype(dtype), n_pos, n_all, is_shift, out, w_shape[2], w_shape[3], sh, sw, dh, dw,
-                   groups, oh, ow, _scratch((n_chunks, k_size, tile), dtype))
-    res = np.empty((n, w_shape[0], oh, ow), dtype=np.int64)
-    res[...] = out.reshape(w_shape[0], n, oh, ow).transpose(1, 0, 2, 3)
+    tile = _kernels().tile_pixels(k_size, n_q, n_threads, direct)
+    return tile, min(n_threads, -(-n_q // tile))
+
+
+def _run_conv_shift(x, max_x, shifts, signs, w_shape, geo):
+    k = _kernels()
+    sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
+    c = w_shape[0]
+    k_size = int(np.prod(w_shape[1:]))
+    pptr, pd, pneg, pn, prow, elast, row_sums = k.shift_passes(
+        np.ascontiguousarray(shifts.reshape(shifts.shape[0], c, -1)), np.ascontiguousarray(signs.reshape(c, -1)), k_size)
+    dtype = _acc_dtype(x, row_sums, max_x)
+    pd = pd.astype(dtype)
+    n = x.shape[0]
+    out = np.empty((n, c, oh, ow), dtype=np.int64)
+    # no im2col: the passes read a phase-split (C, SH * SW, Hph, Wph, N) padded copy in place (conv2d_shift_direct)
+    hph = oh + (w_shape[2] - 1) * dh // sh
+    wph = ow + (w_shape[3] - 1) * dw // sw
+    tile, n_chunks = _conv_tiles(k_size, oh * wph * n, direct=True)
+    tile = max(1, tile // n) * n  # whole pixels (all N images) per tile
+    n_chunks = min(n_chunks, -(-oh * wph * n // tile))
+    size = x.shape[1] * sh * sw * hph * wph * n
+    xf = _scratch((size + tile + (w_shape[3] - 1) * dw // sw * n,), dtype, "input")
+    xf.fill(0)
+    k.fill_phases(xf[:size].reshape(x.shape[1], sh, sw, hph, wph, n), x, pt, pl)
+    k.conv2d_shift_direct(xf, pptr, pd, pneg, pn, prow, elast, out.reshape(n, c, oh * ow), x.shape[1], hph, wph,
+                          w_shape[2], w_shape[3], sh, sw, dh, dw, groups, tile, n_chunks,
+                          _scratch((n_chunks, c // groups, tile), dtype, "acc"))
+    return out
+
+
+def _run_conv_mul(x, max_x, weight, geo):
+    k = _kernels()
+    sh, sw, pt, pb, pl, pr, dh, dw, groups, oh, ow = geo
+    ks, ws, n_all = k.mul_terms(np.ascontiguousarray(weight.reshape(weight.shape[0], -1)))
+    dtype = _acc_dtype(x, np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1), max_x)
+    xp = _padded(x, weight.shape, geo, dtype)
+    n = x.shape[0]
+    out = np.zeros((weight.shape[0], n * oh * ow), dtype=dtype)
+    k_size = int(np.prod(weight.shape[1:]))
+    tile, n_chunks = _conv_tiles(k_size, n * oh * ow)
+    k.conv2d_mul_terms(xp, ks, ws.astype(dtype), n_all, out, weight.shape[2], weight.shape[3], sh, sw, dh, dw, groups,
+                       oh, ow, _scratch((n_chunks, k_size, tile), dtype))
+    res = np.empty((n, weight.shape[0], oh, ow), dtype=np.int64)
+    res[...] = out.reshape(weight.shape[0], n, oh, ow).transpose(1, 0, 2, 3)
     return res
 
 
@@ -232,19 +274,20 @@ def conv2d_shift(x, shifts, signs, *, stride=1, padding=0, dilation=1, groups: i
     x = _int_activations(x, 4)
     shifts, signs, max_w = _shift_weights(shifts, signs, 4)
     geo = _conv_geometry(x.shape, signs.shape, stride, padding, dilation, groups)
-    _check_headroom(x, max_w, int(np.prod(signs.shape[1:])))
-    return _run_conv(x, _shift_term_lists(shifts, signs), True, _shift_row_abs_sums(shifts, signs), signs.shape,
-                     geo)
+    max_x = _max_abs(x)
+    _check_headroom(max_x, max_w, int(np.prod(signs.shape[1:])))
+    return _run_conv_shift(x, max_x, shifts, signs, signs.shape, geo)
 
 
 def conv2d_mul(x, weight, *, stride=1, padding=0, dilation=1, groups: int = 1) -> np.ndarray:
-    """Integer-multiply reference conv2d with ``conv2d_shift``'s layout: weight (Co, C/groups, KH, KW) int."""
+    """Integer-multiply reference conv2d (im2col, ``acc += x * w``; the same integers as ``conv2d_shift``):
+    weight (Co, C/groups, KH, KW) int."""
     x = _int_activations(x, 4)
     weight = _int_activations(weight, 4, "weight", np.int64)
     geo = _conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
-    _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
-    sums = np.abs(weight.astype(np.float64)).reshape(weight.shape[0], -1).sum(axis=1)
-    return _run_conv(x, _mul_term_lists(weight), False, sums, weight.shape, geo)
+    max_x = _max_abs(x)
+    _check_headroom(max_x, int(np.abs(weight).max()) if weight.size else 0, int(np.prod(weight.shape[1:])))
+    return _run_conv_mul(x, max_x, weight, geo)
 
 
 def linear_shift(x, shifts, signs) -> np.ndarray:
@@ -253,7 +296,7 @@ def linear_shift(x, shifts, signs) -> np.ndarray:
     shifts, signs, max_w = _shift_weights(shifts, signs, 2)
     if x.shape[1] != signs.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight expects {signs.shape[1]}")
-    _check_headroom(x, max_w, signs.shape[1])
+    _check_headroom(_max_abs(x), max_w, signs.shape[1])
     return _run_linear(x, _shift_term_lists(shifts, signs), True, _shift_row_abs_sums(shifts, signs))
 
 
@@ -263,7 +306,7 @@ def linear_mul(x, weight) -> np.ndarray:
     weight = _int_activations(weight, 2, "weight", np.int64)
     if x.shape[1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[1]} features but the weight expects {weight.shape[1]}")
-    _check_headroom(x, int(np.abs(weight).max()) if weight.size else 0, weight.shape[1])
+    _check_headroom(_max_abs(x), int(np.abs(weight).max()) if weight.size else 0, weight.shape[1])
     return _run_linear(x, _mul_term_lists(weight), False, np.abs(weight.astype(np.float64)).sum(axis=1))
 
 
