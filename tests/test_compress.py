@@ -217,6 +217,29 @@ def test_refit_recovers_exactly_when_pruned_channels_were_dead(resnet):
     torch.testing.assert_close(p(x), orig(x), atol=1e-4, rtol=1e-4)
 
 
+def test_refit_recovers_a_stream_whose_pruned_channels_were_dead(resnet):
+    """Stage-1 stream channels that are zero everywhere (stem and every block's last BN silence them)
+    lose nothing when pruned; a perturbed writer of the stream (a coupled conv2, at a section exit) is
+    re-fitted against the original sum on the kept channels and recovered exactly."""
+    orig = copy.deepcopy(resnet)
+    removed = [2, 5]
+    for bn in (orig.bn1, orig.layer1[0].bn2, orig.layer1[1].bn2):
+        bn.weight.data[removed] = 0.0
+        bn.bias.data[removed] = -1.0
+    keep = [i for i in range(8) if i not in removed]
+    plan = plan_of(LayerDecision(name="conv1", out_channels=8, keep=tuple(keep),
+                                 coupled=("layer1.0.conv2", "layer1.1.conv2")))
+    p = apply_plan(orig, plan, example_input=X1)
+    x = data(4, seed=9)
+    torch.testing.assert_close(p(x), orig(x), atol=1e-4, rtol=1e-4)
+    g = torch.Generator().manual_seed(3)
+    p.layer1[1].conv2.weight.data += 0.3 * torch.randn(p.layer1[1].conv2.weight.shape, generator=g)
+    report = refit_consumers(p, orig, plan, [data(16, seed=s) for s in range(2)], ridge=1e-10)
+    r = report["layer1.1.conv2"]
+    assert r["before"] > 1e-2 and r["after"] < 1e-4
+    torch.testing.assert_close(p(x), orig(x), atol=1e-4, rtol=1e-4)
+
+
 def test_refit_on_a_plain_chain():
     v = tiny_vgg()
     recalibrate_bn(v, [data(16, seed=s) for s in range(2)])

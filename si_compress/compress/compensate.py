@@ -287,6 +287,8 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen, f
     cuts = run._cuts
     orig_mods = dict(original.named_modules())
     keep = plan.keep_map()
+    for d in plan.layers:   # every writer of a residual stream keeps the stream's channels
+        keep.update({c: d.keep for c in d.coupled})
     exits = {}
     for name, m in pruned.named_modules():
         if name and list(m.children()) and name in orig_mods:
@@ -331,7 +333,8 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen, f
                 report[name] = {"skipped": "its outputs are pruned as part of another group", "reason": reason}
                 continue
             out_idx = torch.tensor(keep[name], device=_device.model_device(mp))
-        if is_exit and out_idx is None:
+        if is_exit:
+            # a section writing a narrowed residual stream matches the original sum on its kept channels
             sec, (gm_p, add_p, short_p, conv_p, bn_p) = exits[name]
             info_o = _section_exit(orig_mods[sec])
             if info_o is None:
@@ -340,6 +343,8 @@ def _generic_refit(pruned, original, plan, xs, *, scope, ridge, max_rows, gen, f
             xin_o = [_Values(original, {sec: "in"})(x)[sec] for x in xs]
             xin_p = [_Values(pruned, {sec: "in"})(x)[sec] for x in xs]
             T = [_node_values(gm_o, x, [add_o])[add_o] for x in xin_o]
+            if out_idx is not None:
+                T = [t[:, out_idx] for t in T]
             vals = [_node_values(gm_p, x, [short_p, conv_p.args[0]]) for x in xin_p]
             ss = [v[short_p] for v in vals]
             hs = [v[conv_p.args[0]] for v in vals]

@@ -13,8 +13,9 @@ budgeted optimisation of every parameter of the pruned model (the student) again
 Adam with a cosine learning-rate decay, batches drawn from ``loader`` (its labels, if any, are
 ignored), optional augmentation applied identically to teacher and student inputs, bf16 autocast
 where the CPU (or a GPU) supports it; it stops at ``steps`` or after ``seconds``, whichever comes
-first, then BatchNorm statistics are re-estimated on the same images in eval order. The report
-says exactly what was used (images, steps, seconds, losses).
+first. BatchNorm is frozen by default (eval mode: the statistics the least-squares re-fit set
+stay, its affine parameters train); ``bn="train"`` uses batch statistics and re-estimates the
+running ones afterwards. The report says exactly what was used (images, steps, seconds, losses).
 """
 from __future__ import annotations
 
@@ -81,16 +82,23 @@ def _matched_layers(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> 
 def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 600, seconds: float = 300.0,
                 images: int | None = None, lr: float = 1e-3, temperature: float = 4.0, targets: str = "logits",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = True,
-                device: str | torch.device | None = None, progress: Callable[[dict], None] | None = None) -> dict:
+                bn: str = "frozen", device: str | torch.device | None = None,
+                progress: Callable[[dict], None] | None = None) -> dict:
     """Train ``student`` in place to reproduce ``teacher`` on the inputs of ``loader`` (no labels used).
 
     ``steps``/``seconds``: the budget (whichever ends first); ``images``: use at most this many
     images of ``loader`` (its first ones, cycled); ``targets``: "logits", "features" or "both" (see
-    the module doc). The teacher is never changed. Returns a report: ``targets, steps, seconds,
-    images, loss_first, loss_last, layers`` (the matched feature layers). The student is left in
-    eval mode with re-estimated BatchNorm statistics. ``device``: where both models train and run
-    (None: the student's own device); both come back to where they were.
+    the module doc). The teacher is never changed. ``bn``: ``"frozen"`` trains with BatchNorm in
+    eval mode (the running statistics the re-fit set stay; scales and shifts train), ``"train"``
+    normalises by batch statistics and re-estimates the running ones at the end. The learning
+    rate follows a cosine over the budget used (the larger of the step and the time fraction), so
+    it reaches zero whichever limit ends the run. Returns a report: ``targets, steps, seconds,
+    images, loss_first, loss_last, layers`` (the matched feature layers), ``bn``. The student is
+    left in eval mode. ``device``: where both models train and run (None: the student's own
+    device); both come back to where they were.
     """
+    if bn not in ("frozen", "train"):
+        raise ValueError(f"bn must be 'frozen' or 'train'; got {bn!r}")
     if targets not in TARGETS:
         raise ValueError(f"targets must be one of {', '.join(TARGETS)}; got {targets!r}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
@@ -123,23 +131,26 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     with _device.on_device(dev, student, teacher):
         batches = [_device.to_device(x, dev) for x in xs]
         return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
-                      temperature=temperature, targets=targets, augment=augment, bf16=bf16, progress=progress)
+                      temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
+                      progress=progress)
 
 
 def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, temperature, targets, augment, bf16,
-           progress) -> dict:
+           bn, progress) -> dict:
     use_bf16 = bool(bf16) and (torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_bf16())
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t_modes = [(m, m.training) for m in teacher.modules()]
     teacher.eval()
     so = _Outputs(student, layers) if layers else None
     to = _Outputs(teacher, layers) if layers else None
     losses, done, t0 = [], 0, time.perf_counter()
     try:
-        student.train()
+        student.train(bn == "train")
         while done < steps and time.perf_counter() - t0 < seconds:
+            frac = max(done / steps, (time.perf_counter() - t0) / seconds)
+            for g in opt.param_groups:
+                g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             x = batches[done % len(batches)]
             if augment is not None:
                 x = augment(x)
@@ -160,7 +171,6 @@ def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, tem
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            sched.step()
             losses.append(float(loss.detach()))
             done += 1
             if progress is not None and (done % 50 == 0 or done == steps):
@@ -172,10 +182,12 @@ def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, tem
             to.close()
         for m, mode in t_modes:
             m.training = mode
-    from .compensate import recalibrate_bn
+    if bn == "train":
+        from .compensate import recalibrate_bn
 
-    recalibrate_bn(student, batches)
-    return dict(targets=targets, steps=done, steps_budget=steps, seconds=time.perf_counter() - t0,
+        recalibrate_bn(student, batches)
+    student.eval()
+    return dict(targets=targets, bn=bn, steps=done, steps_budget=steps, seconds=time.perf_counter() - t0,
                 seconds_budget=float(seconds), images=int(n), batch=int(len(batches[0])), lr=lr,
                 temperature=temperature, bf16=use_bf16, loss_first=losses[0], loss_last=losses[-1],
                 loss_last10=float(sum(losses[-10:]) / len(losses[-10:])), layers=layers, labels_used=False)
