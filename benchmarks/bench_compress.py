@@ -79,7 +79,7 @@ def run(args) -> dict:
                          finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
                          seed=args.seed, reconstruct_steps=args.reconstruct_steps,
                          reconstruct_seconds=args.reconstruct_seconds, reconstruct_images=args.reconstruct_images,
-                         teacher=args.teacher, reconstruct_bn=args.reconstruct_bn)
+                         teacher=args.teacher, reconstruct_bn=args.reconstruct_bn, reconstruct_lr=args.reconstruct_lr)
     # reconstruction reads unlabelled train images (a class-balanced sample apart from the SI sample)
     recon_loader = DL(preload(train.dataset, balanced_indices(train.labels, args.reconstruct_images,
                                                               seed=args.seed + 1)), batch_size=128) \
@@ -300,6 +300,7 @@ def main(argv=None):
     p.add_argument("--reconstruct-images", type=int, default=5000)
     p.add_argument("--teacher", default="base", choices=("base", "none"))
     p.add_argument("--reconstruct-bn", default="frozen", choices=("frozen", "train"))
+    p.add_argument("--reconstruct-lr", type=float, default=1e-4)
     p.add_argument("--no-latency", action="store_true", help="skip timing (accuracy-only runs on a busy machine)")
     p.add_argument("--si-samples", type=int, default=2000)
     p.add_argument("--eval-samples", type=int, default=0)

@@ -36,6 +36,7 @@ class CompressConfig:
     reconstruct_images: int = 5000      # ... on this many images (their labels are never read)
     reconstruct_targets: str = "logits"  # "logits", "features" (section outputs) or "both"
     reconstruct_bn: str = "frozen"      # BatchNorm during reconstruction: "frozen" (eval mode) or "train"
+    reconstruct_lr: float = 1e-4        # Adam's peak learning rate (cosine to zero over the budget)
     teacher: str = "base"               # fine-tuning distils from the base model ("none": labels only)
     kd_weight: float = 0.5
     kd_temperature: float = 4.0
@@ -72,6 +73,8 @@ class CompressConfig:
 
         if self.reconstruct_targets not in TARGETS:
             raise ValueError(f"reconstruct_targets must be one of {', '.join(TARGETS)}; got {self.reconstruct_targets!r}")
+        if not (self.reconstruct_lr > 0 and self.reconstruct_lr < 1):
+            raise ValueError(f"reconstruct_lr must be in (0, 1); got {self.reconstruct_lr!r}")
         if self.reconstruct_bn not in ("frozen", "train"):
             raise ValueError(f"reconstruct_bn must be 'frozen' or 'train'; got {self.reconstruct_bn!r}")
 
@@ -397,7 +400,7 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
         m["reconstruct"] = reconstruct(
             pruned, base, recon_loader if recon_loader is not None else calib_loader, steps=config.reconstruct_steps,
             seconds=config.reconstruct_seconds, images=config.reconstruct_images, targets=config.reconstruct_targets,
-            bn=config.reconstruct_bn,
+            bn=config.reconstruct_bn, lr=config.reconstruct_lr,
             augment=augment, bf16=config.bf16, device=device,
             progress=None if progress is None else (lambda r: progress({"stage": "reconstruct", **r})))
     if plan.truncate_after is not None and config.compensation in ("refit", "refit+bn"):

@@ -76,6 +76,8 @@ def build_parser() -> ArgumentParser:
                    help="reconstruction: at most this many seconds")
     p.add_argument("--reconstruct-images", type=positive_int, default=5000,
                    help="reconstruction: class-balanced train images used (their labels are not read)")
+    p.add_argument("--reconstruct-lr", type=positive_float, default=1e-4,
+                   help="reconstruction: Adam's peak learning rate, cosine to zero over the budget (default 1e-4)")
     p.add_argument("--reconstruct-bn", default="frozen", choices=("frozen", "train"),
                    help="BatchNorm while reconstructing: frozen (eval mode; the re-fit's statistics stay, default) or "
                         "train (batch statistics, re-estimated afterwards)")
@@ -205,7 +207,7 @@ def _run(args, folder) -> list[str]:
                             truncate_below_budget=args.truncate_below_budget,
                             reconstruct_steps=args.reconstruct_steps, reconstruct_seconds=args.reconstruct_seconds,
                             reconstruct_images=args.reconstruct_images, reconstruct_targets=args.reconstruct_targets,
-                            reconstruct_bn=args.reconstruct_bn,
+                            reconstruct_bn=args.reconstruct_bn, reconstruct_lr=args.reconstruct_lr,
                             teacher=args.teacher, device=str(args.device))
     n_si = args.si_samples or min(DEFAULT_SI_SAMPLES, len(train))
     si_idx = balanced_indices(train.labels, n_si, seed=args.seed)

@@ -10,7 +10,7 @@ budgeted optimisation of every parameter of the pruned model (the student) again
               shapes agree in both models: section outputs, stage outputs)
     both:     the sum of the two.
 
-Adam with a cosine learning-rate decay, batches drawn from ``loader`` (its labels, if any, are
+Adam (peak learning rate 1e-4) with a cosine decay, batches drawn from ``loader`` (its labels, if any, are
 ignored), optional augmentation applied identically to teacher and student inputs, bf16 autocast
 where the CPU (or a GPU) supports it; it stops at ``steps`` or after ``seconds``, whichever comes
 first. BatchNorm is frozen by default (eval mode: the statistics the least-squares re-fit set
@@ -80,7 +80,7 @@ def _matched_layers(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> 
 
 
 def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 600, seconds: float = 300.0,
-                images: int | None = None, lr: float = 1e-3, temperature: float = 4.0, targets: str = "logits",
+                images: int | None = None, lr: float = 1e-4, temperature: float = 4.0, targets: str = "logits",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = True,
                 bn: str = "frozen", device: str | torch.device | None = None,
                 progress: Callable[[dict], None] | None = None) -> dict:
