@@ -31,7 +31,7 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-METHODS = ("si", "si-no-streams", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-group-norm",
+METHODS = ("si", "si-streams", "si-no-streams", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-group-norm",
            "tp-taylor")
 
 
@@ -111,11 +111,12 @@ def run(args) -> dict:
     from si_compress.structure import collect_filter_groups
 
     plans = {"si": plan}
-    if "si-no-streams" in args.methods:   # the SI plan without narrowing residual streams (an ablation)
-        from dataclasses import replace as _replace
+    from dataclasses import replace as _replace
 
-        plans["si-no-streams"], _ = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes,
-                                            example_input=x0, config=_replace(cfg, streams=False))
+    for variant, on in (("si-streams", True), ("si-no-streams", False)):   # ablations: residual streams on / off
+        if variant in args.methods:
+            plans[variant], _ = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes,
+                                        example_input=x0, config=_replace(cfg, streams=on))
     si_tp_macs = count_tp(apply_plan(base, plan, example_input=x0), x0)[0]
     ratio = si_tp_macs / base_macs
     if "si-ranked-same-widths" in args.methods:   # each baseline is built only when it is run

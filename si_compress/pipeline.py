@@ -24,7 +24,7 @@ class CompressConfig:
     delta: float = 0.02
     ranking: str = "l1"                # which filters inside a layer (widths and drops always come from SI)
     allow_drop: bool = True
-    streams: bool = True               # narrow residual streams (channels shared by a stage's blocks) too
+    streams: bool = False              # also narrow residual streams (off: measured worse without training)
     weighting: str = "gain"
     objective: str = "both"            # moves ranked per MACs, measured latency, or both (see planner)
     round_to: int = 8                  # channel counts in multiples of 8: the fast CPU kernels need them

@@ -47,9 +47,10 @@ def build_parser() -> ArgumentParser:
                    help="rank planner moves by SI lost per MAC saved, per measured CPU second saved, or per "
                         "the mean of both fractions (default both)")
     p.add_argument("--no-drop", action="store_true", help="never drop whole blocks")
-    p.add_argument("--no-streams", action="store_true",
-                   help="keep residual streams (the channels a stage's blocks add into) whole; by default their "
-                        "width is planned by SI at the stage output like any other group")
+    p.add_argument("--streams", action="store_true",
+                   help="also narrow residual streams (the channels a stage's blocks add into), planned by SI at the "
+                        "stage output; off by default: on ResNet-56 at -50%% MACs it cut params to -56%% but kept "
+                        "72.75%% after the re-fit against 87.15%% without (2000 test images)")
     p.add_argument("--no-truncate", action="store_true",
                    help="plain chains (VGG-style): do not cut the network after its SI peak")
     p.add_argument("--truncate-below-budget", action="store_true",
@@ -197,7 +198,7 @@ def _run(args, folder) -> list[str]:
             raise CLIError(f"{opt} {n} exceeds the {len(ds)} images of {ds.description}; lower {opt}")
     config = CompressConfig(target_macs=None if args.delta is not None else args.target_macs,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
-                            allow_drop=not args.no_drop, streams=not args.no_streams, round_to=args.round_to,
+                            allow_drop=not args.no_drop, streams=args.streams, round_to=args.round_to,
                             objective=args.objective,
                             compensation=args.compensation, finetune_epochs=args.finetune_epochs,
                             finetune_steps=args.finetune_steps,
