@@ -47,6 +47,12 @@ TABLES = {
                       "compress_resnet56_noft.json",
                       "python benchmarks/bench_compress.py --methods si tp-magnitude uniform-l1 --epochs 0 "
                       "--out benchmarks/results/compress_resnet56_noft.json"),
+    "compress_streams": (_script("bench_compress.py", "--table", "--out",
+                                 str(HERE / "results" / "compress_resnet56_streams_refit.json")),
+                         "compress_resnet56_streams_refit.json",
+                         "python benchmarks/bench_compress.py --methods si si-no-streams tp-magnitude tp-group-norm "
+                         "--epochs 0 --compensation refit --objective macs --no-latency --eval-samples 2000 "
+                         "--out benchmarks/results/compress_resnet56_streams_refit.json"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
