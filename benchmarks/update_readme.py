@@ -53,6 +53,12 @@ TABLES = {
                          "python benchmarks/bench_compress.py --methods si si-no-streams tp-magnitude tp-group-norm "
                          "--epochs 0 --compensation refit --objective macs --no-latency --eval-samples 2000 "
                          "--out benchmarks/results/compress_resnet56_streams_refit.json"),
+    "compress_recon": (_script("bench_compress.py", "--table", "--out",
+                               str(HERE / "results" / "compress_resnet56_recon.json")),
+                       "compress_resnet56_recon.json",
+                       "python benchmarks/bench_compress.py --methods si tp-magnitude --epochs 0 "
+                       "--compensation refit+reconstruct --objective macs --no-latency --eval-samples 2000 "
+                       "--reconstruct-seconds 240 --out benchmarks/results/compress_resnet56_recon.json"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
