@@ -260,7 +260,8 @@ def table(path: Path) -> str:
     if recon:   # the re-fit alone, then the label-free reconstruction (what it used)
         rc = next(m["reconstruct"] for m in r.values() if "reconstruct" in m)
         lines[0] += (f" Reconstruction: {rc['steps']} Adam steps on {rc['images']:,} unlabelled train images "
-                     f"(targets: {rc['targets']}), then BN re-estimated.")
+                     f"(targets: {rc['targets']}, lr {rc.get('lr', 1e-3):g}), "
+                     + ("BatchNorm frozen." if rc.get("bn") == "frozen" else "then BN re-estimated."))
         lines[2] = lines[2].replace("after compensation (no training)", "after re-fit (no training) | after reconstruction (no labels)")
         lines[3] = lines[3] + "---|"
     for name, m in r.items():
