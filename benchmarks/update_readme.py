@@ -23,6 +23,12 @@ def _script(name: str, *args: str) -> list[str]:
     return [PY, str(HERE / name), *args]
 
 
+def _compress_run(result: str, options: str) -> tuple:
+    """A bench_compress table read from ``results/<result>``, and the command that makes it."""
+    return (_script("bench_compress.py", "--table", "--out", str(HERE / "results" / result)), result,
+            f"python benchmarks/bench_compress.py {options} --out benchmarks/results/{result}")
+
+
 # name -> (command printing the table, result JSON it needs (None: always run), command that makes the JSON)
 TABLES = {
     "report": (_script("report.py", "--table"), None, None),
@@ -43,22 +49,13 @@ TABLES = {
     "vgg": (_script("bench_vgg.py", "--table"), "vgg.json", None),
     "adapter": (_script("bench_adapter.py", "--table"), "adapter.json", None),
     "cluster": (_script("bench_cluster.py", "--table"), "cluster.json", None),
-    "compress_noft": (_script("bench_compress.py", "--table", "--out", str(HERE / "results" / "compress_resnet56_noft.json")),
-                      "compress_resnet56_noft.json",
-                      "python benchmarks/bench_compress.py --methods si tp-magnitude uniform-l1 --epochs 0 "
-                      "--out benchmarks/results/compress_resnet56_noft.json"),
-    "compress_streams": (_script("bench_compress.py", "--table", "--out",
-                                 str(HERE / "results" / "compress_resnet56_streams_refit.json")),
-                         "compress_resnet56_streams_refit.json",
-                         "python benchmarks/bench_compress.py --methods si si-no-streams tp-magnitude tp-group-norm "
-                         "--epochs 0 --compensation refit --objective macs --no-latency --eval-samples 2000 "
-                         "--out benchmarks/results/compress_resnet56_streams_refit.json"),
-    "compress_recon": (_script("bench_compress.py", "--table", "--out",
-                               str(HERE / "results" / "compress_resnet56_recon.json")),
-                       "compress_resnet56_recon.json",
-                       "python benchmarks/bench_compress.py --methods si tp-magnitude --epochs 0 "
-                       "--compensation refit+reconstruct --objective macs --no-latency --eval-samples 2000 "
-                       "--reconstruct-seconds 240 --out benchmarks/results/compress_resnet56_recon.json"),
+    "compress_noft": _compress_run("compress_resnet56_noft.json", "--methods si tp-magnitude uniform-l1 --epochs 0"),
+    "compress_streams": _compress_run("compress_resnet56_streams_refit.json",
+                                      "--methods si si-no-streams tp-magnitude tp-group-norm --epochs 0 "
+                                      "--compensation refit --objective macs --no-latency --eval-samples 2000"),
+    "compress_recon": _compress_run("compress_resnet56_recon.json",
+                                    "--methods si tp-magnitude --epochs 0 --compensation refit+reconstruct "
+                                    "--objective macs --no-latency --eval-samples 2000 --reconstruct-seconds 240"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
