@@ -32,38 +32,63 @@ __all__ = ["block_latency_table", "compare_models", "interleaved_times", "latenc
 #: timings of the same model on a quiet machine agree far better than that.
 NOISY_SPREAD = 0.10
 
+#: Shortest timed sample (seconds): faster calls are timed in blocks (see :func:`interleaved_times`).
+MIN_SAMPLE_S = 0.05
 
-def interleaved_times(calls: dict, *, repeats: int = 7, warmup: int = 2, timer=time.perf_counter) -> dict:
-    """name -> {"median_s", "spread", "times_s"} of ``calls`` (name -> zero-argument callable).
 
-    Every round calls each in turn, so load that comes and goes hits all of them; ``warmup`` rounds
-    (allocation, kernel selection) are not counted. ``spread``: interquartile range / median.
+def interleaved_times(calls: dict, *, repeats: int = 7, warmup: int = 2, min_sample_s: float = MIN_SAMPLE_S,
+                      timer=time.perf_counter) -> dict:
+    """name -> {"median_s", "spread", "times_s", "calls_per_sample"} of ``calls`` (name -> zero-argument callable).
+
+    Every round times each callable in turn, so load that comes and goes hits all of them; ``warmup``
+    rounds (allocation, kernel selection) are not counted. A callable whose fastest warm-up call is
+    shorter than ``min_sample_s`` is timed as a block of ``n = ceil(min_sample_s / fastest)`` calls
+    after one untimed call, and a sample is the block's time / n: a single millisecond call started
+    right after another model would share the cores with that model's still-spinning worker threads
+    (OpenMP, onnxruntime), which measured the neighbour instead of the model. ``spread``:
+    interquartile range / median of the per-call samples.
     """
     if repeats < 1 or warmup < 0:
         raise ValueError(f"repeats must be >= 1 and warmup >= 0; got {repeats}, {warmup}")
+    if not min_sample_s >= 0:
+        raise ValueError(f"min_sample_s must be >= 0; got {min_sample_s!r}")
     times = {name: [] for name in calls}
+    fastest = {name: float("inf") for name in calls}
+    per = {name: 1 for name in calls}
     for r in range(warmup + repeats):
+        if r == warmup:
+            per = {name: max(1, int(np.ceil(min_sample_s / fastest[name]))) if 0 < fastest[name] < min_sample_s
+                   else 1 for name in calls}
         for name, fn in calls.items():
+            n = per[name]
+            if n > 1:
+                fn()  # settle: the previous model's threads stop spinning during this call
             t0 = timer()
-            fn()
-            dt = timer() - t0
-            if r >= warmup:
+            for _ in range(n):
+                fn()
+            dt = (timer() - t0) / n
+            if r < warmup:
+                fastest[name] = min(fastest[name], dt)
+            else:
                 times[name].append(dt)
     out = {}
     for name, ts in times.items():
         q1, med, q3 = np.percentile(ts, [25, 50, 75])
-        out[name] = {"median_s": float(med), "spread": float((q3 - q1) / med) if med > 0 else 0.0, "times_s": ts}
+        out[name] = {"median_s": float(med), "spread": float((q3 - q1) / med) if med > 0 else 0.0, "times_s": ts,
+                     "calls_per_sample": per[name]}
     return out
 
 
 def compare_models(models: dict, batch: int, example_shape, *, threads: int | None = None, repeats: int = 7,
-                   warmup: int = 2, noisy_spread: float = NOISY_SPREAD, timer=time.perf_counter) -> dict:
+                   warmup: int = 2, noisy_spread: float = NOISY_SPREAD, min_sample_s: float = MIN_SAMPLE_S,
+                   timer=time.perf_counter) -> dict:
     """Time ``models`` (name -> nn.Module) against each other at ``batch`` with :func:`interleaved_times`.
 
     ``threads``: torch threads during the timing (default: the current setting), restored after.
     A spread above ``noisy_spread`` is re-timed once; if it is still above, ``noisy`` is True and
     the ratios of these medians should not be trusted. Returns {"batch", "threads", "repeats",
-    "warmup", "noisy", "retried", "models": {name: {"median_s", "spread", "times_s"}}}.
+    "warmup", "noisy", "retried", "models": {name: {"median_s", "spread", "times_s", "calls_per_sample"}}}
+    (``min_sample_s``: see :func:`interleaved_times`).
     """
     x = torch.randn(batch, *example_shape)
     before = torch.get_num_threads()
@@ -74,10 +99,10 @@ def compare_models(models: dict, batch: int, example_shape, *, threads: int | No
             m.eval()
         calls = {name: (lambda m=m: m(x)) for name, m in models.items()}
         with torch.inference_mode():
-            res = interleaved_times(calls, repeats=repeats, warmup=warmup, timer=timer)
+            res = interleaved_times(calls, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s, timer=timer)
             retried = max(r["spread"] for r in res.values()) > noisy_spread
             if retried:
-                res = interleaved_times(calls, repeats=repeats, warmup=warmup, timer=timer)
+                res = interleaved_times(calls, repeats=repeats, warmup=warmup, min_sample_s=min_sample_s, timer=timer)
         used = torch.get_num_threads()
     finally:
         torch.set_num_threads(before)

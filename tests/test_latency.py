@@ -76,8 +76,31 @@ def test_interleaved_median_and_spread_are_the_known_values():
     res = interleaved_times({"a": lambda: a(0), "b": lambda: b(0)}, repeats=5, warmup=2, timer=clock)
     assert res["a"]["times_s"] == [1.0, 2.0, 3.0, 4.0, 5.0]
     assert res["a"]["median_s"] == 3.0 and res["a"]["spread"] == pytest.approx((4.0 - 2.0) / 3.0)
-    assert res["b"] == {"median_s": 2.0, "spread": 0.0, "times_s": [2.0] * 5}
+    assert res["b"] == {"median_s": 2.0, "spread": 0.0, "times_s": [2.0] * 5, "calls_per_sample": 1}
     assert clock.log == ["a", "b"] * 7                         # interleaved, warm-up included
+
+
+def test_fast_calls_are_timed_in_blocks_after_an_untimed_call():
+    """A 10 ms call (min sample 50 ms) is timed 5 at a time after one settling call; a sample is the
+    block's mean, and the settling call's time (here made huge) never enters it."""
+    clock = FakeClock()
+    # a: two warm-ups of 10 ms, then rounds of [settle 1 s, 5 x 10 ms]; b: 0.2 s calls, one per sample
+    a = clock.model("a", [0.01, 0.01] + ([1.0] + [0.01] * 5) * 3)
+    b = clock.model("b", [0.2] * 5)
+    res = interleaved_times({"a": lambda: a(0), "b": lambda: b(0)}, repeats=3, warmup=2, min_sample_s=0.05,
+                            timer=clock)
+    assert res["a"]["calls_per_sample"] == 5 and res["b"]["calls_per_sample"] == 1
+    assert res["a"]["times_s"] == pytest.approx([0.01] * 3) and res["b"]["times_s"] == pytest.approx([0.2] * 3)
+    assert clock.log == ["a", "b"] * 2 + (["a"] * 6 + ["b"]) * 3   # interleaved rounds, blocks inside
+    # the block length follows the fastest warm-up call; 0 turns blocks off
+    clock = FakeClock()
+    c = clock.model("c", [0.03, 0.02] + [0.02] * 12)
+    res = interleaved_times({"c": lambda: c(0)}, repeats=3, warmup=2, min_sample_s=0.05, timer=clock)
+    assert res["c"]["calls_per_sample"] == 3 and res["c"]["median_s"] == pytest.approx(0.02)
+    clock = FakeClock()
+    d = clock.model("d", [0.01] * 5)
+    assert interleaved_times({"d": lambda: d(0)}, repeats=3, warmup=2, min_sample_s=0.0,
+                             timer=clock)["d"]["calls_per_sample"] == 1
 
 
 def test_quiet_timing_is_not_noisy_and_not_retried():
