@@ -31,7 +31,7 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-METHODS = ("si", "si-streams", "si-no-streams", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-group-norm",
+METHODS = ("si", "si-streams", "si-no-streams", "si-macs-only", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-group-norm",
            "tp-taylor")
 
 
@@ -74,7 +74,8 @@ def run(args) -> dict:
                           generator=torch.Generator().manual_seed(args.seed))
     log(f"data ready in {time.perf_counter() - t0:.0f} s")
     x0 = sample[0][0][None]
-    cfg = CompressConfig(target_macs=args.target_macs, ranking=args.ranking, objective=args.objective,
+    cfg = CompressConfig(target_macs=args.target_macs, target_params=args.target_params, ranking=args.ranking,
+                         objective=args.objective,
                          round_to=args.round_to, compensation=args.compensation,
                          finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
                          seed=args.seed, reconstruct_steps=args.reconstruct_steps,
@@ -117,6 +118,9 @@ def run(args) -> dict:
         if variant in args.methods:
             plans[variant], _ = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes,
                                         example_input=x0, config=_replace(cfg, streams=on))
+    if "si-macs-only" in args.methods:   # ablation: the SI plan without the parameter budget
+        plans["si-macs-only"], _ = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes,
+                                           example_input=x0, config=_replace(cfg, target_params=None))
     si_tp_macs = count_tp(apply_plan(base, plan, example_input=x0), x0)[0]
     ratio = si_tp_macs / base_macs
     if "si-ranked-same-widths" in args.methods:   # each baseline is built only when it is run
@@ -252,7 +256,9 @@ def table(path: Path) -> str:
     lines = [f"Base {d['settings']['model']}: {100 * b['acc']:.2f}% top-1 on {d['eval_samples']} test JPEGs, "
              f"{b['macs'] / 1e6:.1f} M MACs, {b['params'] / 1e6:.3f} M params. "
              f"Compensation: {d['settings']['compensation']}; fine-tuning: {ft}, SGD cosine, lr "
-             f"{d['settings']['lr']}.", "",
+             f"{d['settings']['lr']}." + (f" SI budget: {d['settings']['target_macs']:.3g} x MACs and "
+                                          f"{d['settings']['target_params']:.3g} x params (the baselines match the "
+                                          "SI plan's MACs)." if d["settings"].get("target_params") else ""), "",
              "| method | MACs | params | blocks dropped | top-1 pruned | after compensation (no training) "
              "| after fine-tuning | CPU speed-up b1 / b128 |",
              "|---|---|---|---:|---|---|---|---|"]
@@ -293,6 +299,8 @@ def main(argv=None):
     p.add_argument("--model", default="resnet56-cifar10-jpeg.th", help="a file in ../shared/models, or a path")
     p.add_argument("--arch", default=None, help="the model's arch when the file does not say (torchvision:resnet18)")
     p.add_argument("--target-macs", type=float, default=0.5)
+    p.add_argument("--target-params", type=float, default=None,
+                   help="SI methods: also keep at most this fraction of the parameters (the baselines match MACs)")
     p.add_argument("--ranking", default="l1")
     p.add_argument("--objective", default="both", choices=("macs", "latency", "both"))
     p.add_argument("--round-to", type=int, default=8)

@@ -21,6 +21,7 @@ COMPENSATIONS = ("refit+bn", "refit", "bn", "none", "refit+reconstruct", "recons
 @dataclass(frozen=True)
 class CompressConfig:
     target_macs: float | None = 0.5     # fraction of base MACs to keep; None: threshold mode
+    target_params: float | None = None  # also keep at most this fraction of the parameters (model size)
     delta: float = 0.02
     ranking: str = "l1"                # which filters inside a layer (widths and drops always come from SI)
     allow_drop: bool = True
@@ -61,6 +62,13 @@ class CompressConfig:
             raise ValueError(f"truncate_tol is an absolute SI tolerance in [0, 1); got {self.truncate_tol}")
         if self.compensation not in COMPENSATIONS:
             raise ValueError(f"compensation must be one of {', '.join(COMPENSATIONS)}; got {self.compensation!r}")
+        if self.target_params is not None:
+            if self.target_macs is None:
+                raise ValueError("target_params is a budget and needs target_macs (1.0 for a size budget alone), "
+                                 "not threshold mode")
+            if not (0.0 < self.target_params <= 1.0):
+                raise ValueError(f"target_params is the fraction of parameters to keep, in (0, 1]; got "
+                                 f"{self.target_params!r}")
         if self.finetune_epochs < 0 or self.head_epochs < 0:
             raise ValueError("epochs must be >= 0")
         if self.teacher not in ("base", "none"):
@@ -203,11 +211,16 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     # The planner budgets a fraction of the structure it is given: rescale the whole model's budget.
     scale = structure.total_macs / max(plan_structure.total_macs, 1)
 
-    def make(target):
+    def make(target, params_target=config.target_params):
         ptarget = None if target is None else min(1.0, target * scale)
+        # the size budget, as a fraction of the structure the planner sees (the head stays whole)
+        pparams = None if params_target is None else \
+            min(1.0, max(1e-6, 1 - (1 - params_target) * structure.total_params
+                         / max(plan_structure.total_params, 1)))
         p = plan_compression(
             arch=arch, num_classes=num_classes, structure=plan_structure, rankings=rankings, gains=gains,
-            config=PlannerConfig(target_macs=ptarget, delta=config.delta, allow_drop=config.allow_drop,
+            config=PlannerConfig(target_macs=ptarget, target_params=pparams, delta=config.delta,
+                                 allow_drop=config.allow_drop,
                                  round_to=config.round_to, weighting=config.weighting,
                                  objective=config.objective, gain_samples=report.n_samples),
             head=head, truncate_after=None if truncation is None else truncation.truncate_after,
@@ -226,12 +239,20 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     if config.target_macs is not None:
         # The planner budgets conv/linear MACs; metrics count as torch-pruning does (BN, ReLU, pooling
         # too). Tighten the planner's target until the torch-pruning count meets the budget.
-        base_tp, _ = count_tp(model, example_input)
+        base_tp, base_params = count_tp(model, example_input)
         budget = config.target_macs * base_tp
+        # The planner's parameter count is per group and misses the weights two narrowed groups share
+        # (a conv losing inputs and outputs): tighten its size target by the measured ratio too.
+        p_budget = None if config.target_params is None else config.target_params * base_params
+        p_target = config.target_params
         target, best = config.target_macs, None   # best: (MACs, planner target, plan) meeting the budget
         lo, hi = 0.0, None                        # planner targets known to land under / over the budget
         for _ in range(10):
-            got, _ = count_tp(apply_plan(model, plan, example_input=example_input), example_input)
+            got, got_p = count_tp(apply_plan(model, plan, example_input=example_input), example_input)
+            if p_budget is not None and got_p > p_budget:
+                p_target = max(1e-3, p_target * p_budget / max(got_p, 1) * 0.995)
+                plan = make(target, p_target)
+                continue
             if got <= budget:
                 lo = max(lo, target)
                 if best is None or got > best[0]:
@@ -248,17 +269,28 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
             if abs(new - target) < 1e-6:
                 break
             target = new
-            plan = make(target)
+            plan = make(target, p_target)
         if best is not None:
             _, target, plan = best
         got, got_params = count_tp(apply_plan(model, plan, example_input=example_input), example_input)
-        _, base_params = count_tp(model, example_input)
+        unmet = []
+        if got > budget:
+            unmet.append(f"keeps {got / base_tp:.1%} of the MACs (target {config.target_macs:.1%})")
+        if config.target_params is not None and got_params > config.target_params * base_params:
+            unmet.append(f"keeps {got_params / base_params:.1%} of the parameters (target {config.target_params:.1%})")
+        if unmet:
+            plan = _replace_plan(plan, settings=dict(plan.settings, budget_unmet=(
+                "the plan " + " and ".join(unmet) + f": every group is at its narrowest width (round_to "
+                f"{config.round_to}){'' if config.allow_drop else ' and drops are off'}; lower round_to"
+                f"{'' if config.allow_drop else ' or allow drops'} to go further")))
         # One count everywhere (torch-pruning's): what the plan predicts is what metrics will measure.
         plan = _replace_plan(plan, predicted=dict(
             base_macs=int(base_tp), macs=int(got), base_params=int(base_params), params=int(got_params),
             planner_macs=plan.predicted.get("macs"), planner_base_macs=plan.predicted.get("base_macs"),
             counter="torch_pruning.utils.count_ops_and_params"),
-            settings=dict(plan.settings, target_macs=config.target_macs, planner_target=target))
+            settings=dict(plan.settings, target_macs=config.target_macs, planner_target=target,
+                          target_params=config.target_params,
+                          **({} if config.target_params is None else {"planner_target_params": p_target})))
     if trunc_settings and "truncation" not in plan.settings:
         plan = _replace_plan(plan, settings=dict(plan.settings, **trunc_settings))
     return plan, PlanEvidence(report=report, structure=plan_structure, rankings=rankings, groups_labels=labels,

@@ -146,6 +146,13 @@ def test_device_unavailable_or_unknown(digits_ckpt, tmp_path, capsys, monkeypatc
     _expect(main, [digits_ckpt, *DIGITS, "--device", device], capsys, tmp_path / "o", "--device", match)
 
 
+@pytest.mark.parametrize("extra, match", [(["--target-params", "0"], "in (0, 1]"),
+                                          (["--target-params", "1.5"], "in (0, 1]"),
+                                          (["--target-params", "0.5", "--delta", "0.02"], "use one of them")])
+def test_target_params_is_a_budget_fraction(digits_ckpt, tmp_path, capsys, extra, match):
+    _expect(compress_main, [digits_ckpt, *DIGITS, *extra], capsys, tmp_path / "o", "--target-params", match)
+
+
 def test_finetune_steps_without_epochs(digits_ckpt, tmp_path, capsys):
     _expect(compress_main, [digits_ckpt, *DIGITS, "--finetune-steps", "150"], capsys, tmp_path / "o",
             "--finetune-steps", "--finetune-epochs 1")

@@ -198,6 +198,52 @@ def test_a_downsampling_section_is_scored_against_its_shortcut():
     assert next(b for b in plan.blocks if b.name == "layer2.1").si_in == b.si_out   # others: the previous output
 
 
+def test_cli_target_params_reaches_the_plan_and_says_when_it_cannot_be_met(digits_ckpt, tmp_path, capsys):
+    def run(fraction):
+        out_dir = tmp_path / f"p{fraction}"
+        code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
+                               "--target-macs", "0.9", "--target-params", str(fraction), "--objective", "macs",
+                               "--out", out_dir, "--quiet"], capsys)
+        assert code == 0, err
+        plan = json.loads((out_dir / "plan.json").read_text())
+        assert plan["settings"]["target_params"] == fraction
+        return plan, err
+    plan, err = run(0.5)
+    assert plan["predicted"]["params"] <= 0.5 * plan["predicted"]["base_params"] and "warning" not in err
+    # 8 channels per layer (--round-to 8) keep more than 4% of this small net: said, not hidden
+    plan, err = run(0.04)
+    assert plan["predicted"]["params"] > 0.04 * plan["predicted"]["base_params"]
+    assert "of the parameters (target 4.0%)" in plan["settings"]["budget_unmet"]
+    assert "warning:" in err and "lower --round-to" in err
+
+
+def test_a_parameter_budget_holds_on_the_pruned_model():
+    """--target-params: the pruned network (counted by torch-pruning, like metrics.json) keeps at most
+    that fraction of the parameters, and the MACs budget still holds; without it the same MACs budget
+    keeps more parameters (so the size budget did the work)."""
+    from si_compress.compress import apply_plan
+    from si_compress.models import cifar_resnet
+    from si_compress.pipeline import CompressConfig, count_tp, si_plan
+
+    torch.manual_seed(0)
+    model = cifar_resnet(20, width=(8, 16, 32)).eval()
+    x = torch.randn(80, 3, 32, 32)
+    y = torch.arange(80) % 4
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=40)
+    base_macs, base_params = count_tp(model, x[:1])
+
+    def measured(**kw):
+        plan = si_plan(model, loader, arch="r", num_classes=10, example_input=x[:1],
+                       config=CompressConfig(target_macs=0.7, objective="macs", round_to=4, **kw))[0]
+        macs, params = count_tp(apply_plan(model, plan, example_input=x[:1]), x[:1])
+        assert plan.predicted["params"] == params and plan.settings.get("target_params") == kw.get("target_params")
+        return macs / base_macs, params / base_params
+    macs, params = measured()
+    assert macs <= 0.7 and params > 0.5
+    macs, params = measured(target_params=0.5)
+    assert macs <= 0.7 and params <= 0.5
+
+
 def test_streams_can_be_kept_whole():
     from si_compress.models import cifar_resnet
     from si_compress.pipeline import CompressConfig, si_plan

@@ -289,3 +289,34 @@ def test_a_budget_that_needs_nothing_drops_nothing():
     half = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
                             config=PlannerConfig(target_macs=0.75))
     assert half.dropped_blocks == ("b0",)          # the budget needs a move: the negative-gain block goes first
+
+
+def test_a_parameter_budget_cuts_where_the_parameters_are():
+    """Two sections of equal MACs per filter; the late one holds 10x the parameters per filter and more
+    separation. A MACs budget alone narrows the early one; adding a parameter budget makes the planner
+    go on, per parameter saved, into the late one until both budgets hold, and give back only what
+    keeps both."""
+    blocks = (BlockUnit("b0", 400, False, 20), BlockUnit("b1", 400, False, 200))
+    convs = (ConvUnit("b0.conv1", "b0.conv2", "b0.relu1", 4, 50, 5, "b0"),
+             ConvUnit("b1.conv1", "b1.conv2", "b1.relu1", 4, 50, 50, "b1"))
+    st = ModelStructure(blocks=blocks, convs=convs, chain=(), total_macs=1000, total_params=300)
+    rk = {u.conv: _ranking([0.5, 0.6, 0.7, 0.8]) for u in convs}
+    gains = {"b0": (0.3, 0.35), "b1": (0.35, 0.75)}
+
+    def widths(macs=0.85, allow_drop=False, **kw):
+        p = plan_compression(arch="t", num_classes=3, structure=st, rankings=rk, gains=gains,
+                             config=PlannerConfig(target_macs=macs, allow_drop=allow_drop, **kw))
+        return {d.name: len(d.keep) for d in p.layers}, p.predicted, p.dropped_blocks
+    w, pred, _ = widths()
+    assert w == {"b0.conv1": 1, "b1.conv1": 4} and pred["params"] == 285
+    w, pred, _ = widths(target_params=0.6)
+    assert w == {"b0.conv1": 4, "b1.conv1": 1}          # b0's filters were given back: both budgets still hold
+    assert pred["macs"] <= 850 and pred["params"] == 150 <= 0.6 * 300
+    # once the MACs fit, moves are priced per parameter: dropping the small early section (cheap per
+    # MAC, but 20 parameters) loses to narrowing the late one
+    w, pred, dropped = widths(macs=0.9, allow_drop=True, target_params=0.6)
+    assert dropped == () and w == {"b0.conv1": 4, "b1.conv1": 1} and pred["params"] == 150
+    with pytest.raises(ValueError, match="needs target_macs"):
+        PlannerConfig(target_macs=None, target_params=0.5)
+    with pytest.raises(ValueError, match="fraction of parameters"):
+        PlannerConfig(target_params=1.5)

@@ -38,6 +38,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--plan", help="apply this plan.json instead of planning")
     p.add_argument("--target-macs", type=float, default=0.5,
                    help="fraction of the base MACs to keep (default 0.5); 1 with --delta for threshold mode")
+    p.add_argument("--target-params", type=float, default=None,
+                   help="also keep at most this fraction of the parameters (model size; e.g. 0.5); both budgets "
+                        "hold, and once the MACs fit the planner cuts where SI is lost least per parameter")
     p.add_argument("--delta", type=float, default=None,
                    help="threshold mode: keep the shortest filter prefix reaching (1-delta) x max SI (no budget)")
     p.add_argument("--ranking", default="l1", choices=("si", "si-greedy", "l1", "random"),
@@ -116,6 +119,10 @@ def _check_options(args) -> None:
     """Option combinations argparse cannot check; all before any file is read."""
     if not (0 < args.target_macs <= 1):
         raise CLIError(f"--target-macs is the fraction of MACs to keep, in (0, 1]; got {args.target_macs}")
+    if args.target_params is not None and not (0 < args.target_params <= 1):
+        raise CLIError(f"--target-params is the fraction of parameters to keep, in (0, 1]; got {args.target_params}")
+    if args.target_params is not None and args.delta is not None:
+        raise CLIError("--target-params is a budget and --delta is threshold mode (no budget); use one of them")
     if args.delta is not None and not (0 <= args.delta < 1):
         raise CLIError(f"--delta is the SI fraction a layer may lose, in [0, 1); got {args.delta}")
     if not (0 <= args.truncate_tol < 1):
@@ -197,6 +204,7 @@ def _run(args, folder) -> list[str]:
         if n and n > len(ds):
             raise CLIError(f"{opt} {n} exceeds the {len(ds)} images of {ds.description}; lower {opt}")
     config = CompressConfig(target_macs=None if args.delta is not None else args.target_macs,
+                            target_params=args.target_params,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
                             allow_drop=not args.no_drop, streams=args.streams, round_to=args.round_to,
                             objective=args.objective,
@@ -234,6 +242,9 @@ def _run(args, folder) -> list[str]:
     if plan is None:
         plan, _ = si_plan(model, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes, example_input=x0,
                           config=config, progress=progress)
+        if plan.settings.get("budget_unmet"):
+            print(f"{PROG}: warning: {plan.settings['budget_unmet'].replace('round_to', '--round-to')}",
+                  file=sys.stderr)
     augment = cifar_augment if tuple(x0.shape[-2:]) == (32, 32) else None
     step = progress.step
     step("evaluate base")

@@ -27,6 +27,9 @@ Decisions
   width (a latency table from ``si_compress.latency``), or the mean of the two fractions; the
   stop rule is always the MACs budget. Widths move in steps of ``round_to`` and never go below
   ``min_keep`` (default ``round_to``): below that only dropping the block remains.
+  ``target_params`` adds a size budget (fraction of the parameters to keep): moves go on until
+  both budgets hold, and "saved" is the sum of the fractions saved of each budget still unmet
+  (once the MACs fit, the cheapest SI loss per parameter: the wide late convs).
 - Head: linear if the final features' CSI >= SI - tau (class means already separate as well as
   neighbours do); otherwise an MLP with the smallest hidden width whose hidden-layer CSI reaches SI.
 """
@@ -46,6 +49,7 @@ _GAIN_FLOOR = 1e-4
 @dataclass(frozen=True)
 class PlannerConfig:
     target_macs: float | None = 0.5   # fraction of base MACs to keep; None = threshold mode
+    target_params: float | None = None  # also keep at most this fraction of the parameters (budget mode)
     delta: float = 0.02
     drop_gain: float = 0.0
     allow_drop: bool = True
@@ -62,6 +66,12 @@ class PlannerConfig:
             raise ValueError(f"target_macs is the fraction of MACs to keep, in (0, 1]; got {self.target_macs}")
         if not (0.0 <= self.delta < 1.0):
             raise ValueError(f"delta must be in [0, 1); got {self.delta}")
+        if self.target_params is not None:
+            if self.target_macs is None:
+                raise ValueError("target_params is a budget: it needs target_macs (1.0 for a size budget alone)")
+            if not (0.0 < self.target_params <= 1.0):
+                raise ValueError(f"target_params is the fraction of parameters to keep, in (0, 1]; got "
+                                 f"{self.target_params}")
         if self.objective not in ("macs", "latency", "both"):
             raise ValueError(f"objective must be 'macs', 'latency' or 'both'; got {self.objective!r}")
         if self.min_keep is None:
@@ -139,6 +149,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     """
     units = [u for u in structure.convs if u.conv in rankings]
     block_macs = {b.name: b.macs for b in structure.blocks}
+    block_params = {b.name: b.params for b in structure.blocks}
     lat = None
     if config.objective != "macs" and latency:
         lat = {u.conv: np.asarray(latency[u.conv], dtype=np.float64) for u in units
@@ -170,14 +181,22 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         stream = sum((v.out_channels - width[v.conv]) * m for v in units for n, m in v.shares if _in(n, b))
         return block_macs[b] - inner - stream
 
-    def _saved(u, k_from, k_to):
-        """Resource saved by taking conv u from k_from to k_to filters (k_to = 0: block dropped)."""
+    def block_params_now(b):
+        return block_params[b] - sum((v.out_channels - width[v.conv]) * v.params_per_filter
+                                     for v in units if v.block == b)
+
+    def _saved(u, k_from, k_to, need_macs=True, need_params=False):
+        """Resource saved by taking conv u from k_from to k_to filters (k_to = 0: block dropped): the
+        fraction of the MACs (or measured seconds) saved while the MACs budget is unmet, plus the
+        fraction of the parameters saved while a parameter budget is unmet."""
         if k_to == 0 and u.block in block_macs:  # a drop saves the whole branch as it stands now
             macs = block_now(u.block) / structure.total_macs
+            params = block_params_now(u.block) / max(structure.total_params, 1)
         else:
             macs = ((k_from - k_to) * mpf(u)) / structure.total_macs
+            params = (k_from - k_to) * u.params_per_filter / max(structure.total_params, 1)
         secs = (lat[u.conv][k_from] - lat[u.conv][k_to]) * sec_scale if lat and u.conv in lat else macs
-        return w_macs * macs + w_lat * secs
+        return (w_macs * macs + w_lat * secs if need_macs else 0.0) + (params if need_params else 0.0)
     width = {u.conv: u.out_channels for u in units}
     env = {u.conv: rankings[u.conv].envelope() for u in units}
     for u in units:
@@ -217,6 +236,18 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             m -= block_macs[b]
         return m
 
+    def params_now() -> int:
+        # a stream's params_per_filter counts every member, also those of dropped sections (an
+        # over-estimate of what a narrower stream saves once sections are gone: never under budget)
+        p = structure.total_params
+        for u in units:
+            if u.block in dropped:
+                continue
+            p -= (u.out_channels - width[u.conv]) * u.params_per_filter
+        for b in dropped:
+            p -= block_params[b]
+        return p
+
     def weight_of(u):
         # A group's separation is weighted by the SI gain of its section, else of the recorded
         # module holding it (an inception block, a stage); a stream by the gains it carries;
@@ -245,8 +276,10 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             reasons[u.conv] = f"shortest prefix reaching {(1 - config.delta):.2f} x max SI {env[u.conv][-1]:.3f}"
     else:
         target = config.target_macs * base
-        while macs_now() > target:
+        ptarget = None if config.target_params is None else config.target_params * structure.total_params
+        while macs_now() > target or (ptarget is not None and params_now() > ptarget):
             now = macs_now()
+            need = dict(need_macs=now > target, need_params=ptarget is not None and params_now() > ptarget)
             cands = []  # (cost per resource, kind order, name, new width, MACs after the move)
             for u in units:
                 if u.block in dropped:
@@ -258,11 +291,11 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                 new_k = max(config.min_keep, ((k - 1) // step) * step if k % step == 0 else (k // step) * step)
                 if new_k < k:
                     loss = wg * (e[k - 1] - e[new_k - 1]) / top
-                    cands.append((loss / max(_saved(u, k, new_k), 1e-15), 0, u.conv, new_k,
+                    cands.append((loss / max(_saved(u, k, new_k, **need), 1e-15), 0, u.conv, new_k,
                                   now - (k - new_k) * mpf(u)))
                 if config.allow_drop and u.block in gain and u.block in block_macs and may_drop(u.block):
                     if k * u.macs_per_filter > 0:
-                        cands.append((g * e[k - 1] / top / max(_saved(u, k, 0), 1e-15), 1, u.block, None,
+                        cands.append((g * e[k - 1] / top / max(_saved(u, k, 0, **need), 1e-15), 1, u.block, None,
                                       now - block_now(u.block)))
             if not cands:
                 break
@@ -276,6 +309,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         # they separate the most per MAC, as long as the budget still holds.
         while True:
             now, adds = macs_now(), []
+            pnow = params_now()
             for u in units:
                 if u.block in dropped or width[u.conv] >= u.out_channels:
                     continue
@@ -284,7 +318,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
                 wg = weight_of(u)
                 top = e[-1] if e[-1] > 0 else 1.0
                 cost = (new_k - k) * mpf(u)
-                if now + cost <= target:
+                if now + cost <= target and (ptarget is None or pnow + (new_k - k) * u.params_per_filter <= ptarget):
                     adds.append((-wg * (e[new_k - 1] - e[k - 1]) / top / max(cost, 1), u.conv, new_k))
             if not adds:
                 break
@@ -292,7 +326,9 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
             width[name] = new_k
         for u in units:
             if u.block not in dropped:
-                reasons[u.conv] = (f"budget {config.target_macs:.2f} x MACs: keeps {width[u.conv]} filters, "
+                reasons[u.conv] = (f"budget {config.target_macs:.2f} x MACs"
+                                   + (f", {config.target_params:.2f} x params" if config.target_params else "")
+                                   + f": keeps {width[u.conv]} filters, "
                                    f"SI {env[u.conv][width[u.conv] - 1]:.3f} of max {env[u.conv][-1]:.3f}")
 
     layers = []
@@ -330,7 +366,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
         truncate_after=truncate_after, head=head,
         predicted=dict(base_macs=int(base), macs=int(macs_now()), base_params=int(structure.total_params),
                        params=int(params)),
-        settings=dict(target_macs=config.target_macs, delta=config.delta, drop_gain=config.drop_gain,
+        settings=dict(target_macs=config.target_macs, target_params=config.target_params, delta=config.delta, drop_gain=config.drop_gain,
                       allow_drop=config.allow_drop, round_to=config.round_to, min_keep=config.min_keep,
                       head_tau=config.head_tau, ranking=sorted({r.method for r in rankings.values()}),
                       weighting=config.weighting, objective=config.objective if lat else "macs",
