@@ -49,6 +49,9 @@ TABLES = {
     "vgg": (_script("bench_vgg.py", "--table"), "vgg.json", None),
     "adapter": (_script("bench_adapter.py", "--table"), "adapter.json", None),
     "cluster": (_script("bench_cluster.py", "--table"), "cluster.json", None),
+    "cluster_200k": (_script("bench_cluster.py", "--table", "--out", str(HERE / "results" / "cluster_200k.json")),
+                     "cluster_200k.json", "python benchmarks/bench_cluster.py --only dask --repeats 1 "
+                     "--out benchmarks/results/cluster_200k.json"),
     "compress_noft": _compress_run("compress_resnet56_noft.json", "--methods si tp-magnitude uniform-l1 --epochs 0"),
     "compress_streams": _compress_run("compress_resnet56_streams_refit.json",
                                       "--methods si si-no-streams tp-magnitude tp-group-norm --epochs 0 "
@@ -56,6 +59,16 @@ TABLES = {
     "compress_recon": _compress_run("compress_resnet56_recon.json",
                                     "--methods si tp-magnitude --epochs 0 --compensation refit+reconstruct "
                                     "--objective macs --no-latency --eval-samples 2000 --reconstruct-seconds 240"),
+    "compress_params50": _compress_run("compress_resnet56_params50.json",
+                                       "--methods si si-macs-only tp-magnitude tp-group-norm --target-macs 0.5 "
+                                       "--target-params 0.5 --epochs 0 --compensation refit --objective macs "
+                                       "--eval-samples 0"),
+    "compress_paper": _compress_run("compress_resnet56_paper.json",
+                                    "--methods si tp-magnitude tp-group-norm --target-macs 0.417 --target-params 0.422 "
+                                    "--epochs 0 --compensation refit --objective macs --eval-samples 0"),
+    "compress_deep70": _compress_run("compress_resnet56_deep70.json",
+                                     "--methods si tp-magnitude tp-group-norm --target-macs 0.3 --target-params 0.3 "
+                                     "--epochs 0 --compensation refit --objective macs --eval-samples 0"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
