@@ -69,6 +69,10 @@ TABLES = {
     "compress_deep70": _compress_run("compress_resnet56_deep70.json",
                                      "--methods si tp-magnitude tp-group-norm --target-macs 0.3 --target-params 0.3 "
                                      "--epochs 0 --compensation refit --objective macs --eval-samples 0"),
+    "compress_resnet18": _compress_run("compress_resnet18_tv.json",
+                                       "--model runs/models/resnet18-adapter.pth --arch torchvision:resnet18 "
+                                       "--methods si tp-magnitude tp-group-norm --target-macs 0.5 --epochs 0 "
+                                       "--compensation refit --objective macs --eval-samples 0"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
