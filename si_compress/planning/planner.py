@@ -352,14 +352,7 @@ def plan_compression(*, arch: str, num_classes: int, structure, rankings: dict[s
     blocks = tuple(BlockDecision(name=b.name, si_in=gains[b.name][0], si_out=gains[b.name][1], macs=b.macs,
                                  dropped=b.name in dropped, reason=reasons.get(b.name, ""))
                    for b in structure.blocks if b.name in gains)
-    params = structure.total_params
-    for u in units:
-        if u.block in dropped:
-            continue
-        params -= (u.out_channels - width[u.conv]) * u.params_per_filter
-    for b in structure.blocks:
-        if b.name in dropped:
-            params -= b.params
+    params = params_now()
     return CompressionPlan(
         arch=arch, num_classes=num_classes, layers=tuple(layers), blocks=blocks,
         dropped_blocks=tuple(b.name for b in structure.blocks if b.name in dropped),
