@@ -166,6 +166,26 @@ def test_vgg_rows_compare_truncation_with_pruning_alone(tmp_path):
     assert "truncation hurts: -1.00 pts" in _row(t, "G. plain VGG: truncate + prune")
 
 
+def test_resnet56_at_the_papers_point_reads_its_own_run(tmp_path):
+    """Row H for ResNet-56 comes from compress_resnet56_paper.json: SI against torch-pruning at its MACs."""
+    t = report.table(tmp_path)
+    assert "not measured yet: run `python benchmarks/bench_compress.py --target-macs 0.417 --target-params 0.422" in \
+        _row(t, "H. ResNet-56 at the published operating point")
+    c = _compress()
+    c["settings"].update(target_macs=0.417, target_params=0.422, epochs=0, compensation="refit",
+                         methods=["si", "tp-magnitude"])
+    c["base"]["acc"] = 0.899
+    c["results"] = {"si": c["results"]["si"], "tp-magnitude": dict(
+        macs_reduction=0.586, params_reduction=0.353, acc_pruned=0.1, acc_compensated=0.7824)}
+    c["results"]["si"].pop("acc_finetuned")
+    c["results"]["si"]["acc_compensated"] = 0.8335
+    row = _row(report.table(_write(tmp_path, compress_paper=c)), "H. ResNet-56 at the published operating point")
+    assert "-58.3% MACs, -57.8% params; 89.90% -> 83.35% compensated" in row
+    assert "magnitude 78.24% (-35.3% params)" in row and "1.25x / 1.50x" in row
+    assert "reductions matched within 1 pt" in row and "accuracy not matched: -6.55 pts vs -0.03 pts" in row
+    assert "SI +5.11 pts vs the best torch-pruning importance" in row and "`compress_resnet56_paper.json`" in row
+
+
 @pytest.mark.parametrize("which", ["empty", "real"])
 def test_every_published_number_names_its_own_source(tmp_path, which):
     """Each published figure cites its reference by key (full citation listed under the table); no
