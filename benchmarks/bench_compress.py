@@ -19,6 +19,7 @@ Writes benchmarks/results/compress_<arch>.json; --table prints the README table 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -89,6 +90,11 @@ def run(args) -> dict:
     base_acc = evaluate(base, test_loader)
     log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")
     payload["base"] = dict(acc=base_acc, macs=base_macs, params=base_params)
+    rec = ckpt.parent / "record.json"   # a model trained by train_cifar.py: how it was trained
+    if rec.is_file():
+        r = json.loads(rec.read_text())
+        payload["train_record"] = {k: r.get(k) for k in ("recipe", "epochs_done", "test_acc", "seconds", "device",
+                                                         "bf16")}
     payload["eval_samples"] = len(test_ds)
 
     t0 = time.perf_counter()

@@ -186,6 +186,32 @@ def test_resnet56_at_the_papers_point_reads_its_own_run(tmp_path):
     assert "SI +5.11 pts vs the best torch-pruning importance" in row and "`compress_resnet56_paper.json`" in row
 
 
+def test_the_papers_other_networks_read_their_runs(tmp_path):
+    """Rows H for VGG-16 / GoogLeNet / DenseNet-40: 'not measured' with the command until their bench_compress JSON
+    exists, then its numbers, how the base was trained, the gap to the published cut, torch-pruning beside it."""
+    t = report.table(tmp_path)
+    for name, arch in (("VGG-16", "vgg16_bn"), ("GoogLeNet", "googlenet_cifar"), ("DenseNet-40", "densenet40")):
+        row = _row(t, f"H. SI compression of {name}")
+        assert "not measured yet" in row and f"--arch {arch}" in row
+    c = _compress()
+    c["settings"].update(model="runs/train/vgg16_bn_quarter/vgg16_bn_quarter.pth", arch="vgg16_bn_quarter",
+                         target_macs=0.24, target_params=0.125, epochs=0, methods=["si", "tp-magnitude"])
+    c["train_record"] = {"epochs_done": 10, "recipe": {"train_images": 50000}, "seconds": 1200, "device": "cpu"}
+    c["base"]["acc"] = 0.85
+    si = c["results"]["si"]
+    si.pop("acc_finetuned")
+    si.update(macs_reduction=0.761, params_reduction=0.80, acc_compensated=0.80)
+    c["results"] = {"si": si, "tp-magnitude": dict(macs_reduction=0.76, params_reduction=0.5, acc_compensated=0.82)}
+    row = _row(report.table(_write(tmp_path, compress_vgg16_paper=c)), "H. SI compression of VGG-16")
+    assert "`vgg16_bn_quarter` trained here: 10 epochs on 50000 JPEG train images, 20 min on cpu" in row
+    assert "-76.1% MACs, -80.0% params; 85.00% -> 80.00% compensated" in row
+    assert "reductions differ: params -80.0% vs -87.5%" in row and "MACs" not in row.split("reductions differ")[1][:40]
+    assert "accuracy -5.00 pts (compensated; no published accuracy in our source)" in row
+    assert "SI -2.00 pts vs the best torch-pruning importance" in row
+    assert "--model runs/train/vgg16_bn_quarter/vgg16_bn_quarter.pth --arch vgg16_bn_quarter --target-macs 0.24" \
+        in row and "`compress_vgg16_paper.json`" in row
+
+
 @pytest.mark.parametrize("which", ["empty", "real"])
 def test_every_published_number_names_its_own_source(tmp_path, which):
     """Each published figure cites its reference by key (full citation listed under the table); no
