@@ -433,7 +433,7 @@ def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_lo
             pruned, base, recon_loader if recon_loader is not None else calib_loader, steps=config.reconstruct_steps,
             seconds=config.reconstruct_seconds, images=config.reconstruct_images, targets=config.reconstruct_targets,
             bn=config.reconstruct_bn, lr=config.reconstruct_lr,
-            augment=augment, bf16=config.bf16, device=device,
+            augment=augment, bf16=config.bf16, device=device, seed=config.seed,
             progress=None if progress is None else (lambda r: progress({"stage": "reconstruct", **r})))
     if plan.truncate_after is not None and config.compensation in ("refit", "refit+bn"):
         # The cut chain's new head reads features the old head never saw: fit it (least squares)

@@ -92,3 +92,24 @@ def test_distillation_with_an_identical_teacher_leaves_the_weights_alone():
     assert hist[0]["teacher"] and max(float((a - b.detach()).abs().max()) for a, b in zip(w0, model.parameters())) > 1e-3
     with pytest.raises(ValueError, match="kd_weight"):
         finetune(model, loader, epochs=1, teacher=teacher, kd_weight=1.5)
+
+
+def test_a_loader_in_class_order_still_gives_mixed_batches():
+    """A dataset in class order (ImageFolder) read without shuffling would give one-class batches, which
+    train-mode BatchNorm and Adam both handle badly: reconstruction re-shuffles its cached images every pass."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    teacher = copy.deepcopy(model)
+    # 4 'classes' x 8 images, each image constant = its class id, in class order
+    xs = torch.arange(4.0).repeat_interleave(8)[:, None, None].expand(32, 1, 4).reshape(32, 1, 2, 2).clone()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()) if m.training else None)
+    rep = reconstruct(model, teacher, DataLoader(TensorDataset(xs), batch_size=8), steps=8, seconds=60, bn="train",
+                      bf16=False)
+    assert rep["steps"] == 8 and rep["batch"] == 8 and len(seen) >= 8   # then BatchNorm's re-estimation passes
+    seen = seen[:8]
+    assert all(len(b) == 8 for b in seen)
+    assert sum(len(torch.unique(b.flatten(1)[:, 0])) > 1 for b in seen) >= 6    # mixed, not one class per batch
+    first_pass = torch.cat(seen[:4]).flatten(1)[:, 0]
+    assert torch.equal(torch.sort(first_pass).values, torch.sort(xs.flatten(1)[:, 0]).values)   # each image once
+    assert not torch.equal(torch.cat(seen[:4]), torch.cat(seen[4:]))                         # a new order per pass

@@ -82,7 +82,7 @@ def _matched_layers(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> 
 def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 600, seconds: float = 300.0,
                 images: int | None = None, lr: float = 1e-4, temperature: float = 4.0, targets: str = "logits",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = True,
-                bn: str = "frozen", device: str | torch.device | None = None,
+                bn: str = "frozen", device: str | torch.device | None = None, seed: int = 0,
                 progress: Callable[[dict], None] | None = None) -> dict:
     """Train ``student`` in place to reproduce ``teacher`` on the inputs of ``loader`` (no labels used).
 
@@ -95,7 +95,8 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     it reaches zero whichever limit ends the run. Returns a report: ``targets, steps, seconds,
     images, loss_first, loss_last, layers`` (the matched feature layers), ``bn``. The student is
     left in eval mode. ``device``: where both models train and run (None: the student's own
-    device); both come back to where they were.
+    device); both come back to where they were. The cached images are re-shuffled (``seed``) on every
+    pass, so a loader in dataset order still gives mixed batches of its batch size.
     """
     if bn not in ("frozen", "train"):
         raise ValueError(f"bn must be 'frozen' or 'train'; got {bn!r}")
@@ -128,11 +129,36 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     if targets == "features" and not layers:
         raise ValueError("reconstruct(targets='features'): no layer has the same output shape in both models; "
                          "use targets='logits'")
+    batch = len(xs[0])
     with _device.on_device(dev, student, teacher):
-        batches = [_device.to_device(x, dev) for x in xs]
+        images_all = _device.to_device(torch.cat(xs)[:n], dev)
+        # A loader in dataset order (ImageFolder: class by class) would give one-class batches; batches are drawn
+        # from a fresh permutation of the cached images on every pass instead.
+        batches = _Shuffled(images_all, batch, seed)
         return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
                       temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
                       progress=progress)
+
+
+class _Shuffled:
+    """Batches of ``batch`` images of ``x`` (N, ...), a new seeded permutation per pass (the last partial batch of a
+    pass is dropped unless it is the only one)."""
+
+    def __init__(self, x: torch.Tensor, batch: int, seed: int):
+        self.x, self.batch = x, max(1, min(int(batch), len(x)))
+        self.per_pass = max(1, len(x) // self.batch)
+        self.gen = torch.Generator().manual_seed(int(seed))
+        self.perm, self.pass_no = None, -1
+
+    def __getitem__(self, step: int) -> torch.Tensor:
+        p, i = divmod(step, self.per_pass)
+        if p != self.pass_no:
+            self.perm, self.pass_no = torch.randperm(len(self.x), generator=self.gen).to(self.x.device), p
+        return self.x[self.perm[i * self.batch:(i + 1) * self.batch]]
+
+    def passes(self):
+        """Every image once, in order (for BatchNorm re-estimation)."""
+        return [self.x[i:i + self.batch] for i in range(0, len(self.x), self.batch)]
 
 
 def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, temperature, targets, augment, bf16,
@@ -151,7 +177,7 @@ def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, tem
             frac = max(done / steps, (time.perf_counter() - t0) / seconds)
             for g in opt.param_groups:
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
-            x = batches[done % len(batches)]
+            x = batches[done]
             if augment is not None:
                 x = augment(x)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -185,10 +211,10 @@ def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, tem
     if bn == "train":
         from .compensate import recalibrate_bn
 
-        recalibrate_bn(student, batches)
+        recalibrate_bn(student, batches.passes())
     student.eval()
     return dict(targets=targets, bn=bn, steps=done, steps_budget=steps, seconds=time.perf_counter() - t0,
-                seconds_budget=float(seconds), images=int(n), batch=int(len(batches[0])), lr=lr,
+                seconds_budget=float(seconds), images=int(n), batch=int(batches.batch), lr=lr,
                 temperature=temperature, bf16=use_bf16, loss_first=losses[0], loss_last=losses[-1],
                 loss_last10=float(sum(losses[-10:]) / len(losses[-10:])), layers=layers, labels_used=False)
 
