@@ -213,10 +213,11 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
 
     def make(target, params_target=config.target_params):
         ptarget = None if target is None else min(1.0, target * scale)
-        # the size budget, as a fraction of the structure the planner sees (the head stays whole)
+        # the size budget as a fraction of the structure the planner sees: a truncated chain has lost
+        # everything after the cut, so what it may keep is params_target x the whole model (the count-based
+        # tightening below then takes the new head into account)
         pparams = None if params_target is None else \
-            min(1.0, max(1e-6, 1 - (1 - params_target) * structure.total_params
-                         / max(plan_structure.total_params, 1)))
+            min(1.0, max(1e-6, params_target * structure.total_params / max(plan_structure.total_params, 1)))
         p = plan_compression(
             arch=arch, num_classes=num_classes, structure=plan_structure, rankings=rankings, gains=gains,
             config=PlannerConfig(target_macs=ptarget, target_params=pparams, delta=config.delta,

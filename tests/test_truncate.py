@@ -162,6 +162,20 @@ def test_plan_truncates_at_the_si_peak_and_prunes_only_before_it(tiny):
     torch.testing.assert_close(small2(x0), small(x0))
 
 
+def test_a_size_budget_after_truncation_is_a_fraction_of_the_whole_model(tiny):
+    """The cut removes the tail's parameters: what the planner may keep before the cut is target_params x the
+    whole model, not a deeper cut (once read as 1 - (1 - t) x whole / kept: every group down to its narrowest)."""
+    model, loader, x0 = tiny
+    base_tp, base_p = count_tp(model, x0)
+    plan, _ = si_plan(model, loader, arch="tiny_vgg", num_classes=N_CLASSES, example_input=x0,
+                      config=CompressConfig(target_macs=0.4, target_params=0.2, round_to=1, ranking="si",
+                                            objective="macs"))
+    assert plan.truncate_after == "features.6" and "budget_unmet" not in plan.settings
+    got_macs, got_p = count_tp(apply_plan(model, plan, example_input=x0), x0)
+    assert got_macs <= 0.4 * base_tp and 0.12 * base_p <= got_p <= 0.2 * base_p, got_p / base_p
+    assert max(len(d.keep) for d in plan.layers) > 1
+
+
 def test_truncation_alone_meets_a_loose_budget(tiny):
     model, loader, x0 = tiny
     plan, ev = si_plan(model, loader, arch="tiny_vgg", num_classes=N_CLASSES, example_input=x0,
