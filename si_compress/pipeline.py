@@ -32,12 +32,12 @@ class CompressConfig:
     grid: int = 4                      # per-filter pooled grid for filter SI
     order: int = 3
     compensation: str = "refit"         # + "reconstruct": train against the base on unlabelled images after
-    reconstruct_steps: int = 600        # ... at most this many Adam steps
+    reconstruct_steps: int = 1200       # ... at most this many Adam steps
     reconstruct_seconds: float = 300.0  # ... or this many seconds
-    reconstruct_images: int = 5000      # ... on this many images (their labels are never read)
+    reconstruct_images: int = 10000     # ... on this many images (their labels are never read)
     reconstruct_targets: str = "logits"  # "logits", "features" (section outputs) or "both"
-    reconstruct_bn: str = "frozen"      # BatchNorm during reconstruction: "frozen" (eval mode) or "train"
-    reconstruct_lr: float = 1e-4        # Adam's peak learning rate (cosine to zero over the budget)
+    reconstruct_bn: str = "train"       # BatchNorm during reconstruction: "train" (batch statistics) or "frozen"
+    reconstruct_lr: float = 1e-3        # Adam's peak learning rate (cosine to zero over the budget)
     teacher: str = "base"               # fine-tuning distils from the base model ("none": labels only)
     kd_weight: float = 0.5
     kd_temperature: float = 4.0

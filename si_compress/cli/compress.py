@@ -74,17 +74,18 @@ def build_parser() -> ArgumentParser:
                    help="refit: least-squares re-fit of every layer reading changed inputs (no training); "
                         "+reconstruct: then train the model to reproduce the base model's outputs on unlabelled "
                         "train images (--reconstruct-*; labels are never read); bn: re-estimate BatchNorm statistics")
-    p.add_argument("--reconstruct-steps", type=positive_int, default=600,
-                   help="reconstruction: at most this many Adam steps")
+    p.add_argument("--reconstruct-steps", type=positive_int, default=1200,
+                   help="reconstruction: at most this many Adam steps (default 1200)")
     p.add_argument("--reconstruct-seconds", type=positive_float, default=300.0,
-                   help="reconstruction: at most this many seconds")
-    p.add_argument("--reconstruct-images", type=positive_int, default=5000,
-                   help="reconstruction: class-balanced train images used (their labels are not read)")
-    p.add_argument("--reconstruct-lr", type=positive_float, default=1e-4,
-                   help="reconstruction: Adam's peak learning rate, cosine to zero over the budget (default 1e-4)")
-    p.add_argument("--reconstruct-bn", default="frozen", choices=("frozen", "train"),
-                   help="BatchNorm while reconstructing: frozen (eval mode; the re-fit's statistics stay, default) or "
-                        "train (batch statistics, re-estimated afterwards)")
+                   help="reconstruction: at most this many seconds (default 300; the cosine ends with whichever "
+                        "budget ends first)")
+    p.add_argument("--reconstruct-images", type=positive_int, default=10000,
+                   help="reconstruction: class-balanced train images used (their labels are not read; default 10000)")
+    p.add_argument("--reconstruct-lr", type=positive_float, default=1e-3,
+                   help="reconstruction: Adam's peak learning rate, cosine to zero over the budget (default 1e-3)")
+    p.add_argument("--reconstruct-bn", default="train", choices=("frozen", "train"),
+                   help="BatchNorm while reconstructing: train (batch statistics, re-estimated afterwards; default) "
+                        "or frozen (eval mode; the re-fit's statistics stay)")
     p.add_argument("--reconstruct-targets", default="logits", choices=("logits", "features", "both"),
                    help="reconstruction matches the base's logits (KL at T=4), its section outputs, or both")
     p.add_argument("--teacher", default="base", choices=("base", "none"),

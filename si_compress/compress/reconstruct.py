@@ -10,12 +10,14 @@ budgeted optimisation of every parameter of the pruned model (the student) again
               shapes agree in both models: section outputs, stage outputs)
     both:     the sum of the two.
 
-Adam (peak learning rate 1e-4) with a cosine decay, batches drawn from ``loader`` (its labels, if any, are
-ignored), optional augmentation applied identically to teacher and student inputs, bf16 autocast
-where the CPU (or a GPU) supports it; it stops at ``steps`` or after ``seconds``, whichever comes
-first. BatchNorm is frozen by default (eval mode: the statistics the least-squares re-fit set
-stay, its affine parameters train); ``bn="train"`` uses batch statistics and re-estimates the
-running ones afterwards. The report says exactly what was used (images, steps, seconds, losses).
+Adam (peak learning rate 1e-3) with a cosine decay, on the images of ``loader`` (its labels, if any, are
+ignored) re-shuffled every pass, optional augmentation applied identically to teacher and student inputs,
+bf16 autocast where the CPU (or a GPU) supports it; it stops at ``steps`` or after ``seconds``, whichever
+comes first. BatchNorm normalises by batch statistics while training and its running statistics are
+re-estimated afterwards (``bn="train"``, the default); ``bn="frozen"`` keeps it in eval mode (the
+statistics the least-squares re-fit set stay, its affine parameters train). Measured on ResNet-56 at -50%
+MACs (README): batch statistics at lr 1e-3 took the re-fit from 84.75% to 87.76% in 1,200 steps.
+The report says exactly what was used (images, steps, seconds, losses).
 """
 from __future__ import annotations
 
@@ -79,18 +81,18 @@ def _matched_layers(student: nn.Module, teacher: nn.Module, x: torch.Tensor) -> 
             and so.got[n].shape == to.got[n].shape]
 
 
-def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 600, seconds: float = 300.0,
-                images: int | None = None, lr: float = 1e-4, temperature: float = 4.0, targets: str = "logits",
+def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 1200, seconds: float = 300.0,
+                images: int | None = None, lr: float = 1e-3, temperature: float = 4.0, targets: str = "logits",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = True,
-                bn: str = "frozen", device: str | torch.device | None = None, seed: int = 0,
+                bn: str = "train", device: str | torch.device | None = None, seed: int = 0,
                 progress: Callable[[dict], None] | None = None) -> dict:
     """Train ``student`` in place to reproduce ``teacher`` on the inputs of ``loader`` (no labels used).
 
     ``steps``/``seconds``: the budget (whichever ends first); ``images``: use at most this many
-    images of ``loader`` (its first ones, cycled); ``targets``: "logits", "features" or "both" (see
-    the module doc). The teacher is never changed. ``bn``: ``"frozen"`` trains with BatchNorm in
-    eval mode (the running statistics the re-fit set stay; scales and shifts train), ``"train"``
-    normalises by batch statistics and re-estimates the running ones at the end. The learning
+    images of ``loader`` (its first ones, re-shuffled every pass); ``targets``: "logits", "features" or "both" (see
+    the module doc). The teacher is never changed. ``bn``: ``"train"`` normalises by batch statistics and
+    re-estimates the running ones at the end; ``"frozen"`` trains with BatchNorm in eval mode (the running
+    statistics the re-fit set stay; scales and shifts train). The learning
     rate follows a cosine over the budget used (the larger of the step and the time fraction), so
     it reaches zero whichever limit ends the run. Returns a report: ``targets, steps, seconds,
     images, loss_first, loss_last, layers`` (the matched feature layers), ``bn``. The student is
@@ -131,21 +133,21 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
                          "use targets='logits'")
     batch = len(xs[0])
     with _device.on_device(dev, student, teacher):
-        images_all = _device.to_device(torch.cat(xs)[:n], dev)
         # A loader in dataset order (ImageFolder: class by class) would give one-class batches; batches are drawn
-        # from a fresh permutation of the cached images on every pass instead.
-        batches = _Shuffled(images_all, batch, seed)
+        # from a fresh permutation of the cached images on every pass instead (cached on the CPU, each batch
+        # moved to the device as it is drawn).
+        batches = _Shuffled(torch.cat(xs)[:n].cpu(), batch, seed, dev)
         return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
                       temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
                       progress=progress)
 
 
 class _Shuffled:
-    """Batches of ``batch`` images of ``x`` (N, ...), a new seeded permutation per pass (the last partial batch of a
-    pass is dropped unless it is the only one)."""
+    """Batches of ``batch`` images of ``x`` (N, ...) on ``device``, a new seeded permutation per pass (the last
+    partial batch of a pass is dropped unless it is the only one)."""
 
-    def __init__(self, x: torch.Tensor, batch: int, seed: int):
-        self.x, self.batch = x, max(1, min(int(batch), len(x)))
+    def __init__(self, x: torch.Tensor, batch: int, seed: int, device):
+        self.x, self.device, self.batch = x, device, max(1, min(int(batch), len(x)))
         self.per_pass = max(1, len(x) // self.batch)
         self.gen = torch.Generator().manual_seed(int(seed))
         self.perm, self.pass_no = None, -1
@@ -153,12 +155,12 @@ class _Shuffled:
     def __getitem__(self, step: int) -> torch.Tensor:
         p, i = divmod(step, self.per_pass)
         if p != self.pass_no:
-            self.perm, self.pass_no = torch.randperm(len(self.x), generator=self.gen).to(self.x.device), p
-        return self.x[self.perm[i * self.batch:(i + 1) * self.batch]]
+            self.perm, self.pass_no = torch.randperm(len(self.x), generator=self.gen), p
+        return _device.to_device(self.x[self.perm[i * self.batch:(i + 1) * self.batch]], self.device)
 
     def passes(self):
         """Every image once, in order (for BatchNorm re-estimation)."""
-        return [self.x[i:i + self.batch] for i in range(0, len(self.x), self.batch)]
+        return [_device.to_device(self.x[i:i + self.batch], self.device) for i in range(0, len(self.x), self.batch)]
 
 
 def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, temperature, targets, augment, bf16,
