@@ -291,11 +291,15 @@ def table(path: Path) -> str:
         lines += ["", f"Speed-up: base latency / method latency (medians), eager PyTorch on the CPU, {threads} "
                       f"threads; the base and every method timed in turn in the same {lr['repeats']} rounds "
                       "(`--latency-only`, one run); (noisy): interquartile spread above 10%."]
-    elif any(m.get("latency") for m in r.values()):
+    elif any("spread" in str(m.get("latency", {}).get("batch1", {}).keys()) for m in r.values()):
         lines += ["", f"Speed-up: base latency / compressed latency (medians), eager PyTorch on the CPU, "
                       f"{d['machine'].get('torch_threads', '?')} threads; each method timed with the base, in turn in "
                       f"the same {d['settings'].get('latency_repeats', 7)} rounds, right after it was built; "
                       "(noisy): interquartile spread above 10%."]
+    elif any(m.get("latency") for m in r.values()):   # an older JSON: one model after the other, no spread kept
+        lines += ["", f"Speed-up: base latency / compressed latency, eager PyTorch on the CPU, "
+                      f"{d['machine'].get('torch_threads', '?')} threads, median of "
+                      f"{d['settings'].get('latency_repeats', 7)} runs, both models timed back to back in one run."]
     else:
         lines += ["", "Latency not timed in this run (`--no-latency`); `--latency-only` times it later."]
     return "\n".join(lines)

@@ -666,9 +666,10 @@ def rows_h(results: Path) -> list[Row]:
         if d is not None and "si" in d.get("results", {}):
             rows.append(_row_paper_point(d, pub_q, Q, claim, f"compress_{key[3:]}_paper"))
         else:
-            rows.append(Row(claim, pub_q, "not measured yet: needs a trained CIFAR-10 model (`benchmarks/train_cifar.py`"
-                            f" --arch {PAPER_NETS[key]}; a GPU session: on this 2-core CPU it does not train within a "
-                            "session), then `benchmarks/bench_compress.py` at the published cut", "-", None))
+            rows.append(Row(claim, pub_q, "not measured yet: needs a model trained by `benchmarks/train_cifar.py "
+                            f"--arch {PAPER_NETS[key]}` (full width on a GPU; a narrower variant on a CPU, named in "
+                            "the row), then `benchmarks/bench_compress.py --model ... --arch ...` at the published cut",
+                            "-", None))
     return rows
 
 

@@ -56,9 +56,11 @@ TABLES = {
     "compress_streams": _compress_run("compress_resnet56_streams_refit.json",
                                       "--methods si si-no-streams tp-magnitude tp-group-norm --epochs 0 "
                                       "--compensation refit --objective macs --no-latency --eval-samples 2000"),
-    "compress_recon": _compress_run("compress_resnet56_recon.json",
-                                    "--methods si tp-magnitude --epochs 0 --compensation refit+reconstruct "
-                                    "--objective macs --no-latency --eval-samples 2000 --reconstruct-seconds 240"),
+    "compress_recon1200": _compress_run("compress_resnet56_recon1200.json",
+                                        "--methods si tp-magnitude --target-macs 0.5 --target-params 0.5 --epochs 1 "
+                                        "--compensation refit+reconstruct --reconstruct-steps 1200 "
+                                        "--reconstruct-seconds 1800 --reconstruct-images 10000 --reconstruct-bn train "
+                                        "--reconstruct-lr 1e-3 --eval-samples 0"),
     "compress_params50": _compress_run("compress_resnet56_params50.json",
                                        "--methods si si-macs-only tp-magnitude tp-group-norm --target-macs 0.5 "
                                        "--target-params 0.5 --epochs 0 --compensation refit --objective macs "
