@@ -164,6 +164,8 @@ def command(key: str, d: dict | None) -> str:
             f" --model {s['model']}" + (f" --arch {s['arch']}" if s.get("arch") else "")
         return (f"python benchmarks/bench_compress.py{model} --target-macs {s.get('target_macs')} --target-params "
                 f"{s.get('target_params')} --epochs {s.get('epochs')} --compensation {s.get('compensation')} "
+                + "".join(f"--{k.replace('_', '-')} {s[k]} " for k, default in (("objective", "both"), ("round_to", 8))
+                          if s.get(k, default) != default) +
                 f"--methods {' '.join(s.get('methods', []))} --out benchmarks/results/{FILES[key]}")
     if key == "compress":
         s = d.get("settings", {})
