@@ -291,7 +291,7 @@ def table(path: Path) -> str:
         lines += ["", f"Speed-up: base latency / method latency (medians), eager PyTorch on the CPU, {threads} "
                       f"threads; the base and every method timed in turn in the same {lr['repeats']} rounds "
                       "(`--latency-only`, one run); (noisy): interquartile spread above 10%."]
-    elif any("spread" in str(m.get("latency", {}).get("batch1", {}).keys()) for m in r.values()):
+    elif any("base_spread" in m.get("latency", {}).get("batch1", {}) for m in r.values()):   # the interleaved harness
         lines += ["", f"Speed-up: base latency / compressed latency (medians), eager PyTorch on the CPU, "
                       f"{d['machine'].get('torch_threads', '?')} threads; each method timed with the base, in turn in "
                       f"the same {d['settings'].get('latency_repeats', 7)} rounds, right after it was built; "
