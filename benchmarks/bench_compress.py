@@ -76,7 +76,7 @@ def run(args) -> dict:
     log(f"data ready in {time.perf_counter() - t0:.0f} s")
     x0 = sample[0][0][None]
     cfg = CompressConfig(target_macs=args.target_macs, target_params=args.target_params, ranking=args.ranking,
-                         objective=args.objective,
+                         objective=args.objective, latency_batches=tuple(args.latency_batches),
                          round_to=args.round_to, compensation=args.compensation,
                          finetune_epochs=args.epochs, finetune_steps=args.max_steps, bf16=args.bf16, lr=args.lr,
                          seed=args.seed, reconstruct_steps=args.reconstruct_steps,
@@ -315,6 +315,8 @@ def main(argv=None):
     p.add_argument("--ranking", default="l1")
     p.add_argument("--objective", default="both", choices=("macs", "latency", "both"))
     p.add_argument("--round-to", type=int, default=8)
+    p.add_argument("--latency-batches", type=int, nargs="+", default=[128],
+                   help="objective latency/both: batch sizes the planner times sections at")
     p.add_argument("--compensation", default="refit")
     p.add_argument("--reconstruct-steps", type=int, default=1200)
     p.add_argument("--reconstruct-seconds", type=float, default=1800.0)

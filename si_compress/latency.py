@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["block_latency_table", "compare_models", "interleaved_times", "latency", "speedup_table", "NOISY_SPREAD"]
+__all__ = ["block_latency_table", "combine_latency_tables", "compare_models", "interleaved_times", "latency", "speedup_table", "NOISY_SPREAD"]
 
 #: A timing whose interquartile range exceeds this fraction of its median is marked noisy: two
 #: timings of the same model on a quiet machine agree far better than that.
@@ -210,3 +210,26 @@ def block_latency_table(model: nn.Module, structure, example_input, *, batch: in
         ts = np.maximum.accumulate([best[key0 + (k,)] for k in ks])
         table[u.conv] = tuple(float(t) for t in np.interp(np.arange(u.out_channels + 1), ks, ts))
     return table
+
+
+def combine_latency_tables(tables: dict[int, dict[str, tuple[float, ...]]]) -> dict[str, tuple[float, ...]]:
+    """One table for several batch sizes: batch -> (conv -> seconds at k = 0..C), each divided by its own
+    full-width total (the sum over convs of seconds at k = C), then averaged over the batches.
+
+    A move then saves the mean over the deploy batches of the fraction of the timed time it saves, so a
+    batch-1 table (microseconds) weighs as much as a batch-128 one (milliseconds). Convs missing from a
+    table are left out; one table comes back normalised the same way.
+    """
+    if not tables:
+        raise ValueError("combine_latency_tables: no table given")
+    convs = set.intersection(*(set(t) for t in tables.values()))
+    out = {}
+    for conv in sorted(convs):
+        lens = {len(t[conv]) for t in tables.values()}
+        if len(lens) != 1:
+            raise ValueError(f"combine_latency_tables: {conv} has tables of different lengths {sorted(lens)}")
+    norm = {b: sum(t[c][-1] for c in convs) for b, t in tables.items()}
+    for conv in sorted(convs):
+        rows = [np.asarray(t[conv], dtype=np.float64) / max(norm[b], 1e-30) for b, t in tables.items()]
+        out[conv] = tuple(float(v) for v in np.mean(rows, axis=0))
+    return out

@@ -29,6 +29,8 @@ class CompressConfig:
     weighting: str = "gain"
     objective: str = "both"            # moves ranked per MACs, measured latency, or both (see planner)
     round_to: int = 8                  # channel counts in multiples of 8: the fast CPU kernels need them
+    latency_batches: tuple = (128,)    # objective latency/both: sections timed at these batch sizes (averaged
+                                       # as fractions of each batch's time: (1, 128) weighs both alike)
     grid: int = 4                      # per-filter pooled grid for filter SI
     order: int = 3
     compensation: str = "refit"         # + "reconstruct": train against the base on unlabelled images after
@@ -58,6 +60,12 @@ class CompressConfig:
         from ._device import check_device_spec
 
         object.__setattr__(self, "device", check_device_spec(self.device))
+        lb = self.latency_batches
+        lb = (lb,) if isinstance(lb, int) and not isinstance(lb, bool) else lb
+        if not (isinstance(lb, (tuple, list)) and lb and all(isinstance(b, int) and not isinstance(b, bool)
+                                                             and b >= 1 for b in lb)):
+            raise ValueError(f"latency_batches must be positive batch sizes, e.g. (1, 128); got {self.latency_batches!r}")
+        object.__setattr__(self, "latency_batches", tuple(sorted(set(lb))))
         if not (0.0 <= self.truncate_tol < 1.0):
             raise ValueError(f"truncate_tol is an absolute SI tolerance in [0, 1); got {self.truncate_tol}")
         if self.compensation not in COMPENSATIONS:
@@ -206,8 +214,16 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
     if config.objective != "macs" and plan_structure.convs and config.target_macs is not None:
         from .latency import block_latency_table
 
-        lat_table = block_latency_table(plan_model, plan_structure, example_input, batch=128,
-                                        step=max(config.round_to, 8))
+        from .latency import combine_latency_tables
+
+        lat_raw = {}
+        for i, b in enumerate(config.latency_batches):
+            lat_raw[b] = block_latency_table(plan_model, plan_structure, example_input, batch=b,
+                                             step=max(config.round_to, 8))
+            if progress is not None:
+                progress(f"section timing (batch {b})", i + 1, len(config.latency_batches))
+        # one batch: its seconds as measured; several: each batch's fractions, averaged
+        lat_table = lat_raw[b] if len(lat_raw) == 1 else combine_latency_tables(lat_raw)
     # The planner budgets a fraction of the structure it is given: rescale the whole model's budget.
     scale = structure.total_macs / max(plan_structure.total_macs, 1)
 
@@ -226,8 +242,11 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
                                  objective=config.objective, gain_samples=report.n_samples),
             head=head, truncate_after=None if truncation is None else truncation.truncate_after,
             source=dict(si_samples=report.n_samples, filter_seconds=time.perf_counter() - t0,
-                        **({} if lat_table is None else dict(latency_batch=128, latency_seconds={
-                            k: [round(v, 6) for v in t] for k, t in lat_table.items()}))),
+                        **({} if lat_table is None else dict(
+                            latency_batch=config.latency_batches[0] if len(lat_raw) == 1
+                            else list(config.latency_batches),
+                            latency_seconds={str(b): {k: [round(v, 7) for v in t] for k, t in tab.items()}
+                                             for b, tab in lat_raw.items()}))),
             latency=lat_table,
         )
         if plan_structure is structure:

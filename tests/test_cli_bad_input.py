@@ -153,6 +153,12 @@ def test_target_params_is_a_budget_fraction(digits_ckpt, tmp_path, capsys, extra
     _expect(compress_main, [digits_ckpt, *DIGITS, *extra], capsys, tmp_path / "o", "--target-params", match)
 
 
+@pytest.mark.parametrize("extra, match", [(["--latency-batch", "0"], "batch sizes >= 1"),
+                                          (["--latency-batch", "1", "--objective", "macs"], "--objective macs")])
+def test_latency_batch_is_checked_before_any_work(digits_ckpt, tmp_path, capsys, extra, match):
+    _expect(compress_main, [digits_ckpt, *DIGITS, *extra], capsys, tmp_path / "o", "--latency-batch", match)
+
+
 def test_finetune_steps_without_epochs(digits_ckpt, tmp_path, capsys):
     _expect(compress_main, [digits_ckpt, *DIGITS, "--finetune-steps", "150"], capsys, tmp_path / "o",
             "--finetune-steps", "--finetune-epochs 1")

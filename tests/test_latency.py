@@ -190,3 +190,56 @@ def test_every_group_of_a_multi_group_section_is_timed_at_a_bounded_number_of_wi
         assert sorted(k for n, k in calls if n == c.split(".")[-1]) == [0, 1, 12, 23, 24]
     with pytest.raises(ValueError, match="points"):
         block_latency_table(m, st, x0, points=2)
+
+
+def test_tables_of_several_batches_count_each_batch_as_a_fraction_of_its_own_time():
+    from si_compress.latency import combine_latency_tables
+
+    # batch 1 (microseconds): conv a's section is the slow one; batch 128 (milliseconds): conv b's is
+    b1 = {"a": (0.0, 30e-6, 60e-6), "b": (0.0, 10e-6, 20e-6)}
+    b128 = {"a": (0.0, 1e-3, 2e-3), "b": (0.0, 3e-3, 6e-3), "only128": (0.0, 1.0)}
+    t = combine_latency_tables({1: b1, 128: b128})
+    assert set(t) == {"a", "b"}                            # a conv timed at one batch only is left out
+    # fractions of each batch's full-width total (80 us; 8 ms), then the mean of the two batches
+    assert np.allclose(t["a"], [0.0, (30 / 80 + 1 / 8) / 2, (60 / 80 + 2 / 8) / 2])
+    assert np.allclose(t["b"], [0.0, (10 / 80 + 3 / 8) / 2, (20 / 80 + 6 / 8) / 2])
+    assert np.isclose(t["a"][-1] + t["b"][-1], 1.0)        # the batch-1 table weighs as much as the batch-128 one
+    one = combine_latency_tables({128: {"a": b128["a"], "b": b128["b"]}})
+    assert np.allclose(one["b"], np.asarray(b128["b"]) / 8e-3)
+    with pytest.raises(ValueError, match="different lengths"):
+        combine_latency_tables({1: {"a": (0.0, 1.0)}, 2: {"a": (0.0, 1.0, 2.0)}})
+    with pytest.raises(ValueError, match="no table"):
+        combine_latency_tables({})
+
+
+def test_the_plan_is_timed_at_the_batch_sizes_asked_for(monkeypatch):
+    import si_compress.latency as L
+    from si_compress.models import cifar_resnet
+    from si_compress.pipeline import CompressConfig, si_plan
+
+    torch.manual_seed(0)
+    model = cifar_resnet(8, width=(8, 16, 16)).eval()
+    x = torch.randn(40, 3, 16, 16)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.arange(40) % 4), batch_size=20)
+    timed = []   # the real timing, with the batch sizes it was asked for noted
+
+    def spy(*a, batch, **kw):
+        timed.append(batch)
+        return block_latency_table(*a, batch=batch, **kw)
+    monkeypatch.setattr(L, "block_latency_table", spy)
+    plan, _ = si_plan(model, loader, arch="r", num_classes=4, example_input=x[:1],
+                      config=CompressConfig(target_macs=0.6, objective="latency", latency_batches=(4, 1),
+                                            round_to=4))
+    src = plan.source
+    assert timed == [1, 4] and src["latency_batch"] == [1, 4]
+    assert set(src["latency_seconds"]) == {"1", "4"}
+    convs = set(src["latency_seconds"]["1"])
+    assert convs and convs == set(src["latency_seconds"]["4"])
+    one, _ = si_plan(model, loader, arch="r", num_classes=4, example_input=x[:1],
+                     config=CompressConfig(target_macs=0.6, objective="latency", round_to=4))
+    assert one.source["latency_batch"] == 128 and set(one.source["latency_seconds"]) == {"128"}
+    assert timed[2:] == [128]
+    for bad in ((), (0,), (1.5,), 0):
+        with pytest.raises(ValueError, match="latency_batches"):
+            CompressConfig(latency_batches=bad)
+    assert CompressConfig(latency_batches=8).latency_batches == (8,)

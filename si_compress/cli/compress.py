@@ -49,6 +49,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--objective", default="both", choices=("macs", "latency", "both"),
                    help="rank planner moves by SI lost per MAC saved, per measured CPU second saved, or per "
                         "the mean of both fractions (default both)")
+    p.add_argument("--latency-batch", type=int, nargs="+", default=[128], metavar="B",
+                   help="with --objective latency/both: time sections at these batch sizes (e.g. 1 128 for a model "
+                        "served one image at a time and in batches: each batch's fraction of time saved counts "
+                        "alike; default 128)")
     p.add_argument("--no-drop", action="store_true", help="never drop whole blocks")
     p.add_argument("--streams", action="store_true",
                    help="also narrow residual streams (the channels a stage's blocks add into), planned by SI at the "
@@ -126,6 +130,11 @@ def _check_options(args) -> None:
         raise CLIError("--target-params is a budget and --delta is threshold mode (no budget); use one of them")
     if args.delta is not None and not (0 <= args.delta < 1):
         raise CLIError(f"--delta is the SI fraction a layer may lose, in [0, 1); got {args.delta}")
+    if any(b < 1 for b in args.latency_batch):
+        raise CLIError(f"--latency-batch takes batch sizes >= 1; got {' '.join(map(str, args.latency_batch))}")
+    if args.latency_batch != [128] and args.objective == "macs":
+        raise CLIError("--latency-batch sets the batch sizes sections are timed at, but --objective macs times "
+                       "nothing; use --objective latency or both")
     if not (0 <= args.truncate_tol < 1):
         raise CLIError(f"--truncate-tol is an absolute SI tolerance in [0, 1); got {args.truncate_tol}")
     if args.si_samples is not None and args.si_samples < 20:
@@ -208,7 +217,7 @@ def _run(args, folder) -> list[str]:
                             target_params=args.target_params,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
                             allow_drop=not args.no_drop, streams=args.streams, round_to=args.round_to,
-                            objective=args.objective,
+                            objective=args.objective, latency_batches=tuple(args.latency_batch),
                             compensation=args.compensation, finetune_epochs=args.finetune_epochs,
                             finetune_steps=args.finetune_steps,
                             head_only=args.head_only, head_epochs=args.head_epochs, lr=args.lr,
