@@ -32,7 +32,7 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-METHODS = ("si", "si-streams", "si-no-streams", "si-macs-only", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-group-norm",
+METHODS = ("si", "si-streams", "si-no-streams", "si-macs-only", "si-latency-b1", "si-latency-b1-b128", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-magnitude-same-latency", "tp-group-norm",
            "tp-taylor")
 
 
@@ -127,6 +127,12 @@ def run(args) -> dict:
     if "si-macs-only" in args.methods:   # ablation: the SI plan without the parameter budget
         plans["si-macs-only"], _ = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes,
                                            example_input=x0, config=_replace(cfg, target_params=None))
+    # ablations: the planner's moves priced by the time measured at batch 1 only, or at batches 1 and 128 alike
+    for variant, batches in (("si-latency-b1", (1,)), ("si-latency-b1-b128", (1, 128))):
+        if variant in args.methods:
+            plans[variant], _ = si_plan(base, sample_loader, arch=loaded.arch, num_classes=loaded.num_classes,
+                                        example_input=x0,
+                                        config=_replace(cfg, objective="latency", latency_batches=batches))
     si_tp_macs = count_tp(apply_plan(base, plan, example_input=x0), x0)[0]
     ratio = si_tp_macs / base_macs
     if "si-ranked-same-widths" in args.methods:   # each baseline is built only when it is run
@@ -156,6 +162,8 @@ def run(args) -> dict:
                                                    num_classes=loaded.num_classes, importance=imp,
                                                    loader=sample_loader)
             log(f"tp-{imp} plan in {time.perf_counter() - t0:.0f} s")
+    if "tp-magnitude-same-latency" in args.methods:
+        plans["tp-magnitude-same-latency"] = same_latency_tp_plan(base, st, plan, x0, loaded, sample_loader, payload)
     results = {}
     from dataclasses import replace
 
@@ -186,6 +194,32 @@ def run(args) -> dict:
         payload["results"] = results
         write_json_atomic(args.out, payload)
     return results
+
+
+def same_latency_tp_plan(base, structure, si_plan_, x0, loaded, sample_loader, payload, *, batch=128, steps=7):
+    """torch-pruning's magnitude plan as fast as the SI model: bisection on its MACs target until its
+    measured latency at ``batch`` matches the SI model's (each step times both together, interleaved;
+    the largest target found not slower is kept). The trace goes to ``payload["same_latency"]``."""
+    from si_compress.baselines import tp_magnitude_plan
+    from si_compress.compress import apply_plan
+    from si_compress.latency import compare_models
+
+    si_model = apply_plan(base, si_plan_, example_input=x0)
+    lo, hi, trace = 0.05, 1.0, []
+
+    def tp_at(t):
+        return tp_magnitude_plan(base, structure, example_input=x0, target_macs=t, arch=loaded.arch,
+                                 num_classes=loaded.num_classes, importance="magnitude", loader=sample_loader)
+    for _ in range(steps):
+        mid = (lo + hi) / 2
+        cand = apply_plan(base, tp_at(mid), example_input=x0)
+        t = compare_models({"si": si_model, "tp": cand}, batch, tuple(x0.shape[1:]), repeats=5)
+        ratio = t["models"]["tp"]["median_s"] / t["models"]["si"]["median_s"]
+        trace.append(dict(target_macs=mid, latency_ratio_to_si=ratio, noisy=t["noisy"]))
+        log(f"same latency: tp-magnitude at {mid:.3f} x MACs takes {ratio:.3f} x the SI model's time (batch {batch})")
+        lo, hi = (lo, mid) if ratio > 1 else (mid, hi)
+    payload["same_latency"] = dict(batch=batch, target_macs=lo, trace=trace)
+    return tp_at(lo)
 
 
 def rebuilt_plan(base, structure, result: dict, arch: str, num_classes: int):
@@ -302,6 +336,13 @@ def table(path: Path) -> str:
                       f"{d['settings'].get('latency_repeats', 7)} runs, both models timed back to back in one run."]
     else:
         lines += ["", "Latency not timed in this run (`--no-latency`); `--latency-only` times it later."]
+    if d.get("same_latency"):
+        sl = d["same_latency"]
+        last = sl["trace"][-1] if sl["trace"] else {}
+        lines += ["", f"tp-magnitude-same-latency: torch-pruning's magnitude pruner with its MACs target bisected "
+                      f"({len(sl['trace'])} steps, each timing it against the SI model at batch {sl['batch']}) to "
+                      f"the largest target not slower than the SI model: {sl['target_macs']:.3f} x MACs (last step: "
+                      f"{last.get('latency_ratio_to_si', float('nan')):.3f} x the SI model's time)."]
     return "\n".join(lines)
 
 

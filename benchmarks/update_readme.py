@@ -61,6 +61,12 @@ TABLES = {
                                         "--compensation refit+reconstruct --reconstruct-steps 1200 "
                                         "--reconstruct-seconds 1800 --reconstruct-images 10000 --reconstruct-bn train "
                                         "--reconstruct-lr 1e-3 --eval-samples 0"),
+    "compress_recon1200_gn": _compress_run("compress_resnet56_recon1200_gn.json",
+                                           "--methods tp-group-norm --finetune-methods tp-group-norm "
+                                           "--compensation refit+reconstruct --target-params 0.5 --epochs 1"),
+    "compress_latency_batch": _compress_run("compress_resnet56_latency_batch.json",
+                                            "--methods si si-latency-b1-b128 si-latency-b1 tp-magnitude tp-magnitude-same-latency "
+                                            "--target-params 0.5 --epochs 0 --compensation refit"),
     "compress_params50": _compress_run("compress_resnet56_params50.json",
                                        "--methods si si-macs-only tp-magnitude tp-group-norm --target-macs 0.5 "
                                        "--target-params 0.5 --epochs 0 --compensation refit --objective macs "

@@ -237,3 +237,23 @@ def test_every_published_number_names_its_own_source(tmp_path, which):
         assert report.PUBLISHED[key]["source"].startswith(src)
     with pytest.raises(KeyError, match="REFERENCES"):
         report.cites("the paper")
+
+
+def test_bench_compress_table_states_how_the_same_latency_baseline_was_found(tmp_path):
+    spec = importlib.util.spec_from_file_location("bench_compress", REPO / "benchmarks" / "bench_compress.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    d = _compress()
+    d["settings"].update(compensation="refit", target_params=None)
+    d["machine"] = {"torch_threads": 2}
+    d["same_latency"] = {"batch": 128, "target_macs": 0.473,
+                         "trace": [{"target_macs": 0.525, "latency_ratio_to_si": 1.169},
+                                   {"target_macs": 0.473, "latency_ratio_to_si": 0.943}]}
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(d))
+    out = bench.table(p)
+    assert "tp-magnitude-same-latency" in out and "0.473 x MACs" in out and "0.943 x the SI model" in out
+    assert "(2 steps, each timing it against the SI model at batch 128)" in out
+    del d["same_latency"]
+    p.write_text(json.dumps(d))
+    assert "same-latency" not in bench.table(p)
