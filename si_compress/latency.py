@@ -222,14 +222,13 @@ def combine_latency_tables(tables: dict[int, dict[str, tuple[float, ...]]]) -> d
     """
     if not tables:
         raise ValueError("combine_latency_tables: no table given")
-    convs = set.intersection(*(set(t) for t in tables.values()))
-    out = {}
-    for conv in sorted(convs):
-        lens = {len(t[conv]) for t in tables.values()}
-        if len(lens) != 1:
-            raise ValueError(f"combine_latency_tables: {conv} has tables of different lengths {sorted(lens)}")
+    convs = sorted(set.intersection(*(set(t) for t in tables.values())))
     norm = {b: sum(t[c][-1] for c in convs) for b, t in tables.items()}
-    for conv in sorted(convs):
+    out = {}
+    for conv in convs:
+        if len({len(t[conv]) for t in tables.values()}) != 1:
+            raise ValueError(f"combine_latency_tables: {conv} has tables of different lengths "
+                             f"{sorted({len(t[conv]) for t in tables.values()})}")
         rows = [np.asarray(t[conv], dtype=np.float64) / max(norm[b], 1e-30) for b, t in tables.items()]
         out[conv] = tuple(float(v) for v in np.mean(rows, axis=0))
     return out

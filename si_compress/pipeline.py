@@ -223,7 +223,7 @@ def si_plan(model, sample_loader, *, arch: str, num_classes: int, example_input,
             if progress is not None:
                 progress(f"section timing (batch {b})", i + 1, len(config.latency_batches))
         # one batch: its seconds as measured; several: each batch's fractions, averaged
-        lat_table = lat_raw[b] if len(lat_raw) == 1 else combine_latency_tables(lat_raw)
+        lat_table = next(iter(lat_raw.values())) if len(lat_raw) == 1 else combine_latency_tables(lat_raw)
     # The planner budgets a fraction of the structure it is given: rescale the whole model's budget.
     scale = structure.total_macs / max(plan_structure.total_macs, 1)
 
