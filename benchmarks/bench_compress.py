@@ -82,7 +82,7 @@ def run(args) -> dict:
                          seed=args.seed, reconstruct_steps=args.reconstruct_steps,
                          reconstruct_seconds=args.reconstruct_seconds, reconstruct_images=args.reconstruct_images,
                          teacher=args.teacher, reconstruct_bn=args.reconstruct_bn, reconstruct_lr=args.reconstruct_lr)
-    # reconstruction reads unlabelled train images (a class-balanced sample apart from the SI sample)
+    # reconstruction reads unlabelled train images (a class-balanced sample; by default all 50,000)
     recon_loader = DL(preload(train.dataset, balanced_indices(train.labels, args.reconstruct_images,
                                                               seed=args.seed + 1)), batch_size=128) \
         if "reconstruct" in args.compensation else None
@@ -361,7 +361,7 @@ def main(argv=None):
     p.add_argument("--compensation", default="refit")
     p.add_argument("--reconstruct-steps", type=int, default=1200)
     p.add_argument("--reconstruct-seconds", type=float, default=1800.0)
-    p.add_argument("--reconstruct-images", type=int, default=10000)
+    p.add_argument("--reconstruct-images", type=int, default=50000)
     p.add_argument("--teacher", default="base", choices=("base", "none"))
     p.add_argument("--reconstruct-bn", default="train", choices=("frozen", "train"))
     p.add_argument("--reconstruct-lr", type=float, default=1e-3)

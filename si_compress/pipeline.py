@@ -36,7 +36,8 @@ class CompressConfig:
     compensation: str = "refit"         # + "reconstruct": train against the base on unlabelled images after
     reconstruct_steps: int = 1200       # ... at most this many Adam steps
     reconstruct_seconds: float = 300.0  # ... or this many seconds
-    reconstruct_images: int = 10000     # ... on this many images (their labels are never read)
+    reconstruct_images: int = 50000     # ... on this many images (their labels are never read; CLI default:
+                                        # reconstruct.image_budget, all up to 50,000 within a 2 GiB cache)
     reconstruct_targets: str = "logits"  # "logits", "features" (section outputs) or "both"
     reconstruct_bn: str = "train"       # BatchNorm during reconstruction: "train" (batch statistics) or "frozen"
     reconstruct_lr: float = 1e-3        # Adam's peak learning rate (cosine to zero over the budget)

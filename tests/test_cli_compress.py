@@ -5,6 +5,7 @@ import torch
 
 from si_compress.cli.compress import main
 from si_compress.compress import load_compressed
+from si_compress.data import load_dataset
 from si_compress.models import build_model
 from si_compress.plan import CompressionPlan
 
@@ -159,12 +160,14 @@ def test_reconstruction_compensation_and_distilled_finetuning(digits_ckpt, tmp_p
     out_dir = tmp_path / "r"
     code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
                            "--target-macs", "0.4", "--out", out_dir, "--quiet", "--compensation", "refit+reconstruct",
-                           "--reconstruct-steps", "30", "--reconstruct-images", "400", "--finetune-epochs", "1",
+                           "--reconstruct-steps", "30", "--finetune-epochs", "1",
                            "--finetune-steps", "5"], capsys)
     assert code == 0, err
     m = json.loads((out_dir / "metrics.json").read_text())
     r = m["reconstruct"]
-    assert r["labels_used"] is False and r["steps"] == 30 and r["images"] == 400 and r["targets"] == "logits"
+    n_train = len(load_dataset("digits", split="train").labels)   # the default: every train image (few, small)
+    assert r["labels_used"] is False and r["steps"] == 30 and r["images"] == n_train and r["targets"] == "logits"
+    assert m["config"]["reconstruct_images"] == n_train
     assert m["refit"] and m["config"]["compensation"] == "refit+reconstruct"
     assert m["finetune_teacher"] == "base" and m["finetune_history"][0]["teacher"] is True
 

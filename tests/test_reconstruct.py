@@ -113,3 +113,48 @@ def test_a_loader_in_class_order_still_gives_mixed_batches():
     first_pass = torch.cat(seen[:4]).flatten(1)[:, 0]
     assert torch.equal(torch.sort(first_pass).values, torch.sort(xs.flatten(1)[:, 0]).values)   # each image once
     assert not torch.equal(torch.cat(seen[:4]), torch.cat(seen[4:]))                         # a new order per pass
+
+
+def test_image_budget_known_values():
+    from si_compress.compress.reconstruct import image_budget
+
+    assert image_budget(50_000, (3, 32, 32)) == 50_000                  # 586 MiB: the whole CIFAR train split
+    assert image_budget(1_281_167, (3, 224, 224)) == (2 << 30) // (3 * 224 * 224 * 4) == 3566
+    assert image_budget(1_797, (1, 8, 8)) == 1_797                       # fewer available than the cap
+    assert image_budget(80_000, (3, 32, 32), cap=60_000) == 60_000
+    assert image_budget(100, (3, 32, 32), cache_bytes=10 * 12288) == 10
+    assert image_budget(100, (3, 4096, 4096), cache_bytes=1) == 1         # at least one
+    with pytest.raises(ValueError, match="no images"):
+        image_budget(0, (3, 32, 32))
+
+
+class _Plain(torch.utils.data.Dataset):
+    """Not a TensorDataset: reconstruct reads it through the loader, batch by batch."""
+
+    def __init__(self, xs):
+        self.xs = xs
+
+    def __len__(self):
+        return len(self.xs)
+
+    def __getitem__(self, i):
+        return (self.xs[i],)
+
+
+def test_a_preloaded_dataset_is_used_in_place_and_trains_exactly_like_the_loader_path():
+    """A TensorDataset read in order is reconstruction's cache as it is (no second copy of the images); it must
+    train exactly as reading the same images batch by batch does."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+    xs = torch.randn(70, 3, 2, 2)
+    runs = []
+    for ds in (TensorDataset(xs), _Plain(xs)):
+        torch.manual_seed(1)
+        student = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
+        rep = reconstruct(student, teacher, DataLoader(ds, batch_size=16), steps=9, seconds=60, images=50,
+                          bf16=False)
+        runs.append((rep, [p.detach().clone() for p in student.parameters()]))
+    (ra, wa), (rb, wb) = runs
+    assert ra["images"] == rb["images"] == 50 and ra["batch"] == rb["batch"] == 16
+    assert ra["loss_first"] == rb["loss_first"] and ra["loss_last"] == rb["loss_last"]
+    assert all(torch.equal(a, b) for a, b in zip(wa, wb))

@@ -83,8 +83,10 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--reconstruct-seconds", type=positive_float, default=300.0,
                    help="reconstruction: at most this many seconds (default 300; the cosine ends with whichever "
                         "budget ends first)")
-    p.add_argument("--reconstruct-images", type=positive_int, default=10000,
-                   help="reconstruction: class-balanced train images used (their labels are not read; default 10000)")
+    p.add_argument("--reconstruct-images", type=positive_int, default=None,
+                   help="reconstruction: class-balanced train images used, cached in memory as float32 (their "
+                        "labels are not read; default: the whole train split up to 50000 images, fewer if "
+                        "their cache would pass 2 GiB)")
     p.add_argument("--reconstruct-lr", type=positive_float, default=1e-3,
                    help="reconstruction: Adam's peak learning rate, cosine to zero over the budget (default 1e-3)")
     p.add_argument("--reconstruct-bn", default="train", choices=("frozen", "train"),
@@ -177,6 +179,7 @@ def _run(args, folder) -> list[str]:
     from .. import plots
     from .._io import save_figure, write_json, write_text
     from ..compress import (cifar_augment, evaluate, export_onnx, export_torchscript, preload, save_compressed)
+    from ..compress.reconstruct import MAX_IMAGES, image_budget
     from ..data import balanced_indices, load_dataset
     from ..latency import speedup_table
     from ..models import load_model
@@ -213,6 +216,10 @@ def _run(args, folder) -> list[str]:
     for opt, n, ds in (("--si-samples", args.si_samples, train), ("--eval-samples", args.eval_samples, test)):
         if n and n > len(ds):
             raise CLIError(f"{opt} {n} exceeds the {len(ds)} images of {ds.description}; lower {opt}")
+    # reconstruction's cache: the requested images, else all (up to 50,000) that fit in 2 GiB as float32
+    n_recon = min(args.reconstruct_images or MAX_IMAGES, len(train))
+    if "reconstruct" in args.compensation and not args.reconstruct_images:
+        n_recon = image_budget(len(train), tuple(train.dataset[0][0].shape))
     config = CompressConfig(target_macs=None if args.delta is not None else args.target_macs,
                             target_params=args.target_params,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
@@ -225,7 +232,7 @@ def _run(args, folder) -> list[str]:
                             truncate=not args.no_truncate, truncate_tol=args.truncate_tol,
                             truncate_below_budget=args.truncate_below_budget,
                             reconstruct_steps=args.reconstruct_steps, reconstruct_seconds=args.reconstruct_seconds,
-                            reconstruct_images=args.reconstruct_images, reconstruct_targets=args.reconstruct_targets,
+                            reconstruct_images=n_recon, reconstruct_targets=args.reconstruct_targets,
                             reconstruct_bn=args.reconstruct_bn, reconstruct_lr=args.reconstruct_lr,
                             teacher=args.teacher, device=str(args.device))
     n_si = args.si_samples or min(DEFAULT_SI_SAMPLES, len(train))
@@ -261,7 +268,7 @@ def _run(args, folder) -> list[str]:
     base_acc = evaluate(model, test_loader, device=args.device)
     recon_loader = None
     if "reconstruct" in args.compensation:
-        recon_idx = balanced_indices(train.labels, min(args.reconstruct_images, len(train)), seed=args.seed + 1)
+        recon_idx = balanced_indices(train.labels, n_recon, seed=args.seed + 1)
         recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
                             train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader,

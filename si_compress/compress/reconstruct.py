@@ -29,12 +29,32 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import SequentialSampler, TensorDataset
 
 from .. import _device
 
-__all__ = ["reconstruct", "kd_loss", "TARGETS"]
+__all__ = ["reconstruct", "kd_loss", "image_budget", "TARGETS", "MAX_IMAGES", "CACHE_BYTES"]
 
 TARGETS = ("logits", "features", "both")
+MAX_IMAGES = 50_000        # default image count: CIFAR's whole train split
+CACHE_BYTES = 2 << 30      # default bound on the cached images (float32), 2 GiB
+
+
+def image_budget(available: int, image_shape, *, itemsize: int = 4, cap: int = MAX_IMAGES,
+                 cache_bytes: int = CACHE_BYTES) -> int:
+    """Default image count for reconstruction: every one of ``available`` images up to ``cap``, fewer when
+    their cache (prod(image_shape) * itemsize bytes each) would exceed ``cache_bytes``; at least 1.
+
+    CIFAR (3, 32, 32) float32, 12 KiB each: 50,000 images, 586 MiB. (3, 224, 224), 588 KiB each: 3,566
+    images, 2 GiB. More images beat more passes over fewer: on ResNet-56 at -50% MACs, 1,200 steps on
+    50,000 images reached 88.25% where 10,000 images reached 87.76% (same re-fit, same seed; README).
+    """
+    if available < 1:
+        raise ValueError(f"no images to reconstruct on (available={available})")
+    per = int(itemsize)
+    for d in image_shape:
+        per *= int(d)
+    return max(1, min(int(available), int(cap), int(cache_bytes) // max(per, 1)))
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -115,8 +135,14 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
     dev = _device.target(device, student)
     # cache the images (bounded by ``images``): every step then draws from memory
-    xs, n = [], 0
-    for item in loader:
+    xs, n, batch = [], 0, None
+    ds = getattr(loader, "dataset", None)
+    if isinstance(ds, TensorDataset) and isinstance(getattr(loader, "sampler", None), SequentialSampler) \
+            and getattr(loader, "batch_size", None):
+        # a preloaded dataset read in order is its own cache: a view, not a second copy
+        xs, batch = [ds.tensors[0][:images]], int(loader.batch_size)
+        n = len(xs[0])
+    for item in ([] if xs else loader):
         x = _inputs(item)
         if images is not None:
             x = x[: images - n]
@@ -132,12 +158,12 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     if targets == "features" and not layers:
         raise ValueError("reconstruct(targets='features'): no layer has the same output shape in both models; "
                          "use targets='logits'")
-    batch = len(xs[0])
+    batch = batch or len(xs[0])
     with _device.on_device(dev, student, teacher):
         # A loader in dataset order (ImageFolder: class by class) would give one-class batches; batches are drawn
         # from a fresh permutation of the cached images on every pass instead (cached on the CPU, each batch
         # moved to the device as it is drawn).
-        batches = _Shuffled(torch.cat(xs)[:n].cpu(), batch, seed, dev)
+        batches = _Shuffled((xs[0] if len(xs) == 1 else torch.cat(xs))[:n].cpu(), batch, seed, dev)
         return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
                       temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
                       progress=progress)
