@@ -83,9 +83,12 @@ def run(args) -> dict:
                          reconstruct_seconds=args.reconstruct_seconds, reconstruct_images=args.reconstruct_images,
                          teacher=args.teacher, reconstruct_bn=args.reconstruct_bn, reconstruct_lr=args.reconstruct_lr)
     # reconstruction reads unlabelled train images (a class-balanced sample; by default all 50,000)
-    recon_loader = DL(preload(train.dataset, balanced_indices(train.labels, args.reconstruct_images,
-                                                              seed=args.seed + 1)), batch_size=128) \
-        if "reconstruct" in args.compensation else None
+    recon_loader = None
+    if "reconstruct" in args.compensation:
+        n_recon = min(args.reconstruct_images, len(train.labels))
+        recon_loader = DL(train_loader.dataset if train_loader is not None and n_recon == len(train.labels) else
+                          preload(train.dataset, balanced_indices(train.labels, n_recon, seed=args.seed + 1)),
+                          batch_size=128)   # every train image: the fine-tuning set's own tensor, shared
     base_macs, base_params = count_tp(base, x0)
     base_acc = evaluate(base, test_loader)
     log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")

@@ -63,7 +63,11 @@ TABLES = {
                                         "--reconstruct-lr 1e-3 --eval-samples 0"),
     "compress_recon1200_gn": _compress_run("compress_resnet56_recon1200_gn.json",
                                            "--methods tp-group-norm --finetune-methods tp-group-norm "
-                                           "--compensation refit+reconstruct --target-params 0.5 --epochs 1"),
+                                           "--compensation refit+reconstruct --reconstruct-images 10000 "
+                                           "--target-params 0.5 --epochs 1"),
+    "compress_recon50k": _compress_run("compress_resnet56_recon50k.json",
+                                       "--methods si tp-group-norm --compensation refit+reconstruct "
+                                       "--reconstruct-images 50000 --epochs 0 --target-params 0.5"),
     "compress_latency_batch": _compress_run("compress_resnet56_latency_batch.json",
                                             "--methods si si-latency-b1-b128 si-latency-b1 tp-magnitude tp-magnitude-same-latency "
                                             "--target-params 0.5 --epochs 0 --compensation refit"),

@@ -36,8 +36,8 @@ class CompressConfig:
     compensation: str = "refit"         # + "reconstruct": train against the base on unlabelled images after
     reconstruct_steps: int = 1200       # ... at most this many Adam steps
     reconstruct_seconds: float = 300.0  # ... or this many seconds
-    reconstruct_images: int = 50000     # ... on this many images (their labels are never read; CLI default:
-                                        # reconstruct.image_budget, all up to 50,000 within a 2 GiB cache)
+    reconstruct_images: int | None = None  # ... on this many images (labels never read); None:
+                                           # reconstruct.image_budget, all up to 50,000 within a 2 GiB cache
     reconstruct_targets: str = "logits"  # "logits", "features" (section outputs) or "both"
     reconstruct_bn: str = "train"       # BatchNorm during reconstruction: "train" (batch statistics) or "frozen"
     reconstruct_lr: float = 1e-3        # Adam's peak learning rate (cosine to zero over the budget)
@@ -84,7 +84,8 @@ class CompressConfig:
             raise ValueError(f"teacher must be 'base' or 'none'; got {self.teacher!r}")
         if not (0.0 <= self.kd_weight <= 1.0):
             raise ValueError(f"kd_weight must be in [0, 1]; got {self.kd_weight}")
-        if self.reconstruct_steps < 1 or not self.reconstruct_seconds > 0 or self.reconstruct_images < 1:
+        if self.reconstruct_steps < 1 or not self.reconstruct_seconds > 0 or \
+                (self.reconstruct_images is not None and self.reconstruct_images < 1):
             raise ValueError("reconstruct_steps, reconstruct_seconds and reconstruct_images must be positive")
         from .compress.reconstruct import TARGETS
 

@@ -156,18 +156,20 @@ def test_user_class_compresses_reloads_and_compresses_again(tmp_path, capsys):
     assert len(payload["prior_plans"]) == 1 and payload["arch_kwargs"] == {"in_channels": 1}
 
 
-def test_reconstruction_compensation_and_distilled_finetuning(digits_ckpt, tmp_path, capsys):
+@pytest.mark.parametrize("images", [None, 400])
+def test_reconstruction_compensation_and_distilled_finetuning(digits_ckpt, tmp_path, capsys, images):
     out_dir = tmp_path / "r"
     code, out, err = _run([digits_ckpt, "--arch", "digits_cnn", "--data", "digits", "--si-samples", "300",
                            "--target-macs", "0.4", "--out", out_dir, "--quiet", "--compensation", "refit+reconstruct",
-                           "--reconstruct-steps", "30", "--finetune-epochs", "1",
-                           "--finetune-steps", "5"], capsys)
+                           "--reconstruct-steps", "30", "--finetune-epochs", "1", "--finetune-steps", "5"]
+                          + (["--reconstruct-images", str(images)] if images else []), capsys)
     assert code == 0, err
     m = json.loads((out_dir / "metrics.json").read_text())
     r = m["reconstruct"]
-    n_train = len(load_dataset("digits", split="train").labels)   # the default: every train image (few, small)
-    assert r["labels_used"] is False and r["steps"] == 30 and r["images"] == n_train and r["targets"] == "logits"
-    assert m["config"]["reconstruct_images"] == n_train
+    # the default: every train image (digits: few and small)
+    want = images or len(load_dataset("digits", split="train").labels)
+    assert r["labels_used"] is False and r["steps"] == 30 and r["images"] == want and r["targets"] == "logits"
+    assert m["config"]["reconstruct_images"] == want
     assert m["refit"] and m["config"]["compensation"] == "refit+reconstruct"
     assert m["finetune_teacher"] == "base" and m["finetune_history"][0]["teacher"] is True
 

@@ -312,6 +312,8 @@ def test_cifar_augment_and_preload():
     ds = TensorDataset(x, torch.arange(6))
     cached = preload(DataLoader(ds, batch_size=4, shuffle=True), indices=[5, 0, 2])
     assert torch.equal(cached.tensors[0], x[[5, 0, 2]]) and cached.tensors[1].tolist() == [5, 0, 2]
+    cached = preload(ds, indices=[5, 0, 2, 3, 1], batch_size=2)     # three batches, the last one partial
+    assert torch.equal(cached.tensors[0], x[[5, 0, 2, 3, 1]]) and cached.tensors[1].tolist() == [5, 0, 2, 3, 1]
 
 
 # --------------------------------------------------------------------------- save / load / export

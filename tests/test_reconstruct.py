@@ -141,9 +141,14 @@ class _Plain(torch.utils.data.Dataset):
         return (self.xs[i],)
 
 
-def test_a_preloaded_dataset_is_used_in_place_and_trains_exactly_like_the_loader_path():
-    """A TensorDataset read in order is reconstruction's cache as it is (no second copy of the images); it must
-    train exactly as reading the same images batch by batch does."""
+def test_a_preloaded_dataset_is_used_in_place_and_trains_exactly_like_the_loader_path(monkeypatch):
+    """A TensorDataset read in order is reconstruction's cache as it is (its own storage, no second copy of the
+    images); it must train exactly as reading the same images batch by batch does."""
+    import importlib
+
+    R = importlib.import_module("si_compress.compress.reconstruct")   # the module (the package exports the function)
+    cached, shuffled = [], R._Shuffled
+    monkeypatch.setattr(R, "_Shuffled", lambda x, *a: (cached.append(x), shuffled(x, *a))[1])
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     xs = torch.randn(70, 3, 2, 2)
@@ -158,3 +163,22 @@ def test_a_preloaded_dataset_is_used_in_place_and_trains_exactly_like_the_loader
     assert ra["images"] == rb["images"] == 50 and ra["batch"] == rb["batch"] == 16
     assert ra["loss_first"] == rb["loss_first"] and ra["loss_last"] == rb["loss_last"]
     assert all(torch.equal(a, b) for a, b in zip(wa, wb))
+    assert cached[0].untyped_storage().data_ptr() == xs.untyped_storage().data_ptr()      # shared, not copied
+    assert cached[1].untyped_storage().data_ptr() != xs.untyped_storage().data_ptr()
+    assert torch.equal(cached[0], cached[1])
+
+
+def test_the_cache_takes_every_image_by_default_and_honours_the_loader():
+    from si_compress.compress.reconstruct import _cache
+
+    xs = torch.randn(70, 3, 2, 2)
+    for ds in (TensorDataset(xs), _Plain(xs)):
+        x, b = _cache(DataLoader(ds, batch_size=16), None)            # default budget: all 70 (tiny)
+        assert torch.equal(x, xs) and b == 16
+        x, b = _cache(DataLoader(ds, batch_size=16), 500)             # more than there are
+        assert torch.equal(x, xs)
+        x, b = _cache(DataLoader(ds, batch_size=16, drop_last=True), None)   # the loader's last batch dropped
+        assert torch.equal(x, xs[:64])
+    x, _ = _cache(DataLoader(TensorDataset(xs), batch_size=16, collate_fn=lambda items: (2 * torch.stack(
+        [i[0] for i in items]),)), None)                                 # its collate_fn applies
+    assert torch.equal(x, 2 * xs)

@@ -108,7 +108,8 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--export", nargs="*", default=[], choices=("torchscript", "onnx"),
                    help="also write model.ts (TorchScript) and/or model.onnx (opset 17, dynamic batch)")
     p.add_argument("--seed", type=int, default=0, help="seed of the samples, ranking and fine-tuning (default 0)")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="fine-tuning batch size (default 128)")
+    p.add_argument("--batch-size", type=positive_int, default=128,
+                   help="fine-tuning and reconstruction batch size (default 128)")
     p.add_argument("--threads", type=positive_int, default=None,
                    help="torch and Numba threads for everything, latency timing included (default: all cores)")
     add_device_arg(p, "feature collection, compensation, reconstruction, head training, fine-tuning and "
@@ -179,7 +180,7 @@ def _run(args, folder) -> list[str]:
     from .. import plots
     from .._io import save_figure, write_json, write_text
     from ..compress import (cifar_augment, evaluate, export_onnx, export_torchscript, preload, save_compressed)
-    from ..compress.reconstruct import MAX_IMAGES, image_budget
+    from ..compress.reconstruct import image_budget
     from ..data import balanced_indices, load_dataset
     from ..latency import speedup_table
     from ..models import load_model
@@ -216,10 +217,16 @@ def _run(args, folder) -> list[str]:
     for opt, n, ds in (("--si-samples", args.si_samples, train), ("--eval-samples", args.eval_samples, test)):
         if n and n > len(ds):
             raise CLIError(f"{opt} {n} exceeds the {len(ds)} images of {ds.description}; lower {opt}")
-    # reconstruction's cache: the requested images, else all (up to 50,000) that fit in 2 GiB as float32
-    n_recon = min(args.reconstruct_images or MAX_IMAGES, len(train))
-    if "reconstruct" in args.compensation and not args.reconstruct_images:
-        n_recon = image_budget(len(train), tuple(train.dataset[0][0].shape))
+    # reconstruction's cache: the requested images, else all (up to 50,000) that fit in 2 GiB, at least two of
+    # each class (a class-balanced sample needs them)
+    n_recon = None
+    if "reconstruct" in args.compensation:
+        if args.reconstruct_images:
+            n_recon = min(args.reconstruct_images, len(train))
+        else:
+            x_first = torch.as_tensor(train.dataset[0][0])
+            n_recon = min(len(train), max(2 * train.num_classes, image_budget(
+                len(train), tuple(x_first.shape), itemsize=x_first.element_size())))
     config = CompressConfig(target_macs=None if args.delta is not None else args.target_macs,
                             target_params=args.target_params,
                             delta=args.delta if args.delta is not None else 0.02, ranking=args.ranking,
@@ -268,8 +275,11 @@ def _run(args, folder) -> list[str]:
     base_acc = evaluate(model, test_loader, device=args.device)
     recon_loader = None
     if "reconstruct" in args.compensation:
-        recon_idx = balanced_indices(train.labels, n_recon, seed=args.seed + 1)
-        recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
+        if n_recon == len(train) and train_loader is not None:   # every train image: share the preloaded ones
+            recon_loader = DL(train_loader.dataset, batch_size=args.batch_size, shuffle=False)
+        else:
+            recon_idx = balanced_indices(train.labels, n_recon, seed=args.seed + 1)
+            recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
                             train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader,
                             stage=step,

@@ -100,15 +100,21 @@ def preload(data, indices=None, *, batch_size: int | None = None, num_workers: i
         batch_size = (data.batch_size if isinstance(data, DataLoader) else None) or 256
     if indices is not None:
         dataset = Subset(dataset, [int(i) for i in indices])
-    xs, ys = [], []
-    # A fresh sequential loader: the caller's loader may shuffle or drop the last batch.
+    xs = ys = None
+    n = 0
+    # A fresh sequential loader: the caller's loader may shuffle or drop the last batch. The images go into one
+    # tensor allocated at the first batch, so the peak is the cache itself, not twice it.
     for item in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers):
         x, y = _xy(item)
-        xs.append(x)
-        ys.append(torch.as_tensor(y, dtype=torch.int64))
-    if not xs:
+        if xs is None:
+            xs = x.new_empty((len(dataset), *x.shape[1:]))
+            ys = torch.empty(len(dataset), dtype=torch.int64)
+        xs[n:n + len(x)] = x
+        ys[n:n + len(x)] = torch.as_tensor(y, dtype=torch.int64)
+        n += len(x)
+    if xs is None:
         raise ValueError("preload: the dataset is empty")
-    return TensorDataset(torch.cat(xs), torch.cat(ys))
+    return TensorDataset(xs[:n], ys[:n])
 
 
 def cifar_augment(x: torch.Tensor, *, padding: int = 4, flip: bool = True,

@@ -16,7 +16,8 @@ bf16 autocast where the CPU (or a GPU) supports it; it stops at ``steps`` or aft
 comes first. BatchNorm normalises by batch statistics while training and its running statistics are
 re-estimated afterwards (``bn="train"``, the default); ``bn="frozen"`` keeps it in eval mode (the
 statistics the least-squares re-fit set stay, its affine parameters train). Measured on ResNet-56 at -50%
-MACs (README): batch statistics at lr 1e-3 took the re-fit from 84.75% to 87.76% in 1,200 steps; logits are
+MACs (README): batch statistics at lr 1e-3 took the re-fit from 84.75% to 87.76% in 1,200 steps on 10,000
+images; logits are
 the default because they beat "both" in a 300-step probe from one re-fit.
 The report says exactly what was used (images, steps, seconds, losses).
 """
@@ -46,8 +47,7 @@ def image_budget(available: int, image_shape, *, itemsize: int = 4, cap: int = M
     their cache (prod(image_shape) * itemsize bytes each) would exceed ``cache_bytes``; at least 1.
 
     CIFAR (3, 32, 32) float32, 12 KiB each: 50,000 images, 586 MiB. (3, 224, 224), 588 KiB each: 3,566
-    images, 2 GiB. More images beat more passes over fewer: on ResNet-56 at -50% MACs, 1,200 steps on
-    50,000 images reached 88.25% where 10,000 images reached 87.76% (same re-fit, same seed; README).
+    images, 2 GiB. More images beat more passes over fewer images (README, "Label-free reconstruction").
     """
     if available < 1:
         raise ValueError(f"no images to reconstruct on (available={available})")
@@ -110,7 +110,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     """Train ``student`` in place to reproduce ``teacher`` on the inputs of ``loader`` (no labels used).
 
     ``steps``/``seconds``: the budget (whichever ends first); ``images``: use at most this many
-    images of ``loader`` (its first ones, re-shuffled every pass); ``targets``: "logits", "features" or "both" (see
+    images of ``loader`` (its first ones, re-shuffled every pass; None: as many as :func:`image_budget`
+    allows, at most 50,000 within a 2 GiB cache). A TensorDataset read in order by a plain loader is used
+    in place, shared, not copied; ``targets``: "logits", "features" or "both" (see
     the module doc). The teacher is never changed. ``bn``: ``"train"`` normalises by batch statistics and
     re-estimates the running ones at the end; ``"frozen"`` trains with BatchNorm in eval mode (the running
     statistics the re-fit set stay; scales and shifts train). The learning
@@ -134,39 +136,61 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature!r}")
     dev = _device.target(device, student)
-    # cache the images (bounded by ``images``): every step then draws from memory
-    xs, n, batch = [], 0, None
-    ds = getattr(loader, "dataset", None)
-    if isinstance(ds, TensorDataset) and isinstance(getattr(loader, "sampler", None), SequentialSampler) \
-            and getattr(loader, "batch_size", None):
-        # a preloaded dataset read in order is its own cache: a view, not a second copy
-        xs, batch = [ds.tensors[0][:images]], int(loader.batch_size)
-        n = len(xs[0])
-    for item in ([] if xs else loader):
-        x = _inputs(item)
-        if images is not None:
-            x = x[: images - n]
-        xs.append(x)
-        n += len(x)
-        if images is not None and n >= images:
-            break
-    if not xs or n == 0:
+    x_all, batch = _cache(loader, images)
+    n = len(x_all)
+    if n == 0:
         raise ValueError("reconstruct: the loader yielded no images")
     # the adapter traces the layers where the models are, before they move
-    layers = _matched_layers(student, teacher, xs[0].to(_device.model_device(student))) \
+    layers = _matched_layers(student, teacher, x_all[:1].to(_device.model_device(student))) \
         if targets != "logits" else []
     if targets == "features" and not layers:
         raise ValueError("reconstruct(targets='features'): no layer has the same output shape in both models; "
                          "use targets='logits'")
-    batch = batch or len(xs[0])
     with _device.on_device(dev, student, teacher):
         # A loader in dataset order (ImageFolder: class by class) would give one-class batches; batches are drawn
         # from a fresh permutation of the cached images on every pass instead (cached on the CPU, each batch
         # moved to the device as it is drawn).
-        batches = _Shuffled((xs[0] if len(xs) == 1 else torch.cat(xs))[:n].cpu(), batch, seed, dev)
+        batches = _Shuffled(x_all.cpu(), batch, seed, dev)
         return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
                       temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
                       progress=progress)
+
+
+def _cache(loader, images: int | None) -> tuple[torch.Tensor, int]:
+    """(the first ``images`` inputs of ``loader`` as one tensor, its batch size). ``images`` None: as many as
+    :func:`image_budget` allows. A TensorDataset read in order, unchanged by the loader, is used in place (a
+    view); otherwise the batches are copied into one tensor allocated once (no second copy at the peak)."""
+    from torch.utils.data import default_collate
+
+    ds = getattr(loader, "dataset", None)
+    if isinstance(ds, TensorDataset) and type(getattr(loader, "sampler", None)) is SequentialSampler \
+            and getattr(loader, "batch_size", None) and not loader.drop_last and loader.collate_fn is default_collate:
+        x = ds.tensors[0]
+        cap = images if images is not None else image_budget(max(len(x), 1), x.shape[1:], itemsize=x.element_size())
+        return x[:cap], int(loader.batch_size)
+    out, n, batch, cap = None, 0, 0, images
+    try:
+        total = len(ds) if ds is not None else None
+    except TypeError:        # an iterable dataset
+        total = None
+    for item in loader:
+        x = _inputs(item)
+        if cap is None:
+            cap = image_budget(MAX_IMAGES, x.shape[1:], itemsize=x.element_size())
+        x = x[: cap - n]
+        if out is None:
+            batch = len(x)
+            size = cap if total is None else min(cap, total)
+            out = x.new_empty((max(size, len(x)), *x.shape[1:]))
+        if n + len(x) > len(out):      # the loader yields more than its dataset's length said
+            out = torch.cat([out[:n], x.new_empty((max(n, len(x)), *x.shape[1:]))])
+        out[n:n + len(x)] = x
+        n += len(x)
+        if n >= cap:
+            break
+    if out is None:
+        return torch.empty(0), 1
+    return out[:n], batch
 
 
 class _Shuffled:
