@@ -67,7 +67,7 @@ TABLES = {
                                            "--target-params 0.5 --epochs 1"),
     "compress_recon50k": _compress_run("compress_resnet56_recon50k.json",
                                        "--methods si tp-group-norm --compensation refit+reconstruct "
-                                       "--reconstruct-images 50000 --epochs 0 --target-params 0.5"),
+                                       "--reconstruct-images 50000 --reconstruct-seconds 3600 --epochs 0 --target-params 0.5"),
     "compress_latency_batch": _compress_run("compress_resnet56_latency_batch.json",
                                             "--methods si si-latency-b1-b128 si-latency-b1 tp-magnitude tp-magnitude-same-latency "
                                             "--target-params 0.5 --epochs 0 --compensation refit"),
