@@ -53,7 +53,7 @@ def run(args) -> dict:
     from si_compress.data import balanced_indices, load_dataset
     from si_compress.models import load_model
     from si_compress.latency import speedup_table
-    from si_compress.pipeline import CompressConfig, count_tp, execute, group_weight, si_plan
+    from si_compress.pipeline import CompressConfig, count_tp, execute, group_weight, reconstruction_loader, si_plan
     from si_compress.planning import plan_uniform, plan_with_widths, rank_filters
 
     torch.manual_seed(args.seed)
@@ -83,12 +83,9 @@ def run(args) -> dict:
                          reconstruct_seconds=args.reconstruct_seconds, reconstruct_images=args.reconstruct_images,
                          teacher=args.teacher, reconstruct_bn=args.reconstruct_bn, reconstruct_lr=args.reconstruct_lr)
     # reconstruction reads unlabelled train images (a class-balanced sample; by default all 50,000)
-    recon_loader = None
-    if "reconstruct" in args.compensation:
-        n_recon = min(args.reconstruct_images, len(train.labels))
-        recon_loader = DL(train_loader.dataset if train_loader is not None and n_recon == len(train.labels) else
-                          preload(train.dataset, balanced_indices(train.labels, n_recon, seed=args.seed + 1)),
-                          batch_size=128)   # every train image: the fine-tuning set's own tensor, shared
+    recon_loader = reconstruction_loader(train, min(args.reconstruct_images, len(train.labels)),
+                                         train_loader=train_loader, seed=args.seed + 1) \
+        if "reconstruct" in args.compensation else None
     base_macs, base_params = count_tp(base, x0)
     base_acc = evaluate(base, test_loader)
     log(f"base: {base_acc:.4f} acc, {base_macs / 1e6:.2f} M MACs")

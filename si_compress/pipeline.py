@@ -406,6 +406,19 @@ def count_tp(model, example_input) -> tuple[int, int]:
     return count_ops(model, example_input)
 
 
+def reconstruction_loader(train, n_images: int, *, train_loader=None, batch_size: int = 128, seed: int = 0):
+    """DataLoader over ``n_images`` class-balanced images of ``train`` (a ``data.load_dataset`` result) for
+    reconstruction, in order (``reconstruct`` re-shuffles). When that is every train image and ``train_loader``
+    already holds them preloaded, its tensor is shared rather than decoded and cached a second time."""
+    from .compress import preload
+    from .data import balanced_indices
+
+    if n_images == len(train.labels) and train_loader is not None:
+        return torch.utils.data.DataLoader(train_loader.dataset, batch_size=batch_size, shuffle=False)
+    idx = balanced_indices(train.labels, n_images, seed=seed)
+    return torch.utils.data.DataLoader(preload(train.dataset, idx), batch_size=batch_size, shuffle=False)
+
+
 def execute(base, plan: CompressionPlan, *, example_input, calib_loader, test_loader, train_loader=None,
             config: CompressConfig, progress=None, augment=None, recon_loader=None,
             stage=None) -> tuple[torch.nn.Module, dict]:

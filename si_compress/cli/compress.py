@@ -184,7 +184,8 @@ def _run(args, folder) -> list[str]:
     from ..data import balanced_indices, load_dataset
     from ..latency import speedup_table
     from ..models import load_model
-    from ..pipeline import CompressConfig, check_plan_base, config_dict, count_tp, execute, si_plan
+    from ..pipeline import (CompressConfig, check_plan_base, config_dict, count_tp, execute,
+                            reconstruction_loader, si_plan)
     from ..plan import CompressionPlan
     from ._common import parse_arch_kwargs, parse_normalize
 
@@ -275,11 +276,8 @@ def _run(args, folder) -> list[str]:
     base_acc = evaluate(model, test_loader, device=args.device)
     recon_loader = None
     if "reconstruct" in args.compensation:
-        if n_recon == len(train) and train_loader is not None:   # every train image: share the preloaded ones
-            recon_loader = DL(train_loader.dataset, batch_size=args.batch_size, shuffle=False)
-        else:
-            recon_idx = balanced_indices(train.labels, n_recon, seed=args.seed + 1)
-            recon_loader = DL(preload(train.dataset, recon_idx), batch_size=args.batch_size, shuffle=False)
+        recon_loader = reconstruction_loader(train, n_recon, train_loader=train_loader, batch_size=args.batch_size,
+                                             seed=args.seed + 1)
     compressed, m = execute(model, plan, example_input=x0, calib_loader=sample_loader, test_loader=test_loader,
                             train_loader=train_loader, config=config, augment=augment, recon_loader=recon_loader,
                             stage=step,

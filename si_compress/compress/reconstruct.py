@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import SequentialSampler, TensorDataset
+from torch.utils.data import SequentialSampler, TensorDataset, default_collate
 
 from .. import _device
 
@@ -160,8 +160,6 @@ def _cache(loader, images: int | None) -> tuple[torch.Tensor, int]:
     """(the first ``images`` inputs of ``loader`` as one tensor, its batch size). ``images`` None: as many as
     :func:`image_budget` allows. A TensorDataset read in order, unchanged by the loader, is used in place (a
     view); otherwise the batches are copied into one tensor allocated once (no second copy at the peak)."""
-    from torch.utils.data import default_collate
-
     ds = getattr(loader, "dataset", None)
     if isinstance(ds, TensorDataset) and type(getattr(loader, "sampler", None)) is SequentialSampler \
             and getattr(loader, "batch_size", None) and not loader.drop_last and loader.collate_fn is default_collate:
