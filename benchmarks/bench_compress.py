@@ -10,7 +10,8 @@ For the JPEG-fine-tuned ResNet-56 in ../shared/models (default), on the JPEG spl
   3. each one: apply (torch-pruning), accuracy on the whole test split before compensation, after
      least-squares compensation (no training), and after --epochs of fine-tuning (SGD, cosine);
   4. CPU latency of each compressed model at batch 1 and 128, as a ratio to the base in this run.
-The fine-tuned SI model is saved (si_compress format) to runs/compress/si_<arch>.pt for bench_quant.
+Every method's final model is saved (si_compress format) to runs/compress/<out stem>/<method>.pt, and
+the SI model also to runs/compress/si_<arch>.pt for bench_quant.
 Writes benchmarks/results/compress_<arch>.json; --table prints the README table from it.
 
   python benchmarks/bench_compress.py --epochs 2 --bf16     # ~35 min on 2 quiet cores
@@ -32,8 +33,11 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import SHARED, machine_info, write_json_atomic  # noqa: E402
 
-METHODS = ("si", "si-streams", "si-no-streams", "si-macs-only", "si-latency-b1", "si-latency-b1-b128", "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-magnitude-same-latency", "tp-group-norm",
-           "tp-taylor")
+METHODS = ("si", "si-streams", "si-no-streams", "si-macs-only", "si-latency-b1", "si-latency-b1-b128",
+           "si-ranked-same-widths", "random-same-widths", "uniform-l1", "tp-magnitude", "tp-magnitude-same-latency",
+           "tp-group-norm", "tp-taylor", "tp-magnitude-local", "tp-group-norm-local", "tp-taylor-local")
+# settings that may differ between the runs whose results --keep-results merges into one JSON
+PER_RUN = ("methods", "finetune_methods", "no_latency", "keep_results", "latency_si_only", "latency_repeats")
 
 
 def stem_of(model: str) -> str:
@@ -44,7 +48,32 @@ def log(*a):
     print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
-def run(args) -> dict:
+def _plan_key(plan: dict):
+    """What makes two SI plans the same model: each layer's kept filters, the dropped sections, the cut."""
+    return ([(d["name"], list(d["keep"])) for d in plan["layers"]], list(plan["dropped_blocks"]),
+            plan.get("truncate_after"))
+
+
+def prior_results(args) -> dict | None:
+    """With --keep-results: the earlier run in --out, checked to be the same experiment (every setting but
+    the per-run ones of PER_RUN); its results for the methods not run now are kept."""
+    import json
+
+    if not args.keep_results:
+        return None
+    if not args.out.is_file():
+        raise SystemExit(f"--keep-results: {args.out} does not exist; run without it first")
+    prior = json.loads(args.out.read_text())
+    now = {k: v for k, v in vars(args).items() if k != "out"}
+    diff = sorted(k for k in set(now) | set(prior["settings"]) if k not in PER_RUN
+                  and now.get(k) != prior["settings"].get(k))
+    if diff:
+        raise SystemExit(f"--keep-results: settings differ from the run in {args.out}: {', '.join(diff)}; "
+                         f"use the same settings or another --out")
+    return prior
+
+
+def run(args, prior: dict | None = None) -> dict:
     import numpy as np
     import torch
 
@@ -104,6 +133,9 @@ def run(args) -> dict:
     log(f"SI plan in {plan_s:.0f} s:\n{plan.summary()}")
     payload["plan"] = plan.to_dict()
     payload["plan_seconds"] = plan_s
+    if prior is not None and _plan_key(prior["plan"]) != _plan_key(payload["plan"]):
+        raise SystemExit(f"--keep-results: this run's SI plan differs from the one in {args.out} (its baselines "
+                         f"matched other MACs); run every method again without --keep-results")
     st = ev.structure
 
     def per_group(rank):  # one ranking per channel group, found under every writer of a stream
@@ -156,15 +188,16 @@ def run(args) -> dict:
         plans["uniform-l1"] = plan_uniform(arch=loaded.arch, num_classes=loaded.num_classes, structure=st,
                                            rankings=l1, target_macs=lo_t)
     for imp in ("magnitude", "group-norm", "taylor"):
-        if f"tp-{imp}" in args.methods:
-            t0 = time.perf_counter()
-            plans[f"tp-{imp}"] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
-                                                   num_classes=loaded.num_classes, importance=imp,
-                                                   loader=sample_loader)
-            log(f"tp-{imp} plan in {time.perf_counter() - t0:.0f} s")
+        for name, global_pruning in ((f"tp-{imp}", True), (f"tp-{imp}-local", False)):
+            if name in args.methods:
+                t0 = time.perf_counter()
+                plans[name] = tp_magnitude_plan(base, st, example_input=x0, target_macs=ratio, arch=loaded.arch,
+                                                num_classes=loaded.num_classes, importance=imp,
+                                                loader=sample_loader, global_pruning=global_pruning)
+                log(f"{name} plan in {time.perf_counter() - t0:.0f} s")
     if "tp-magnitude-same-latency" in args.methods:
         plans["tp-magnitude-same-latency"] = same_latency_tp_plan(base, st, plan, x0, loaded, sample_loader, payload)
-    results = {}
+    results = dict(prior["results"]) if prior is not None else {}
     from dataclasses import replace
 
     for name in args.methods:
@@ -179,13 +212,16 @@ def run(args) -> dict:
         m["macs_reduction"] = 1 - m["macs"] / base_macs
         m["params_reduction"] = 1 - m["params"] / base_params
         m["seconds_total"] = time.perf_counter() - t0
-        if name == "si":
-            from si_compress.compress import save_compressed
+        from si_compress.compress import save_compressed
 
-            save_path = ROOT / "runs" / "compress" / f"si_{stem_of(args.model)}.pt"
-            save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes,
-                            base=base)
-            m["saved_model"] = str(save_path.relative_to(ROOT))
+        # every method's model, per run (a later fine-tuning comparison starts from these without
+        # redoing the reconstruction); the SI model also where bench_quant reads it
+        save_path = ROOT / "runs" / "compress" / Path(args.out).stem / f"{name}.pt"
+        save_compressed(save_path, model, plans[name], arch=loaded.arch, num_classes=loaded.num_classes, base=base)
+        m["saved_model"] = str(save_path.relative_to(ROOT))
+        if name == "si":
+            save_compressed(ROOT / "runs" / "compress" / f"si_{stem_of(args.model)}.pt", model, plans[name],
+                            arch=loaded.arch, num_classes=loaded.num_classes, base=base)
         if not args.no_latency and (name == "si" or not args.latency_si_only):
             m["latency"] = speedup_table(base, model, tuple(x0.shape[1:]), repeats=args.latency_repeats)
         results[name] = m
@@ -382,6 +418,9 @@ def main(argv=None):
                    help="time the methods already in --out together with the base (rebuilt from their widths) and stop")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--keep-results", action="store_true",
+                   help="add this run's methods to the results already in --out (same settings and SI plan "
+                        "required; a method run again replaces its earlier result)")
     p.add_argument("--table", action="store_true")
     args = p.parse_args(argv)
     stem = stem_of(args.model)
@@ -396,12 +435,25 @@ def main(argv=None):
     import torch
 
     global payload
+    prior = prior_results(args)   # checked before the expensive work
     payload = {"benchmark": "compress", "settings": {k: v for k, v in vars(args).items() if k != "out"},
                "machine": {**machine_info(), "torch_threads": torch.get_num_threads()}}
+    if prior is not None:
+        kept = [k for k in prior["results"] if k not in args.methods]
+        payload["settings"]["methods"] = kept + list(args.methods)
+        payload["settings"]["finetune_methods"] = sorted(
+            {m for m in prior["settings"]["finetune_methods"] if m in kept}
+            | {m for m in args.finetune_methods if m in args.methods})
+        payload["runs"] = prior.get("runs", [{"methods": list(prior["results"]), "seconds": prior.get("seconds"),
+                                              "machine": prior.get("machine")}])
     run_start = time.perf_counter()
     from si_compress.compress import evaluate  # noqa: F401
-    res = run(args)
+    res = run(args, prior)
     payload["seconds"] = time.perf_counter() - run_start
+    if prior is not None:
+        payload["runs"].append({"methods": list(args.methods), "seconds": payload["seconds"],
+                                "machine": payload["machine"]})
+        payload["seconds"] = sum(r["seconds"] or 0 for r in payload["runs"])
     write_json_atomic(args.out, payload)
     print(table(args.out))
     return 0

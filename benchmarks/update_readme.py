@@ -85,6 +85,20 @@ TABLES = {
                                        "--model runs/models/resnet18-adapter.pth --arch torchvision:resnet18 "
                                        "--methods si tp-magnitude tp-group-norm --target-macs 0.5 --epochs 0 "
                                        "--compensation refit --objective macs --eval-samples 0"),
+    "compress_deep70_recon": _compress_run("compress_resnet56_deep70_recon.json",
+                                           "--methods si tp-magnitude tp-group-norm --target-macs 0.3 --target-params 0.3 "
+                                           "--epochs 0 --compensation refit+reconstruct --reconstruct-images 50000 "
+                                           "--reconstruct-seconds 3600 --objective macs --eval-samples 0 --no-latency"),
+    "compress_paper_recon": _compress_run("compress_resnet56_paper_recon.json",
+                                          "--methods si tp-magnitude tp-group-norm --target-macs 0.417 "
+                                          "--target-params 0.422 --epochs 0 --compensation refit+reconstruct "
+                                          "--reconstruct-images 50000 --reconstruct-seconds 3600 --objective macs "
+                                          "--eval-samples 0 --no-latency"),
+    "compress_resnet18_recon": _compress_run("compress_resnet18_tv_recon.json",
+                                             "--model runs/models/resnet18-adapter.pth --arch torchvision:resnet18 "
+                                             "--methods si tp-magnitude tp-group-norm --target-macs 0.5 --epochs 0 "
+                                             "--compensation refit+reconstruct --reconstruct-images 50000 "
+                                             "--reconstruct-seconds 3600 --objective macs --eval-samples 0 --no-latency"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},

@@ -21,14 +21,15 @@ IMPORTANCES = ("magnitude", "group-norm", "taylor")
 
 def tp_magnitude_plan(model: nn.Module, structure, *, example_input, target_macs: float, arch: str,
                       num_classes: int, steps: int = 200, importance: str = "magnitude", loader=None,
-                      batches: int = 2) -> CompressionPlan:
-    """torch-pruning's global pruner (``tp.pruner.MetaPruner``, ``global_pruning=True``) on the groups of
-    ``structure`` (inner convs and residual streams), stepped until the model's MACs are <=
-    ``target_macs`` x base. ``importance``: ``magnitude`` (L1 of the root's filters,
-    ``MagnitudeImportance(p=1)``), ``group-norm`` (L2 over every member of the group,
-    ``GroupMagnitudeImportance(p=2)``, DepGraph's criterion) or ``taylor`` (first-order Taylor over the
-    group, ``GroupTaylorImportance``; gradients of the cross-entropy on ``batches`` batches of
-    ``loader``, recomputed before every step)."""
+                      batches: int = 2, global_pruning: bool = True) -> CompressionPlan:
+    """torch-pruning's pruner (``tp.pruner.MetaPruner``) on the groups of ``structure`` (inner convs and
+    residual streams), stepped until the model's MACs are <= ``target_macs`` x base.
+    ``global_pruning``: True ranks every group's channels against each other (one threshold, a group
+    may lose up to 95%); False is torch-pruning's default, every group loses the same fraction.
+    ``importance``: ``magnitude`` (L1 of the root's filters, ``MagnitudeImportance(p=1)``),
+    ``group-norm`` (L2 over every member of the group, ``GroupMagnitudeImportance(p=2)``, DepGraph's
+    criterion) or ``taylor`` (first-order Taylor over the group, ``GroupTaylorImportance``; gradients of
+    the cross-entropy on ``batches`` batches of ``loader``, recomputed before every step)."""
     import torch_pruning as tp
 
     from .structure import channel_embeddings, insert_embedding_convs
@@ -60,7 +61,8 @@ def tp_magnitude_plan(model: nn.Module, structure, *, example_input, target_macs
     imp = {"magnitude": lambda: tp.importance.MagnitudeImportance(p=1),
            "group-norm": lambda: tp.importance.GroupMagnitudeImportance(p=2),
            "taylor": lambda: tp.importance.GroupTaylorImportance()}[importance]()
-    pruner = tp.pruner.MetaPruner(work, example_input, importance=imp, global_pruning=True, pruning_ratio=0.95,
+    pruner = tp.pruner.MetaPruner(work, example_input, importance=imp, global_pruning=bool(global_pruning),
+                                  pruning_ratio=0.95,
                                   iterative_steps=steps, ignored_layers=ignored)
     macs = base_macs
     for _ in range(steps):
@@ -74,6 +76,7 @@ def tp_magnitude_plan(model: nn.Module, structure, *, example_input, target_macs
         macs, _ = tp.utils.count_ops_and_params(work, example_input)
         if macs <= target_macs * base_macs:
             break
+    scope = "global" if global_pruning else "local"
     tdg = tp.DependencyGraph().build_dependency(twin, example_inputs=example_input)
     tdg.load_pruning_history(pruner.DG.pruning_history())
     tmods = dict(twin.named_modules())
@@ -83,7 +86,7 @@ def tp_magnitude_plan(model: nn.Module, structure, *, example_input, target_macs
         if u.coupled and len(keep) == u.out_channels:
             continue
         layers.append(LayerDecision(name=u.conv, out_channels=u.out_channels, keep=keep, method=f"tp-{importance}",
-                                    reason=f"torch-pruning global {importance} pruner", coupled=tuple(u.coupled)))
+                                    reason=f"torch-pruning {scope} {importance} pruner", coupled=tuple(u.coupled)))
     return CompressionPlan(arch=arch, num_classes=num_classes, layers=tuple(layers),
                            predicted=dict(base_macs=int(base_macs), macs=int(macs)),
-                           settings=dict(method=f"tp-{importance}", target_macs=target_macs))
+                           settings=dict(method=f"tp-{importance}", target_macs=target_macs, scope=scope))

@@ -257,3 +257,33 @@ def test_bench_compress_table_states_how_the_same_latency_baseline_was_found(tmp
     del d["same_latency"]
     p.write_text(json.dumps(d))
     assert "same-latency" not in bench.table(p)
+
+
+def test_bench_compress_keep_results_merges_only_the_same_experiment(tmp_path):
+    """--keep-results adds methods to an earlier run only when every setting but the per-run ones is the
+    same (else a one-line exit naming them) and the SI plan is the same model."""
+    import argparse
+
+    spec = importlib.util.spec_from_file_location("bench_compress", REPO / "benchmarks" / "bench_compress.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "c.json"
+    settings = dict(model="m.pth", target_macs=0.5, seed=0, methods=["si"], finetune_methods=["si"],
+                    no_latency=True, keep_results=False)
+    args = argparse.Namespace(**{**settings, "methods": ["tp-group-norm-local"], "keep_results": True, "out": out})
+    with pytest.raises(SystemExit, match="does not exist"):
+        bench.prior_results(args)
+    prior = {"settings": settings, "results": {"si": {"acc_compensated": 0.9}}, "plan": {}}
+    out.write_text(json.dumps(prior))
+    assert bench.prior_results(args)["results"] == prior["results"]
+    args.target_macs = 0.3
+    with pytest.raises(SystemExit, match="settings differ .*: target_macs;"):
+        bench.prior_results(args)
+    args.target_macs, args.keep_results = 0.5, False
+    assert bench.prior_results(args) is None
+    plan = {"layers": [{"name": "a", "keep": [0, 2]}], "dropped_blocks": ["b"], "truncate_after": None,
+            "source": {"seconds": 1.0}}
+    same = {**plan, "source": {"seconds": 2.0}}
+    assert bench._plan_key(plan) == bench._plan_key(same)
+    assert bench._plan_key(plan) != bench._plan_key({**plan, "layers": [{"name": "a", "keep": [0, 1]}]})
+    assert bench._plan_key(plan) != bench._plan_key({**plan, "dropped_blocks": []})

@@ -170,10 +170,10 @@ def test_tp_magnitude_baseline_meets_budget():
     assert any(d.coupled for d in plan.layers)   # torch-pruning narrows the residual streams too
 
 
-@pytest.mark.parametrize("importance", ["magnitude", "group-norm"])
-def test_tp_baseline_reads_back_the_filters_it_kept(importance):
+@pytest.mark.parametrize("importance,global_pruning", [("magnitude", True), ("group-norm", True), ("group-norm", False)])
+def test_tp_baseline_reads_back_the_filters_it_kept(importance, global_pruning):
     """The plan's keep lists are the filters torch-pruning itself kept: applying the plan to the base
-    gives the very network the pruner produced (same outputs)."""
+    gives the very network the pruner produced (same outputs), global or local ranking."""
     import copy
 
     import torch_pruning as tp
@@ -185,7 +185,7 @@ def test_tp_baseline_reads_back_the_filters_it_kept(importance):
     x = torch.randn(4, 3, 32, 32)
     st = prunable_structure(model, x[:1])
     plan = tp_magnitude_plan(model, st, example_input=x[:1], target_macs=0.5, arch="r", num_classes=10,
-                             importance=importance, steps=20)
+                             importance=importance, steps=20, global_pruning=global_pruning)
     # torch-pruning alone, same settings: the reference network
     work = copy.deepcopy(model)
     insert_embedding_convs(work, channel_embeddings(work, x[:1]))
@@ -194,7 +194,7 @@ def test_tp_baseline_reads_back_the_filters_it_kept(importance):
     ignored = [m for m in work.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))
                and m not in [mods[n] for n in names] and not getattr(m, "_si_channel_embedding", False)]
     imp = tp.importance.MagnitudeImportance(p=1) if importance == "magnitude" else tp.importance.GroupMagnitudeImportance(p=2)
-    pruner = tp.pruner.MetaPruner(work, x[:1], importance=imp, global_pruning=True, pruning_ratio=0.95,
+    pruner = tp.pruner.MetaPruner(work, x[:1], importance=imp, global_pruning=global_pruning, pruning_ratio=0.95,
                                   iterative_steps=20, ignored_layers=ignored)
     base_macs = tp.utils.count_ops_and_params(work, x[:1])[0]
     for _ in range(20):
@@ -204,3 +204,8 @@ def test_tp_baseline_reads_back_the_filters_it_kept(importance):
     ours = apply_plan(model, plan, example_input=x[:1])
     with torch.no_grad():
         assert (ours(x) - work(x)).abs().max() < 1e-4
+    kept = [len(d.keep) / d.out_channels for d in plan.layers]
+    if not global_pruning:   # torch-pruning's local mode: every group loses the same fraction (to a channel)
+        assert max(kept) - min(kept) <= 1 / 8 + 1e-9 and plan.settings["scope"] == "local"
+    else:
+        assert max(kept) - min(kept) > 1 / 8 and plan.settings["scope"] == "global"
