@@ -198,6 +198,11 @@ def run(args, prior: dict | None = None) -> dict:
     if "tp-magnitude-same-latency" in args.methods:
         plans["tp-magnitude-same-latency"] = same_latency_tp_plan(base, st, plan, x0, loaded, sample_loader, payload)
     results = dict(prior["results"]) if prior is not None else {}
+    if prior is not None and "latency_run" in prior:
+        # those were timed together in one --latency-only run that this run's models were not part of
+        for r in results.values():
+            r.pop("latency", None)
+        log("--keep-results: the earlier methods' joint timing is dropped; run --latency-only again")
     from dataclasses import replace
 
     for name in args.methods:
