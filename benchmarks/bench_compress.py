@@ -78,7 +78,7 @@ def run(args, prior: dict | None = None) -> dict:
     import torch
 
     from si_compress.baselines import tp_magnitude_plan
-    from si_compress.compress import apply_plan, cifar_augment, evaluate, preload
+    from si_compress.compress import apply_plan, cifar_augment, evaluate, preload, save_compressed
     from si_compress.data import balanced_indices, load_dataset
     from si_compress.models import load_model
     from si_compress.latency import speedup_table
@@ -217,8 +217,6 @@ def run(args, prior: dict | None = None) -> dict:
         m["macs_reduction"] = 1 - m["macs"] / base_macs
         m["params_reduction"] = 1 - m["params"] / base_params
         m["seconds_total"] = time.perf_counter() - t0
-        from si_compress.compress import save_compressed
-
         # every method's model, per run (a later fine-tuning comparison starts from these without
         # redoing the reconstruction); the SI model also where bench_quant reads it
         save_path = ROOT / "runs" / "compress" / Path(args.out).stem / f"{name}.pt"
