@@ -11,6 +11,8 @@ the device it was on.
   is a ValueError that says what to pass instead.
 - :func:`target` is the device a library stage runs on: the one asked for, else the model's own.
 - :func:`to_device` moves one batch tensor (the one place batches are moved: tests watch it).
+- :func:`channels_last` holds models' 4-D weights in the channels-last layout while they train
+  (:func:`use_channels_last` says where that is the default) and gives each its own layout back.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ import contextlib
 import re
 
 __all__ = ["DEVICES", "check_device_spec", "resolve_device", "model_device", "target", "on_device", "to_device",
-           "describe_device"]
+           "describe_device", "channels_last", "use_channels_last", "as_layout"]
 
 DEVICES = ("auto", "cpu", "cuda")
 _SPEC = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -111,3 +113,51 @@ def on_device(device, *modules):
 def to_device(t, device):
     """``t`` on ``device`` (non-blocking: a pinned CPU batch overlaps its copy with compute)."""
     return t.to(device, non_blocking=True)
+
+
+def use_channels_last(spec, device) -> bool:
+    """Whether training runs convolutions in the channels-last layout: ``spec`` True/False, or None = on the CPU
+    only. Measured on the CPU (2 cores, ResNet-56 at -50% MACs, batch 128): the teacher's forward 328 -> 229 ms,
+    the student's forward + backward + Adam 660 -> 622 ms; not measured on a GPU, so off there by default."""
+    if spec is None:
+        return getattr(device, "type", str(device)) == "cpu"
+    return bool(spec)
+
+
+@contextlib.contextmanager
+def channels_last(enabled: bool, *modules):
+    """Within the block, the 4-D parameters and buffers of ``modules`` (None skipped) are stored channels-last
+    (same values, same tensors: an optimizer made inside sees them); afterwards each goes back to the layout
+    it had. ``enabled`` False: nothing changes."""
+    import torch
+
+    changed = []
+    if enabled:
+        for m in modules:
+            if m is None:
+                continue
+            for t in list(m.parameters()) + list(m.buffers()):
+                if t.dim() == 4 and not t.is_contiguous(memory_format=torch.channels_last):
+                    changed.append((t, t.stride()))
+                    t.data = t.data.contiguous(memory_format=torch.channels_last)
+    try:
+        yield
+    finally:
+        for t, stride in changed:
+            t.data = _restrided(t.data, stride)
+            if t.grad is not None:
+                t.grad = _restrided(t.grad, stride)
+
+
+def _restrided(x, stride):
+    import torch
+
+    return x if x.stride() == tuple(stride) else torch.empty_strided(x.shape, stride, dtype=x.dtype,
+                                                                    device=x.device).copy_(x)
+
+
+def as_layout(x, enabled: bool):
+    """A 4-D batch ``x`` in the channels-last layout when ``enabled`` (other tensors unchanged)."""
+    import torch
+
+    return x.contiguous(memory_format=torch.channels_last) if enabled and x.dim() == 4 else x

@@ -148,7 +148,7 @@ def test_a_preloaded_dataset_is_used_in_place_and_trains_exactly_like_the_loader
 
     R = importlib.import_module("si_compress.compress.reconstruct")   # the module (the package exports the function)
     cached, shuffled = [], R._Shuffled
-    monkeypatch.setattr(R, "_Shuffled", lambda x, *a: (cached.append(x), shuffled(x, *a))[1])
+    monkeypatch.setattr(R, "_Shuffled", lambda x, *a, **k: (cached.append(x), shuffled(x, *a, **k))[1])
     torch.manual_seed(0)
     teacher = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 5))
     xs = torch.randn(70, 3, 2, 2)
@@ -182,3 +182,50 @@ def test_the_cache_takes_every_image_by_default_and_honours_the_loader():
     x, _ = _cache(DataLoader(TensorDataset(xs), batch_size=16, collate_fn=lambda items: (2 * torch.stack(
         [i[0] for i in items]),)), None)                                 # its collate_fn applies
     assert torch.equal(x, 2 * xs)
+
+
+def _conv_net(seed):
+    # no conv bias before BatchNorm: its gradient is zero up to rounding, which Adam would scale up to lr-sized
+    # steps in different directions for the two layouts
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                               torch.nn.Conv2d(8, 8, 3, padding=1, bias=False), torch.nn.BatchNorm2d(8),
+                               torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+
+
+@pytest.mark.parametrize("stage", ["reconstruct", "finetune"])
+def test_channels_last_trains_like_the_plain_layout_and_gives_each_tensor_its_layout_back(stage):
+    """The channels-last path (the CPU default) is a layout change only: the same steps from the same start give
+    the same weights as the plain layout, up to float rounding; student and teacher come back with the
+    strides they had (a deliberately transposed weight included), and the teacher's values are unchanged."""
+    from si_compress.compress.finetune import cifar_augment
+
+    teacher = _conv_net(0).eval()
+    w = teacher[3].weight
+    w.data = w.data.transpose(2, 3).contiguous().transpose(2, 3)       # odd strides, to come back as they were
+    t_strides = {k: v.stride() for k, v in teacher.state_dict().items()}
+    t_values = {k: v.clone() for k, v in teacher.state_dict().items()}
+    xs, ys = torch.randn(96, 3, 8, 8), torch.randint(0, 4, (96,))
+    runs = {}
+    for cl in (False, True):
+        student = _conv_net(1)
+        strides = {k: v.stride() for k, v in student.state_dict().items()}
+        torch.manual_seed(2)
+        if stage == "reconstruct":
+            rep = reconstruct(student, teacher, DataLoader(TensorDataset(xs), batch_size=32), steps=6, seconds=60,
+                              lr=1e-2, bf16=False, channels_last=cl, augment=cifar_augment)
+            assert rep["channels_last"] is cl
+        else:
+            hist = finetune(student, DataLoader(TensorDataset(xs, ys), batch_size=32), epochs=2, lr=0.05,
+                            teacher=teacher, channels_last=cl, augment=cifar_augment)
+            assert hist[-1]["channels_last"] is cl
+        assert {k: v.stride() for k, v in student.state_dict().items()} == strides
+        assert {k: v.stride() for k, v in teacher.state_dict().items()} == t_strides
+        assert all(torch.equal(v, t_values[k]) for k, v in teacher.state_dict().items())
+        runs[cl] = {k: v.clone() for k, v in student.state_dict().items()}
+    moved = max(float((runs[False][k] - v).abs().max()) for k, v in _conv_net(1).state_dict().items()
+                if v.is_floating_point())
+    assert moved > 1e-2                                                   # training did change the weights
+    for k, v in runs[False].items():
+        assert torch.allclose(v.float(), runs[True][k].float(), rtol=1e-3, atol=1e-4), k

@@ -106,7 +106,7 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
                 images: int | None = None, lr: float = 1e-3, temperature: float = 4.0, targets: str = "logits",
                 augment: Callable[[torch.Tensor], torch.Tensor] | None = None, bf16: bool = True,
                 bn: str = "train", device: str | torch.device | None = None, seed: int = 0,
-                progress: Callable[[dict], None] | None = None) -> dict:
+                channels_last: bool | None = None, progress: Callable[[dict], None] | None = None) -> dict:
     """Train ``student`` in place to reproduce ``teacher`` on the inputs of ``loader`` (no labels used).
 
     ``steps``/``seconds``: the budget (whichever ends first); ``images``: use at most this many
@@ -120,7 +120,9 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
     it reaches zero whichever limit ends the run. Returns a report: ``targets, steps, seconds,
     images, loss_first, loss_last, layers`` (the matched feature layers), ``bn``. The student is
     left in eval mode. ``device``: where both models train and run (None: the student's own
-    device); both come back to where they were. The cached images are re-shuffled (``seed``) on every
+    device); both come back to where they were. ``channels_last``: train (and run the teacher) in the
+    channels-last layout (None: on the CPU, where it is faster; see ``_device.use_channels_last``); the
+    parameters of both models come back in the layout they had. The cached images are re-shuffled (``seed``) on every
     pass, so a loader in dataset order still gives mixed batches of its batch size.
     """
     if bn not in ("frozen", "train"):
@@ -150,10 +152,13 @@ def reconstruct(student: nn.Module, teacher: nn.Module, loader, *, steps: int = 
         # A loader in dataset order (ImageFolder: class by class) would give one-class batches; batches are drawn
         # from a fresh permutation of the cached images on every pass instead (cached on the CPU, each batch
         # moved to the device as it is drawn).
-        batches = _Shuffled(x_all.cpu(), batch, seed, dev)
-        return _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds, lr=lr,
-                      temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
-                      progress=progress)
+        cl = _device.use_channels_last(channels_last, dev)
+        batches = _Shuffled(x_all.cpu(), batch, seed, dev, channels_last=cl)
+        with _device.channels_last(cl, student, teacher):
+            report = _train(student, teacher, batches, n=n, layers=layers, dev=dev, steps=steps, seconds=seconds,
+                            lr=lr, temperature=temperature, targets=targets, augment=augment, bf16=bf16, bn=bn,
+                            channels_last=cl, progress=progress)
+        return {**report, "channels_last": cl}
 
 
 def _cache(loader, images: int | None) -> tuple[torch.Tensor, int]:
@@ -195,8 +200,9 @@ class _Shuffled:
     """Batches of ``batch`` images of ``x`` (N, ...) on ``device``, a new seeded permutation per pass (the last
     partial batch of a pass is dropped unless it is the only one)."""
 
-    def __init__(self, x: torch.Tensor, batch: int, seed: int, device):
+    def __init__(self, x: torch.Tensor, batch: int, seed: int, device, channels_last: bool = False):
         self.x, self.device, self.batch = x, device, max(1, min(int(batch), len(x)))
+        self.channels_last = channels_last
         self.per_pass = max(1, len(x) // self.batch)
         self.gen = torch.Generator().manual_seed(int(seed))
         self.perm, self.pass_no = None, -1
@@ -205,15 +211,17 @@ class _Shuffled:
         p, i = divmod(step, self.per_pass)
         if p != self.pass_no:
             self.perm, self.pass_no = torch.randperm(len(self.x), generator=self.gen), p
-        return _device.to_device(self.x[self.perm[i * self.batch:(i + 1) * self.batch]], self.device)
+        return _device.to_device(_device.as_layout(self.x[self.perm[i * self.batch:(i + 1) * self.batch]],
+                                                   self.channels_last), self.device)
 
     def passes(self):
         """Every image once, in order (for BatchNorm re-estimation)."""
-        return [_device.to_device(self.x[i:i + self.batch], self.device) for i in range(0, len(self.x), self.batch)]
+        return [_device.to_device(_device.as_layout(self.x[i:i + self.batch], self.channels_last), self.device)
+                for i in range(0, len(self.x), self.batch)]
 
 
 def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, temperature, targets, augment, bf16,
-           bn, progress) -> dict:
+           bn, channels_last, progress) -> dict:
     use_bf16 = bool(bf16) and (torch.cuda.is_bf16_supported() if dev.type == "cuda" else _cpu_bf16())
     params = [p for p in student.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -230,7 +238,7 @@ def _train(student, teacher, batches, *, n, layers, dev, steps, seconds, lr, tem
                 g["lr"] = lr * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0)))
             x = batches[done]
             if augment is not None:
-                x = augment(x)
+                x = _device.as_layout(augment(x), channels_last)
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
                 with torch.no_grad():
                     t_logits = teacher(x)
