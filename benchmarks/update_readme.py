@@ -68,6 +68,11 @@ TABLES = {
     "compress_recon50k": _compress_run("compress_resnet56_recon50k.json",
                                        "--methods si tp-group-norm --compensation refit+reconstruct "
                                        "--reconstruct-images 50000 --reconstruct-seconds 3600 --epochs 0 --target-params 0.5"),
+    "compress_recon2400": _compress_run("compress_resnet56_recon2400.json",
+                                        "--methods si tp-group-norm --target-macs 0.5 --target-params 0.5 --epochs 0 "
+                                        "--compensation refit+reconstruct --reconstruct-images 50000 "
+                                        "--reconstruct-steps 2400 --reconstruct-seconds 7200 --eval-samples 0 "
+                                        "--no-latency"),
     "compress_latency_batch": _compress_run("compress_resnet56_latency_batch.json",
                                             "--methods si si-latency-b1-b128 si-latency-b1 tp-magnitude tp-magnitude-same-latency "
                                             "--target-params 0.5 --epochs 0 --compensation refit"),
