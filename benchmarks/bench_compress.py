@@ -280,20 +280,17 @@ def rebuilt_plan(base, structure, result: dict, arch: str, num_classes: int):
                            dropped_blocks=tuple(result.get("dropped_blocks", [])))
 
 
-def latency_only(args) -> dict:
-    """Time every method of ``args.out`` and the base together (interleaved rounds, one run): the models
-    are rebuilt from the recorded widths, so timing can wait for a quiet machine."""
-    import json
-
+def rebuilt_models(d: dict, methods=None) -> dict:
+    """name -> nn.Module: the base model of a bench_compress JSON ("base") and each method's model
+    rebuilt from its recorded widths (``methods``: those only; default all), each checked against its
+    recorded MACs."""
     import torch
 
     from si_compress.compress import apply_plan
-    from si_compress.latency import compare_models
     from si_compress.models import load_model
     from si_compress.pipeline import count_tp
     from si_compress.structure import describe
 
-    d = json.loads(args.out.read_text())
     st = d["settings"]
     ckpt = Path(st["model"]) if Path(st["model"]).is_file() else SHARED / "models" / st["model"]
     loaded = load_model(ckpt, arch=st.get("arch"))
@@ -302,11 +299,25 @@ def latency_only(args) -> dict:
     structure = describe(base, x0)
     models = {"base": base}
     for name, m in d["results"].items():
+        if methods is not None and name not in methods:
+            continue
         models[name] = apply_plan(base, rebuilt_plan(base, structure, m, loaded.arch, loaded.num_classes),
                                   example_input=x0)
         got = count_tp(models[name], x0)[0]
         if got != m["macs"]:
             raise SystemExit(f"{name}: the rebuilt model has {got} MACs, the run recorded {m['macs']}")
+    return models
+
+
+def latency_only(args) -> dict:
+    """Time every method of ``args.out`` and the base together (interleaved rounds, one run): the models
+    are rebuilt from the recorded widths, so timing can wait for a quiet machine."""
+    import json
+
+    from si_compress.latency import compare_models
+
+    d = json.loads(args.out.read_text())
+    models = rebuilt_models(d)
     for b in (1, 128):
         t = compare_models(models, b, (3, 32, 32), repeats=args.latency_repeats)
         tb = t["models"]["base"]

@@ -109,6 +109,8 @@ TABLES = {
                                              "--methods si tp-magnitude tp-group-norm --target-macs 0.5 --epochs 0 "
                                              "--compensation refit+reconstruct --reconstruct-images 50000 "
                                              "--reconstruct-seconds 3600 --objective macs --eval-samples 0 --no-latency"),
+    "frontier": (_script("bench_frontier.py", "--table"), "frontier_resnet56_recon.json",
+                 "python benchmarks/bench_frontier.py"),
     # the command line that produced each result (from the settings recorded in its JSON)
     **{f"cmd_{k}": (_script("report.py", "--command", k), None, None)
        for k in ("compress", "quant", "shiftadd", "separability", "analyze_resnet56", "analyze_resnet20", "vgg")},
