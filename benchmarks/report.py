@@ -242,13 +242,12 @@ class Row:
 
 def training_text(m: dict, settings: dict) -> str:
     """What a compressed model's last accuracy cost in training: re-fit, label-free reconstruction, fine-tuning."""
-    if m.get("acc_finetuned") is not None:
-        return "fine-tuned, " + finetune_budget(settings)[1]
     r = m.get("reconstruct")
-    if r:
-        return (f"re-fit + {r['steps']} label-free reconstruction steps on {r['images']:,} train images, "
-                "no fine-tuning")
-    return "re-fit only, no training"
+    done = (f"re-fit + {r['steps']} label-free reconstruction steps on {r['images']:,} train images" if r else
+            "re-fit")
+    if m.get("acc_finetuned") is not None:
+        return f"{done}, then fine-tuned {finetune_budget(settings)[1]}"
+    return done + (", no fine-tuning" if r else " only, no training")
 
 
 def _stage(m: dict) -> tuple[str, float]:
