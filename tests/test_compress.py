@@ -374,3 +374,19 @@ def test_reload_when_the_base_is_narrower_than_its_named_arch(tmp_path):
     path2 = save_compressed(tmp_path / "m2.pt", small, plan, arch=TINY_ARCH, num_classes=10)
     with pytest.raises(ValueError, match="do not fit"):
         load_compressed(path2)
+
+
+def test_train_head_standardises_features_and_folds_back_exactly():
+    """train_head trains the first linear layer on standardised features and folds mean and spread
+    back into it: with lr 0 the head computes the same function on raw features far from zero
+    (the accuracy this buys is checked in test_truncate.test_execute_trains_the_new_head)."""
+    torch.manual_seed(0)
+    y = torch.arange(4).repeat_interleave(30)
+    x = (100 + y.float() / 10)[:, None] + 0.005 * torch.randn(len(y), 16)
+    loader = DataLoader(TensorDataset(x, y), batch_size=60)
+    for head in (nn.Linear(16, 4), nn.Linear(16, 4, bias=False)):
+        model = nn.Sequential(nn.Identity(), head)
+        before = copy.deepcopy(model)
+        train_head(model, loader, epochs=1, lr=0.0, momentum=0.0, weight_decay=0.0)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-3)
