@@ -390,3 +390,11 @@ def test_train_head_standardises_features_and_folds_back_exactly():
         train_head(model, loader, epochs=1, lr=0.0, momentum=0.0, weight_decay=0.0)
         with torch.no_grad():
             torch.testing.assert_close(model(x), before(x), rtol=1e-4, atol=1e-3)
+    # an MLP head that flattens a (N, C, 1, 1) input itself: the fold reads the flattened features
+    x4 = x[:, :, None, None]
+    loader4 = DataLoader(TensorDataset(x4, y), batch_size=60)
+    model = nn.Sequential(nn.Identity(), nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4)))
+    before = copy.deepcopy(model)
+    train_head(model, loader4, epochs=1, lr=0.0, momentum=0.0, weight_decay=0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x4), before(x4), rtol=1e-4, atol=1e-3)

@@ -171,6 +171,19 @@ def train_head(model: nn.Module, loader, *, epochs: int, lr: float = 0.01, momen
                            seed=seed, dev=dev)
 
 
+def _first_linear(head: nn.Module) -> nn.Linear | None:
+    """The head's first nn.Linear when only Flatten/Identity run before it (so its input is the head's
+    input, flattened), else None."""
+    if isinstance(head, nn.Linear):
+        return head
+    for c in head.children() if isinstance(head, nn.Sequential) else ():
+        if isinstance(c, nn.Linear):
+            return c
+        if not isinstance(c, (nn.Flatten, nn.Identity)):
+            return None
+    return None
+
+
 def _train_head(model, loader, *, epochs, lr, momentum, weight_decay, seed, dev) -> list[dict]:
     name, head = find_classifier(model)
     feats, labels, seen = [], [], {}
@@ -193,17 +206,16 @@ def _train_head(model, loader, *, epochs, lr, momentum, weight_decay, seed, dev)
     # SGD on raw features diverges when they sit far from 0 on a small spread (measured: a separable
     # 1-D feature at 7.8-12.8, loss 39 -> 163 at lr 0.1); train the first linear layer on
     # standardised features z = (x - mu) / sd and fold mu, sd back afterwards (same function).
-    first = head if isinstance(head, nn.Linear) else next((c for c in head.modules() if isinstance(c, nn.Linear)),
-                                                          None)
+    first = _first_linear(head)
     mu = X.mean(0)
     sd = X.std(0, unbiased=False).clamp_min(1e-6 * max(1.0, float(X.abs().max())))
-    if first is not None and first.in_features == X.shape[1]:
+    if first is not None and first.in_features == X[0].numel():
         with torch.no_grad():   # the same function on z: W z + (b + W mu) with W <- W sd
             if first.bias is None:
                 first.bias = nn.Parameter(torch.zeros(first.out_features, dtype=first.weight.dtype,
                                                       device=first.weight.device))
-            first.bias.add_(first.weight @ mu)
-            first.weight.mul_(sd)
+            first.bias.add_(first.weight @ mu.reshape(-1))
+            first.weight.mul_(sd.reshape(-1))
         X = (X - mu) / sd
     else:
         first = None
@@ -235,8 +247,8 @@ def _train_head(model, loader, *, epochs, lr, momentum, weight_decay, seed, dev)
     finally:
         if first is not None:   # back to raw features: W x + b with W <- W / sd, b <- b - W mu
             with torch.no_grad():
-                first.weight.div_(sd)
-                first.bias.sub_(first.weight @ mu)
+                first.weight.div_(sd.reshape(-1))
+                first.bias.sub_(first.weight @ mu.reshape(-1))
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         model.train(was)
