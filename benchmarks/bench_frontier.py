@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -27,6 +26,7 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 from _harness import machine_info, write_json_atomic  # noqa: E402
+from bench_compress import log, rebuilt_models  # noqa: E402
 
 RESULTS = HERE / "results"
 DEFAULT_RUNS = ("compress_resnet56_recon50k.json", "compress_resnet56_paper_recon.json",
@@ -36,10 +36,6 @@ DEFAULT_OUT = RESULTS / "frontier_resnet56_recon.json"
 SAME = ("model", "arch", "compensation", "reconstruct_steps", "reconstruct_images", "reconstruct_lr",
         "reconstruct_bn", "teacher", "epochs", "max_steps", "lr", "eval_samples")
 RECON_SAME = ("targets", "bn", "steps", "images", "batch", "lr", "temperature", "labels_used")
-
-
-def log(*a):
-    print(time.strftime("%H:%M:%S"), *a, flush=True)
 
 
 def accuracy(m: dict) -> float:
@@ -82,7 +78,6 @@ def dominated_by(points: dict[str, tuple[float, float]]) -> dict[str, list[str]]
 
 
 def measure(args) -> dict:
-    import bench_compress
     from si_compress.latency import compare_models
 
     runs = {}
@@ -94,7 +89,7 @@ def measure(args) -> dict:
     check_comparable(runs)
     models, rows = {}, {}
     for i, (fname, d) in enumerate(runs.items()):
-        built = bench_compress.rebuilt_models(d)
+        built = rebuilt_models(d)
         if i == 0:
             models["base"] = built["base"]
             base_acc = d["base"]["acc"]
