@@ -334,19 +334,28 @@ def latency_only(args) -> dict:
     return d
 
 
+def fine_tuning(d: dict) -> dict:
+    """The fine-tuning a run's accuracies went through: its settings' epochs, max_steps and lr, or
+    0 epochs (no steps, no lr) when no method of the run was fine-tuned (``--epochs`` is then unused)."""
+    s = d["settings"]
+    if not any(m.get("acc_finetuned") is not None for m in d["results"].values()):
+        return {"epochs": 0, "max_steps": None, "lr": None}
+    return {"epochs": s["epochs"], "max_steps": s.get("max_steps"), "lr": s["lr"]}
+
+
 def table(path: Path) -> str:
     import json
 
     d = json.loads(path.read_text())
     r = d["results"]
     b = d["base"]
-    ep = d["settings"]["epochs"]
-    steps = d["settings"].get("max_steps")
-    ft = f"{steps} SGD steps of batch 128 ({steps * 128 / 50000:.2f} epoch)" if steps else f"{ep} epoch(s)"
+    f = fine_tuning(d)
+    steps = f["max_steps"]
+    ft = (f"{steps} SGD steps of batch 128 ({steps * 128 / 50000:.2f} epoch), SGD cosine, lr {f['lr']}" if steps
+          else f"{f['epochs']} epoch(s), SGD cosine, lr {f['lr']}" if f["epochs"] else "none")
     lines = [f"Base {d['settings']['model']}: {100 * b['acc']:.2f}% top-1 on {d['eval_samples']} test JPEGs, "
              f"{b['macs'] / 1e6:.1f} M MACs, {b['params'] / 1e6:.3f} M params. "
-             f"Compensation: {d['settings']['compensation']}; fine-tuning: {ft}, SGD cosine, lr "
-             f"{d['settings']['lr']}." + (f" SI budget: {d['settings']['target_macs']:.3g} x MACs and "
+             f"Compensation: {d['settings']['compensation']}; fine-tuning: {ft}." + (f" SI budget: {d['settings']['target_macs']:.3g} x MACs and "
                                           f"{d['settings']['target_params']:.3g} x params (the baselines match the "
                                           "SI plan's MACs)." if d["settings"].get("target_params") else ""), "",
              "| method | MACs | params | blocks dropped | top-1 pruned | after compensation (no training) "

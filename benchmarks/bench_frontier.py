@@ -26,11 +26,11 @@ for _p in (str(ROOT), str(HERE)):
         sys.path.insert(0, _p)
 
 from _harness import machine_info, write_json_atomic  # noqa: E402
-from bench_compress import log, rebuilt_models  # noqa: E402
+from bench_compress import fine_tuning, log, rebuilt_models  # noqa: E402
 
 RESULTS = HERE / "results"
 DEFAULT_RUNS = ("compress_resnet56_recon50k.json", "compress_resnet56_paper_recon.json",
-                "compress_resnet56_deep70_recon.json")
+                "compress_resnet56_deep70_recon.json", "compress_resnet56_streams_recon.json")
 DEFAULT_OUT = RESULTS / "frontier_resnet56_recon.json"
 # what made each accuracy: runs that differ here are not compared
 SAME = ("model", "arch", "compensation", "reconstruct_steps", "reconstruct_images", "reconstruct_lr",
@@ -43,6 +43,15 @@ def accuracy(m: dict) -> float:
     return m["acc_finetuned"] if m.get("acc_finetuned") is not None else m["acc_compensated"]
 
 
+def _setting(d: dict, k: str):
+    """A run's setting ``k`` as it shaped the accuracies (fine-tuning settings of a run that fine-tuned
+    nothing count as none)."""
+    if k == "eval_samples":
+        return d.get("eval_samples")
+    ft = fine_tuning(d)
+    return ft[k] if k in ft else d["settings"].get(k)
+
+
 def check_comparable(runs: dict[str, dict]) -> None:
     """SystemExit naming the first setting (or reconstruction record) in which the runs differ."""
     names = list(runs)
@@ -50,8 +59,7 @@ def check_comparable(runs: dict[str, dict]) -> None:
     for name in names[1:]:
         d = runs[name]
         for k in SAME:
-            a = first["settings"].get(k) if k != "eval_samples" else first.get("eval_samples")
-            b = d["settings"].get(k) if k != "eval_samples" else d.get("eval_samples")
+            a, b = (_setting(first, k), _setting(d, k))
             if a != b:
                 raise SystemExit(f"{name}: {k} = {b!r} but {names[0]} has {a!r}; the accuracies were made "
                                  "differently, compare runs with the same training")
@@ -115,7 +123,7 @@ def measure(args) -> dict:
         for k, r in rows.items():
             r[f"batch{b}"]["dominated_by"] = dom[k]
     first = next(iter(runs.values()))
-    return dict(benchmark="frontier", runs=list(runs), settings={k: first["settings"].get(k) for k in SAME[:-1]},
+    return dict(benchmark="frontier", runs=list(runs), settings={k: _setting(first, k) for k in SAME[:-1]},
                 eval_samples=first.get("eval_samples"), base=dict(model=first["settings"]["model"], acc=base_acc),
                 timing=timing, rows=rows, machine=machine_info())
 
@@ -153,7 +161,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", type=Path, default=[Path(f) for f in DEFAULT_RUNS],
                    help="bench_compress JSONs (in benchmarks/results or paths) made with the same training")
-    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     p.add_argument("--table", action="store_true", help="print the table of --out and stop")
     args = p.parse_args(argv)

@@ -35,8 +35,10 @@ def _run(steps=1200, **settings):
 
 def test_runs_made_with_other_training_are_refused():
     frontier.check_comparable({"a.json": _run(), "b.json": _run()})
+    tuned = _run(epochs=3)
+    tuned["results"]["si"]["acc_finetuned"] = 0.89
     with pytest.raises(SystemExit, match="b.json: epochs = 3 but a.json has 0"):
-        frontier.check_comparable({"a.json": _run(), "b.json": _run(epochs=3)})
+        frontier.check_comparable({"a.json": _run(), "b.json": tuned})
     with pytest.raises(SystemExit, match="its reconstruction ran with other steps"):
         frontier.check_comparable({"a.json": _run(), "b.json": _run(steps=700)})
     other = _run()
@@ -74,3 +76,9 @@ def test_table_sorts_by_accuracy_and_names_who_dominates(tmp_path):
     quiet["timing"]["batch1"]["noisy"] = False
     (tmp_path / "q.json").write_text(json.dumps(quiet))
     assert "below 10% at both batch sizes" in frontier.table(tmp_path / "q.json")
+
+
+def test_a_run_that_fine_tuned_nothing_compares_as_zero_epochs():
+    # bench_compress's --epochs defaults to 1 and applies only to --finetune-methods: a run whose
+    # methods were not fine-tuned made its accuracies without fine-tuning, whatever its --epochs
+    frontier.check_comparable({"a.json": _run(), "b.json": _run(epochs=1, lr=0.05, max_steps=10)})
