@@ -104,6 +104,10 @@ TABLES = {
                                   "--target-params 0.5 --epochs 3 --compensation refit+reconstruct "
                                   "--reconstruct-images 50000 --reconstruct-seconds 3600 --objective macs "
                                   "--eval-samples 0 --no-latency"),
+    "compress_streams_recon": _compress_run("compress_resnet56_streams_recon.json",
+                                            "--methods si-streams --target-macs 0.5 --target-params 0.5 --epochs 0 "
+                                            "--compensation refit+reconstruct --reconstruct-images 50000 "
+                                            "--reconstruct-seconds 3600 --objective macs --eval-samples 0 --no-latency"),
     "compress_resnet18_recon": _compress_run("compress_resnet18_tv_recon.json",
                                              "--model runs/models/resnet18-adapter.pth --arch torchvision:resnet18 "
                                              "--methods si tp-magnitude tp-group-norm --target-macs 0.5 --epochs 0 "
