@@ -327,3 +327,22 @@ def test_bench_compress_keep_results_merges_only_the_same_experiment(tmp_path):
     assert bench._plan_key(plan) == bench._plan_key(same)
     assert bench._plan_key(plan) != bench._plan_key({**plan, "layers": [{"name": "a", "keep": [0, 1]}]})
     assert bench._plan_key(plan) != bench._plan_key({**plan, "dropped_blocks": []})
+
+
+def test_bench_compress_table_header_says_what_training_and_which_baselines_there_were(tmp_path):
+    """The header states the fine-tuning the accuracies went through (none when no method was
+    fine-tuned, whatever --epochs said) and mentions baselines only when the run has some."""
+    spec = importlib.util.spec_from_file_location("bench_compress", REPO / "benchmarks" / "bench_compress.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    d = _compress()
+    d["settings"].update(compensation="refit", target_params=0.5, target_macs=0.5)
+    d["machine"] = {"torch_threads": 2}
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(d))
+    head = bench.table(p).splitlines()[0]
+    assert "fine-tuning: 3 epoch(s), SGD cosine, lr 0.01." in head and "(the baselines match" in head
+    d["results"] = {"si-streams": {k: v for k, v in d["results"]["si"].items() if k != "acc_finetuned"}}
+    p.write_text(json.dumps(d))
+    head = bench.table(p).splitlines()[0]
+    assert "fine-tuning: none." in head and "0.5 x params." in head and "baselines" not in head
