@@ -349,10 +349,11 @@ def table(path: Path) -> str:
     d = json.loads(path.read_text())
     r = d["results"]
     b = d["base"]
+    from report import finetune_budget
+
     f = fine_tuning(d)
-    steps = f["max_steps"]
-    ft = (f"{steps} SGD steps of batch 128 ({steps * 128 / 50000:.2f} epoch), SGD cosine, lr {f['lr']}" if steps
-          else f"{f['epochs']} epoch(s), SGD cosine, lr {f['lr']}" if f["epochs"] else "none")
+    ft = finetune_budget(f)[1]
+    ft += f", SGD cosine, lr {f['lr']}" if ft != "none" else ""
     lines = [f"Base {d['settings']['model']}: {100 * b['acc']:.2f}% top-1 on {d['eval_samples']} test JPEGs, "
              f"{b['macs'] / 1e6:.1f} M MACs, {b['params'] / 1e6:.3f} M params. "
              f"Compensation: {d['settings']['compensation']}; fine-tuning: {ft}."

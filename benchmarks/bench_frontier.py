@@ -27,6 +27,7 @@ for _p in (str(ROOT), str(HERE)):
 
 from _harness import machine_info, write_json_atomic  # noqa: E402
 from bench_compress import fine_tuning, log, rebuilt_models  # noqa: E402
+from report import last_stage  # noqa: E402
 
 RESULTS = HERE / "results"
 DEFAULT_RUNS = ("compress_resnet56_recon50k.json", "compress_resnet56_paper_recon.json",
@@ -36,11 +37,6 @@ DEFAULT_OUT = RESULTS / "frontier_resnet56_recon.json"
 SAME = ("model", "arch", "compensation", "reconstruct_steps", "reconstruct_images", "reconstruct_lr",
         "reconstruct_bn", "teacher", "epochs", "max_steps", "lr", "eval_samples")
 RECON_SAME = ("targets", "bn", "steps", "images", "batch", "lr", "temperature", "labels_used")
-
-
-def accuracy(m: dict) -> float:
-    """The last accuracy a method reached (fine-tuned, else after compensation)."""
-    return m["acc_finetuned"] if m.get("acc_finetuned") is not None else m["acc_compensated"]
 
 
 def _setting(d: dict, k: str):
@@ -105,7 +101,7 @@ def measure(args) -> dict:
             key = f"{meth} @ {-100 * m['macs_reduction']:.1f}% MACs"
             models[key] = built[meth]
             rows[key] = dict(run=fname, method=meth, macs_reduction=m["macs_reduction"],
-                             params_reduction=m["params_reduction"], acc=accuracy(m))
+                             params_reduction=m["params_reduction"], acc=last_stage(m)[1])
         log(f"{fname}: {len(d['results'])} models rebuilt")
     timing = {}
     for b in (1, 128):

@@ -250,7 +250,7 @@ def training_text(m: dict, settings: dict) -> str:
     return done + (", no fine-tuning" if r else " only, no training")
 
 
-def _stage(m: dict) -> tuple[str, float]:
+def last_stage(m: dict) -> tuple[str, float]:
     """The last measured accuracy of a compressed model: (stage, top-1)."""
     if m.get("acc_finetuned") is not None:
         return "fine-tuned", m["acc_finetuned"]
@@ -300,7 +300,7 @@ def rows_a(results: Path) -> list[Row]:
         rows.append(Row("A. SI compression of ResNet-56: parameters", pub_params,
                         f"{red(si['params_reduction'])} params", v, "compress",
                         "results.si.params_reduction, .dropped_blocks"))
-        stage, acc = _stage(si)
+        stage, acc = last_stage(si)
         drop = 100 * (base - acc)
         ours = (f"{pct(base)} -> {pct(si['acc_pruned'])} pruned -> {pct(si['acc_compensated'])} compensated "
                 "(no training)"
@@ -343,7 +343,7 @@ def rows_a(results: Path) -> list[Row]:
     H, D = PUBLISHED["hrank_r56"], PUBLISHED["depgraph_r56"]
     ctx_si = ""
     if si is not None:
-        st, a = _stage(si)
+        st, a = last_stage(si)
         ctx_si = (f"context only: our SI plan at {red(si['macs_reduction'])} MACs: "
                   f"{pts(-100 * (c['base']['acc'] - a))} "
                   f"{st} ({finetune_budget(c['settings'])[1]}), from a {pct(c['base']['acc'])} baseline")
@@ -352,7 +352,7 @@ def rows_a(results: Path) -> list[Row]:
     tp = (c or {}).get("results", {}).get("tp-magnitude")
     ctx_tp = ""
     if tp is not None:
-        st, a = _stage(tp)
+        st, a = last_stage(tp)
         _, ft_text = finetune_budget(c["settings"])
         ctx_tp = (f"context only: torch-pruning's magnitude pruner (DepGraph's library) here at "
                   f"{red(tp['macs_reduction'])} MACs: {pts(-100 * (c['base']['acc'] - a))} {st} after "
@@ -631,12 +631,12 @@ def rows_g(results: Path) -> list[Row]:
         rows.append(Row("G. plain VGG: truncate + prune vs prune only", pub, missing("vgg", "no results yet"), "-",
                         "vgg"))
         return rows
-    st, a = _stage(tr)
+    st, a = last_stage(tr)
     ours = (f"truncate+prune {red(tr['macs_reduction'])} MACs: {pct(a)} {st}"
-            + (f"; prune only {red(po['macs_reduction'])} MACs: {pct(_stage(po)[1])} {_stage(po)[0]}" if po else "")
+            + (f"; prune only {red(po['macs_reduction'])} MACs: {pct(last_stage(po)[1])} {last_stage(po)[0]}" if po else "")
             + f"; base {pct(d['base']['acc'])}")
     if po:
-        st2, a2 = _stage(po)
+        st2, a2 = last_stage(po)
         dd = 100 * (a - a2)
         tol = TOL["acc_points"]
         verdict = ("helps" if dd > tol else "hurts" if dd < -tol
@@ -699,7 +699,7 @@ def _row_paper_point(d: dict, pub: str, P: dict, claim: str, key: str) -> Row:
     the SI plan's MACs, from a bench_compress JSON."""
     base, res = d["base"]["acc"], d["results"]
     si = res["si"]
-    stage, acc = _stage(si)
+    stage, acc = last_stage(si)
     lat = si.get("latency", {})
     speed = " / ".join(f"{lat[b]['speedup']:.2f}x" + (" (noisy)" if lat[b].get("noisy") else "")
                        for b in ("batch1", "batch128") if b in lat)
@@ -715,7 +715,7 @@ def _row_paper_point(d: dict, pub: str, P: dict, claim: str, key: str) -> Row:
     others = [(k, v) for k, v in res.items() if k.startswith("tp-")]
     if others:
         ours += "; torch-pruning at the same MACs: " + ", ".join(
-            f"{k[3:]} {pct(_stage(v)[1])} ({red(v['params_reduction'])} params)" for k, v in others)
+            f"{k[3:]} {pct(last_stage(v)[1])} ({red(v['params_reduction'])} params)" for k, v in others)
     off = [f"{what} {red(ours_r)} vs {red(P[k])}" for what, ours_r, k in
            (("params", si["params_reduction"], "params_reduction"), ("MACs", si["macs_reduction"], "flops_reduction"))
            if abs(ours_r - P[k]) * 100 > TOL["reduction_points"]]
@@ -732,7 +732,7 @@ def _row_paper_point(d: dict, pub: str, P: dict, claim: str, key: str) -> Row:
     else:
         verdict += "; accuracy matched"
     if others:
-        best = max(_stage(v)[1] for _, v in others)
+        best = max(last_stage(v)[1] for _, v in others)
         verdict += f"; SI {pts(100 * (acc - best))} vs the best torch-pruning importance"
     return Row(claim, pub, ours, verdict, key,
                "results.si.macs_reduction, .params_reduction, .acc_compensated, .latency; results.tp-*")
